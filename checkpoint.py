@@ -1,0 +1,210 @@
+"""Checkpoints as plain .npz files: weights, model configuration and optimizer state, no code.
+
+`flow.load` and `torch.load` unpickle arbitrary objects, so a downloaded checkpoint could run
+commands. Ours hold only numpy arrays plus one JSON string, read with `allow_pickle=False`; the
+weights are framework-neutral, so a checkpoint written on OneFlow loads on PyTorch and back.
+The original OneFlow example's checkpoint folder (`flow.save` format) is read by a restricted
+unpickler that builds nothing but tensors and plain containers.
+"""
+import json
+import os
+import pickle
+import re
+import zipfile
+from collections import OrderedDict
+
+import numpy as np
+
+import backend
+from dataloader import atomic_write
+from unet import UNet
+
+FORMAT = "unet-npz/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the problem."""
+
+
+# ---- encoding nested state (optimizer state dicts) as JSON + arrays -------------------------
+
+def _encode(obj, arrays, name):
+    if hasattr(obj, "detach") or isinstance(obj, np.ndarray):
+        arrays[name] = backend.to_numpy(obj) if hasattr(obj, "detach") else obj
+        return {"__array__": name}
+    if isinstance(obj, dict):
+        return {"__items__": [[_encode(k, arrays, f"{name}/k{i}"), _encode(v, arrays, f"{name}/{i}")]
+                              for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, (list, tuple)):
+        items = [_encode(v, arrays, f"{name}/{i}") for i, v in enumerate(obj)]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if isinstance(obj, (np.generic,)):
+        return obj.item()
+    return obj
+
+
+def _decode(obj, arrays):
+    if isinstance(obj, list):
+        return [_decode(v, arrays) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__array__" in obj:
+        return backend.to_tensor(arrays[obj["__array__"]], dtype=None)
+    if "__tuple__" in obj:
+        return tuple(_decode(v, arrays) for v in obj["__tuple__"])
+    return {_decode(k, arrays): _decode(v, arrays) for k, v in obj["__items__"]}
+
+
+# ---- our .npz checkpoints -------------------------------------------------------------------
+
+def save_checkpoint(path, model, optimizer=None, **info):
+    """Write weights, model config, optional optimizer state and `info` atomically to `path`."""
+    arrays = {f"model/{k}": backend.to_numpy(v) for k, v in model.state_dict().items()}
+    meta = {"format": FORMAT, "backend": backend.NAME, "model": model.config(), **info}
+    if optimizer is not None:
+        meta["optimizer"] = _encode(optimizer.state_dict(), arrays, "optimizer")
+    arrays["__meta__"] = np.array(json.dumps(meta))
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def load_checkpoint(path):
+    """(meta, weights, arrays) of a checkpoint: an .npz of ours or an original OneFlow folder."""
+    if os.path.isdir(path):
+        return _load_oneflow_folder(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: checkpoint not found (train first, or use --pretrained)")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        meta = json.loads(str(arrays.pop("__meta__")))
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise CheckpointError(f"{path}: damaged or not a U-Net checkpoint ({type(err).__name__}: {err})")
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: unknown checkpoint format {meta.get('format')!r}")
+    weights = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}
+    return meta, weights, arrays
+
+
+def load_weights(model, weights, path):
+    """Copy numpy `weights` into `model`, or stop with a one-line reason why they do not fit."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = [k for k in expected if k in weights and tuple(weights[k].shape) != expected[k]]
+    if missing or unexpected or wrong:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            problems.append(f"{len(wrong)} of another shape (e.g. {k}: {tuple(weights[k].shape)} "
+                            f"in the file, {expected[k]} in the model)")
+        raise CheckpointError(f"{path}: does not fit the model: weights {'; '.join(problems)}")
+    model.load_state_dict({k: backend.to_tensor(v, dtype=None) for k, v in weights.items()})
+
+
+def restore_optimizer(optimizer, meta, arrays, path):
+    if meta.get("backend") != backend.NAME:
+        raise CheckpointError(f"{path}: optimizer state was written by {meta.get('backend')}; "
+                              f"resume with UNET_BACKEND={meta.get('backend')}")
+    if "optimizer" not in meta:
+        raise CheckpointError(f"{path}: holds no optimizer state to resume from")
+    optimizer.load_state_dict(_decode(meta["optimizer"], arrays))
+
+
+def config_from_weights(weights, path):
+    """UNet arguments implied by a state dict's names and shapes (for checkpoints without config)."""
+    try:
+        return dict(n_channels=int(weights["inc.double_conv.0.weight"].shape[1]),
+                    n_classes=int(weights["outc.conv.weight"].shape[0]),
+                    bilinear="up1.up.weight" not in weights,
+                    base=int(weights["inc.double_conv.0.weight"].shape[0]))
+    except KeyError as err:
+        raise CheckpointError(f"{path}: weights are not a U-Net's: no {err}")
+
+
+def build_model(path, device):
+    """Rebuild the network a checkpoint describes, with its weights, in eval mode."""
+    meta, weights, _ = load_checkpoint(path)
+    model = UNet(**meta["model"])
+    load_weights(model, weights, path)
+    return model.to(device).eval(), meta
+
+
+# ---- the original example's OneFlow checkpoint folder, read without unpickling code -----------
+
+_ONEFLOW_DTYPES = {"kFloat": np.float32, "kDouble": np.float64, "kFloat16": np.float16,
+                   "kInt8": np.int8, "kUInt8": np.uint8, "kInt32": np.int32, "kInt64": np.int64,
+                   "kBool": np.bool_}
+
+
+class _TensorRef:
+    """Stands in for oneflow.Tensor/Parameter while unpickling: remembers the tensor's folder."""
+
+    def __setstate__(self, state):
+        self.path = state["path"] if isinstance(state, dict) else None
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) == ("collections", "OrderedDict"):
+            return OrderedDict
+        if module.split(".")[0] == "oneflow" and name in ("Tensor", "Parameter"):
+            return _TensorRef
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a checkpoint holds only tensors")
+
+
+def _read_oneflow_tensor(folder, ref):
+    sub = os.path.join(folder, str(ref.path))
+    if not ref.path or os.path.dirname(os.path.normpath(str(ref.path))) or not os.path.isdir(sub):
+        raise CheckpointError(f"{folder}: tensor folder {ref.path!r} missing")
+    with open(os.path.join(sub, "meta")) as f:
+        meta = f.read()
+    shape = tuple(int(d) for d in re.findall(r"dim:\s*(\d+)", meta))
+    dtype = _ONEFLOW_DTYPES.get((re.findall(r"data_type:\s*(\w+)", meta) or ["kFloat"])[0])
+    if dtype is None:
+        raise CheckpointError(f"{sub}: unsupported tensor type in {meta!r}")
+    data = np.fromfile(os.path.join(sub, "out"), dtype=dtype)
+    if data.size != int(np.prod(shape)):
+        raise CheckpointError(f"{sub}: holds {data.size} values, its meta says shape {shape}")
+    return data.reshape(shape)
+
+
+def _resolve(obj, folder):
+    if isinstance(obj, _TensorRef):
+        return _read_oneflow_tensor(folder, obj)
+    if isinstance(obj, dict):
+        return {k: _resolve(v, folder) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_resolve(v, folder) for v in obj]
+    return obj
+
+
+def read_oneflow_folder(folder):
+    """The object `flow.save` wrote to `folder`, with tensors as numpy arrays; no code runs."""
+    pickled = os.path.join(folder, "pickled_data")
+    if not os.path.isfile(pickled):
+        raise CheckpointError(f"{folder}: not a OneFlow checkpoint folder (no pickled_data)")
+    try:
+        with open(pickled, "rb") as f:
+            obj = _RestrictedUnpickler(f).load()
+    except CheckpointError:
+        raise
+    except Exception as err:
+        raise CheckpointError(f"{pickled}: unsafe or damaged OneFlow checkpoint ({err})")
+    if isinstance(obj, dict) and "protocol_version" in obj and "data" in obj:
+        obj = obj["data"]
+    return _resolve(obj, folder)
+
+
+def _load_oneflow_folder(folder):
+    obj = read_oneflow_folder(folder)
+    weights = obj.get("net", obj) if isinstance(obj, dict) else None
+    if not isinstance(weights, dict) or not all(isinstance(v, np.ndarray) for v in weights.values()):
+        raise CheckpointError(f"{folder}: OneFlow checkpoint holds no model state dict")
+    # The original example fed raw 0-255 pixels to the network, so its weights expect them.
+    meta = {"format": FORMAT, "backend": "oneflow", "model": config_from_weights(weights, folder),
+            "input_scale": 255.0, "source": "original OneFlow example checkpoint"}
+    return meta, weights, {}

@@ -1,0 +1,81 @@
+# Sourced by train.sh, test.sh and run_tests.sh: creates or reuses the project's environments.
+#   .venv        OneFlow 0.9 on CPython 3.8-3.10 (its only binary release)
+#   .venv-torch  PyTorch (its CPU wheel here is for CPython 3.11)
+# `ensure_env` picks the backend from UNET_BACKEND (default oneflow, falling back to torch where
+# no Python <= 3.10 exists), sets it up once (a second run only compares a hash), and sets $PYTHON.
+
+PROJECT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+# A working interpreter for CPython 3.$1 .. 3.$2 (newest first), from PATH or pyenv; prints its path.
+find_python() {
+    local minor candidate pyenv_root
+    pyenv_root=$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")
+    for minor in $(seq "$2" -1 "$1"); do
+        for candidate in "$(command -v "python3.$minor" 2>/dev/null)" "$pyenv_root"/versions/3."$minor".*/bin/python3; do
+            if [ -x "$candidate" ] && "$candidate" -c "import sys, venv; assert sys.version_info[:2] == (3, $minor)" 2>/dev/null; then
+                echo "$candidate"
+                return 0
+            fi
+        done
+    done
+    return 1
+}
+
+# make_venv DIR PYTHON REQUIREMENTS: install once; reinstall when a requirements file changes.
+make_venv() {
+    local dir=$1 python=$2 requirements=$3 want
+    want=$(cat "$PROJECT_DIR/$requirements" "$PROJECT_DIR/requirements-common.txt" | sha256sum | cut -d' ' -f1)
+    if [ -x "$dir/bin/python" ] && [ "$(cat "$dir/.requirements.sha" 2>/dev/null)" = "$want" ]; then
+        return 0
+    fi
+    echo "setup: creating $dir with $("$python" --version) from $requirements (first run only; a few minutes)"
+    "$python" -m venv "$dir" || return 1
+    "$dir/bin/python" -m pip install -q --disable-pip-version-check -r "$PROJECT_DIR/$requirements" || {
+        echo "error: installing $requirements into $dir failed (see pip's message above)" >&2
+        return 1
+    }
+    echo "$want" > "$dir/.requirements.sha"
+}
+
+ensure_oneflow_env() {
+    local python
+    python=$(find_python 8 10) || return 1
+    make_venv "$PROJECT_DIR/.venv" "$python" requirements-oneflow.txt || return 1
+    # OneFlow's CUDA build loads cuDNN/cuBLAS even on a CPU-only machine.
+    local libs
+    libs=$(ls -d "$PROJECT_DIR"/.venv/lib/python3.*/site-packages/nvidia/*/lib 2>/dev/null | tr '\n' ':')
+    export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:-}"
+}
+
+ensure_torch_env() {
+    local python
+    python=$(find_python 11 11 || find_python 8 13) || {
+        echo "error: no CPython 3.8-3.13 found for PyTorch" >&2
+        return 1
+    }
+    make_venv "$PROJECT_DIR/.venv-torch" "$python" requirements-torch.txt
+}
+
+ensure_env() {
+    case "${UNET_BACKEND:-oneflow}" in
+        oneflow)
+            if ensure_oneflow_env; then
+                export UNET_BACKEND=oneflow PYTHON="$PROJECT_DIR/.venv/bin/python"
+                return 0
+            fi
+            if [ -n "${UNET_BACKEND:-}" ]; then
+                echo "error: UNET_BACKEND=oneflow needs CPython 3.8-3.10 (oneflow 0.9.0 has no other wheels)" >&2
+                return 1
+            fi
+            echo "setup: no CPython 3.8-3.10 found, so OneFlow 0.9 cannot be installed: falling back to PyTorch" >&2
+            ;&
+        torch)
+            ensure_torch_env || return 1
+            export UNET_BACKEND=torch PYTHON="$PROJECT_DIR/.venv-torch/bin/python"
+            ;;
+        *)
+            echo "error: UNET_BACKEND must be oneflow or torch, not '$UNET_BACKEND'" >&2
+            return 1
+            ;;
+    esac
+}
