@@ -46,7 +46,9 @@ def parse_args(argv=None):
                    help="defaults for the flags below: auto = gpu on CUDA, else cpu; %s" % PRESETS)
     p.add_argument("--epochs", type=int, help="passes over the training images")
     p.add_argument("--batch-size", "--batch_size", type=int, help="images per step")
-    p.add_argument("--lr", type=float, help="Adam learning rate")
+    p.add_argument("--lr", type=float, help="Adam learning rate at the start")
+    p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
+                   help="learning rate over the epochs: cosine decay to lr/100, or constant")
     p.add_argument("--base", type=int, help="channels of the first level (64 = the paper's U-Net)")
     p.add_argument("--crop", type=int, help="train on random crops of this size (0: whole images)")
     p.add_argument("--bilinear", action="store_true", help="bilinear upsampling instead of transposed convs")
@@ -82,6 +84,13 @@ def split_data(args, rng):
     val = data.subset(sorted(order[:n_val]))
     val.crop, val.augment = None, False
     return data.subset(sorted(order[n_val:])), val
+
+
+def learning_rate(epoch, args):
+    if args.schedule == "constant" or args.epochs <= 1:
+        return args.lr
+    progress = epoch / (args.epochs - 1)
+    return args.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def loss_fn(logits, target, dice_weight):
@@ -133,6 +142,8 @@ def train(args):
 
     for epoch in range(start_epoch, args.epochs):
         begin = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(epoch, args)
         model.train()
         losses = []
         steps = math.ceil(len(train_set) / args.batch_size)

@@ -14,6 +14,8 @@ import numpy as np
 
 # Measured on our CPUs: OneFlow's oneDNN path is 1.5-2.5x slower than its own kernels.
 os.environ.setdefault("ONEFLOW_ENABLE_ONEDNN_OPTS", "0")
+# OneFlow's CUDA build logs warnings about the missing GPU driver and InfiniBand at every start.
+os.environ.setdefault("GLOG_minloglevel", "2")
 
 NAME = os.environ.get("UNET_BACKEND", "").strip().lower()
 if NAME == "oneflow":

@@ -6,10 +6,11 @@
 Where the data comes from, first that works:
   1. the folders already hold images;
   2. a local copy named by ISBI_DATA_DIR (a folder with the same three sub-folders);
-  3. the original example's archives, downloaded from ISBI_BASE_URL;
+  3. the original example's archives, downloaded (from ISBI_BASE_URL where set);
   4. offline with nothing at hand: a synthetic EM-like dataset, loudly marked as such.
 """
 import argparse
+import http.client
 import os
 import shutil
 import sys
@@ -23,7 +24,12 @@ from scipy import ndimage
 
 from dataloader import IMAGE_SUFFIXES, atomic_write, write_png
 
-BASE_URL = "https://oneflow-static.oss-cn-beijing.aliyuncs.com/Dataset/Seg/ISBI_Challenge_cell_segmentation/"
+ORIGINAL_URL = "https://oneflow-static.oss-cn-beijing.aliyuncs.com/Dataset/Seg/ISBI_Challenge_cell_segmentation/"
+
+
+def base_url():
+    """Where the archives are downloaded from: ISBI_BASE_URL, else the original example's address."""
+    return os.environ.get("ISBI_BASE_URL") or ORIGINAL_URL
 FOLDERS = ("train_image", "train_label", "test_image")
 SYNTHETIC_MARK = "SYNTHETIC_DATA.txt"
 
@@ -47,12 +53,21 @@ def has_images(folder):
 
 def download(url, dest, timeout=60):
     """Fetch `url` into the file `dest` atomically; a failure leaves no partial file."""
+    def copy_all(response, f):
+        shutil.copyfileobj(response, f, 1 << 20)
+        expected = response.headers.get("Content-Length")
+        if expected is not None and f.tell() != int(expected):
+            raise FetchError(f"could not download {url}: cut off after {f.tell()} of {expected} bytes")
+
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            atomic_write(dest, lambda f: shutil.copyfileobj(response, f, 1 << 20))
-    except (urllib.error.URLError, OSError) as err:
-        reason = getattr(err, "reason", err)
-        raise FetchError(f"could not download {url}: {reason}")
+            atomic_write(dest, lambda f: copy_all(response, f))
+    except FetchError:
+        raise
+    except urllib.error.HTTPError as err:
+        raise FetchError(f"could not download {url}: HTTP {err.code} {err.reason}")
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+        raise FetchError(f"could not download {url}: {getattr(err, 'reason', None) or repr(err)}")
     return dest
 
 
@@ -84,12 +99,12 @@ def copy_from_mirror(mirror, root):
             shutil.copytree(os.path.join(mirror, name), target, dirs_exist_ok=True)
 
 
-def download_isbi(root, base_url):
+def download_isbi(root, url):
     for name in FOLDERS:
         target = os.path.join(root, name)
         if has_images(target):
             continue
-        archive = download(base_url + name + ".tar.gz", os.path.join(root, name + ".tar.gz"))
+        archive = download(url + name + ".tar.gz", os.path.join(root, name + ".tar.gz"))
         safe_extract(archive, root)
         os.remove(archive)
         if not has_images(target):
@@ -130,8 +145,9 @@ def write_synthetic(root, n_train=30, n_test=30, size=512, seed=0):
                 "not ISBI 2012. Delete them and this file to fetch the real data.\n")
 
 
-def ensure_isbi_data(root=".", mirror=None, base_url=BASE_URL):
+def ensure_isbi_data(root=".", mirror=None):
     """Fill root/train_image, train_label, test_image; returns where the data came from."""
+    url = base_url()
     if all(has_images(os.path.join(root, name)) for name in FOLDERS):
         if os.path.exists(os.path.join(root, SYNTHETIC_MARK)):
             print(f"WARNING: using SYNTHETIC data (see {SYNTHETIC_MARK}), not ISBI 2012", file=sys.stderr)
@@ -142,23 +158,23 @@ def ensure_isbi_data(root=".", mirror=None, base_url=BASE_URL):
         print(f"data: copied ISBI 2012 from {mirror}")
         return "mirror"
     try:
-        download_isbi(root, base_url)
-        print(f"data: downloaded ISBI 2012 from {base_url}")
+        download_isbi(root, url)
+        print(f"data: downloaded ISBI 2012 from {url}")
         return "download"
     except FetchError as err:
-        print(HOW_TO_GET_DATA.format(reason=err, url=base_url), file=sys.stderr)
+        print(HOW_TO_GET_DATA.format(reason=err, url=url), file=sys.stderr)
     print("=" * 78 + "\nWARNING: running on a SYNTHETIC EM-like dataset (Voronoi cells), NOT ISBI 2012.\n"
           "Its scores say the pipeline works, nothing about real membranes.\n" + "=" * 78, file=sys.stderr)
     write_synthetic(root)
     return "synthetic"
 
 
-def fetch_pretrained(dest="pretrained", base_url=BASE_URL):
+def fetch_pretrained(dest="pretrained"):
     """The original example's OneFlow checkpoint folder, downloaded and unpacked once."""
     for folder, _, files in os.walk(dest):
         if "pickled_data" in files:
             return folder
-    url = base_url + "checkpoints.tar.gz"
+    url = base_url() + "checkpoints.tar.gz"
     try:
         archive = download(url, os.path.join(dest, "checkpoints.tar.gz"))
     except FetchError as err:
@@ -177,12 +193,11 @@ def main(argv=None):
     p.add_argument("--root", default=".", help="folder that gets train_image/ train_label/ test_image/")
     p.add_argument("--pretrained", action="store_true", help="fetch the pretrained checkpoint instead")
     args = p.parse_args(argv)
-    base_url = os.environ.get("ISBI_BASE_URL", BASE_URL)
     try:
         if args.pretrained:
-            print(fetch_pretrained(os.path.join(args.root, "pretrained"), base_url))
+            print(fetch_pretrained(os.path.join(args.root, "pretrained")))
         else:
-            ensure_isbi_data(args.root, os.environ.get("ISBI_DATA_DIR") or None, base_url)
+            ensure_isbi_data(args.root, os.environ.get("ISBI_DATA_DIR") or None)
     except FetchError as err:
         sys.exit(f"error: {err}")
 

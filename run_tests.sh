@@ -1,12 +1,23 @@
 #!/usr/bin/env bash
-# Run the test suite: sets up both environments once (.venv with OneFlow, .venv-torch with
-# PyTorch), then runs pytest on OneFlow, the first-class backend. The tests that compare the two
-# frameworks drive PyTorch through .venv-torch. Arguments go to pytest (`bash run_tests.sh -k data`).
+# Run the test suite on both frameworks: sets up .venv (OneFlow) and .venv-torch (PyTorch) once,
+# then runs pytest on OneFlow, the first-class backend, and again on PyTorch. The parity tests in
+# each run drive the other framework through its environment.
+# Arguments go to pytest (`bash run_tests.sh -k checkpoint`).
 set -euo pipefail
 cd "$(dirname "$0")"
 source ./setup_env.sh
 UNET_BACKEND=torch
-ensure_env || echo "warning: no PyTorch environment: the OneFlow/PyTorch parity tests will be skipped" >&2
+TORCH_PYTHON=
+if ensure_env; then
+    TORCH_PYTHON=$PYTHON
+else
+    echo "warning: no PyTorch environment: tests run on OneFlow only, parity tests skipped" >&2
+fi
 unset UNET_BACKEND PYTHON
 ensure_env
-exec "$PYTHON" -m pytest tests "$@"
+echo "== tests on $UNET_BACKEND ($PYTHON)"
+"$PYTHON" -m pytest tests "$@"
+if [ -n "$TORCH_PYTHON" ] && [ "$PYTHON" != "$TORCH_PYTHON" ]; then
+    echo "== tests on torch ($TORCH_PYTHON)"
+    UNET_BACKEND=torch "$TORCH_PYTHON" -m pytest tests "$@"
+fi

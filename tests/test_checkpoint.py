@@ -1,0 +1,120 @@
+import os
+import pickle
+import subprocess
+
+import numpy as np
+import pytest
+
+import backend
+from checkpoint import CheckpointError, build_model, load_checkpoint, read_oneflow_folder, save_checkpoint
+from conftest import ROOT
+from unet import UNet
+
+ONEFLOW_PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
+
+
+def outputs(model, x):
+    model.eval()
+    with backend.flow.no_grad():
+        return backend.to_numpy(model(backend.to_tensor(x)))
+
+
+def test_a_checkpoint_rebuilds_the_same_network_without_being_told_its_shape(tmp_path):
+    backend.seed_everything(0)
+    model = UNet(n_channels=1, n_classes=2, bilinear=True, base=4)
+    path = str(tmp_path / "model.npz")
+    save_checkpoint(path, model, epoch=3)
+    rebuilt, meta = build_model(path, "cpu")
+    assert meta["model"] == dict(n_channels=1, n_classes=2, bilinear=True, base=4) and meta["epoch"] == 3
+    x = np.random.default_rng(0).random((1, 1, 32, 32))
+    np.testing.assert_array_equal(outputs(rebuilt, x), outputs(model, x))
+
+
+def test_a_checkpoint_is_an_npz_that_loads_without_pickle(tmp_path):
+    path = str(tmp_path / "model.npz")
+    save_checkpoint(path, UNet(base=4))
+    with np.load(path, allow_pickle=False) as npz:
+        assert "model/inc.double_conv.0.weight" in npz.files
+
+
+def test_a_damaged_checkpoint_stops_with_an_error_naming_the_file(tmp_path):
+    path = tmp_path / "model.npz"
+    save_checkpoint(str(path), UNet(base=4))
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=r"model\.npz: damaged or not a U-Net checkpoint"):
+        load_checkpoint(str(path))
+
+
+def test_a_missing_checkpoint_says_so(tmp_path):
+    with pytest.raises(CheckpointError, match=r"nothing\.npz: checkpoint not found"):
+        load_checkpoint(str(tmp_path / "nothing.npz"))
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_names_the_file_and_the_weight(tmp_path):
+    path = str(tmp_path / "model.npz")
+    save_checkpoint(path, UNet(base=4))
+    meta, weights, arrays = load_checkpoint(path)
+    from checkpoint import load_weights
+    with pytest.raises(CheckpointError, match=r"model\.npz: does not fit the model: .*inc\.double_conv\.0\.weight: "
+                                              r"\(4, 1, 3, 3\) in the file, \(8, 1, 3, 3\) in the model"):
+        load_weights(UNet(base=8), weights, path)
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    path = str(tmp_path / "last.npz")
+    save_checkpoint(path, UNet(base=4), epoch=1)
+    before = open(path, "rb").read()
+
+    def broken_savez(f, **arrays):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", broken_savez)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, UNet(base=4), epoch=2)
+    assert open(path, "rb").read() == before
+    assert os.listdir(tmp_path) == ["last.npz"]
+
+
+WRITE_ORIGINAL_FORMAT = """
+import sys
+import numpy as np
+import oneflow as flow
+from unet import UNet
+from parity_helpers import outputs, trained_a_little
+folder, x = sys.argv[1], np.load(sys.argv[2])
+model = trained_a_little(UNet(n_channels=1, n_classes=1, bilinear=False, base=4), seed=0)
+optimizer = flow.optim.Adam(model.parameters())
+flow.save({"net": model.state_dict(), "opt": optimizer.state_dict(), "epoch": 39}, folder)
+np.save(sys.argv[3], outputs(model, x))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists(ONEFLOW_PYTHON), reason="writing flow.save's format needs OneFlow's .venv")
+def test_the_original_oneflow_checkpoint_folder_loads_with_the_original_input_scale(tmp_path):
+    x = np.random.default_rng(0).random((1, 1, 32, 32)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    folder = tmp_path / "checkpoints"
+    env = {**os.environ, "UNET_BACKEND": "oneflow", "PYTHONPATH": os.path.join(ROOT, "tests") + os.pathsep + ROOT}
+    subprocess.run([ONEFLOW_PYTHON, "-c", WRITE_ORIGINAL_FORMAT, str(folder), str(tmp_path / "x.npy"),
+                    str(tmp_path / "y.npy")], env=env, check=True, timeout=300)
+    assert (folder / "pickled_data").exists()
+    rebuilt, meta = build_model(str(folder), "cpu")
+    assert meta["input_scale"] == 255.0 and meta["model"] == dict(n_channels=1, n_classes=1, bilinear=False, base=4)
+    assert np.abs(outputs(rebuilt, x) - np.load(tmp_path / "y.npy")).max() <= 1e-4
+
+
+class _RunsACommand:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_oneflow_checkpoint_cannot_run_code(tmp_path):
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    payload = _RunsACommand()
+    payload.marker = tmp_path / "pwned"
+    (folder / "pickled_data").write_bytes(pickle.dumps({"protocol_version": 1, "data": {"net": payload}}))
+    with pytest.raises(CheckpointError, match=r"pickled_data: unsafe or damaged .*refusing to load posix\.system"):
+        read_oneflow_folder(str(folder))
+    assert not payload.marker.exists()

@@ -1,0 +1,105 @@
+import os
+
+import cv2
+import numpy as np
+import pytest
+
+from dataloader import (DataError, SegmentationDataset, batches, list_images, load_pairs, pair_by_name,
+                        random_flip_rotate, read_image, read_label)
+
+
+def write(path, array):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    assert cv2.imwrite(str(path), array)
+    return str(path)
+
+
+def test_images_are_scaled_to_0_1_and_labels_binarized_with_255_as_cell(tmp_path):
+    image = write(tmp_path / "i.png", np.array([[0, 128], [255, 64]] * 8, np.uint8))
+    label = write(tmp_path / "l.png", np.array([[0, 255]] * 16, np.uint8))
+    assert read_image(image).dtype == np.float32
+    assert read_image(image).min() == 0.0 and read_image(image).max() == 1.0
+    assert set(np.unique(read_label(label))) == {0, 1}
+    assert read_label(label)[0, 1] == 1
+
+
+def test_labels_holding_0_and_1_are_read_as_they_are(tmp_path):
+    label = write(tmp_path / "l.png", np.array([[0, 1]] * 16, np.uint8))
+    assert read_label(label).sum() == 16
+
+
+def test_a_label_with_other_values_stops_with_an_error_naming_the_file_and_values(tmp_path):
+    label = write(tmp_path / "grey.png", np.array([[0, 128, 255]] * 16, np.uint8))
+    with pytest.raises(DataError, match=r"grey\.png: label is not binary: values 0, 128, 255"):
+        read_label(label)
+
+
+def test_images_and_labels_are_paired_by_file_name_not_by_order(tmp_path):
+    for name in ["b.png", "a.png", "c.png"]:
+        write(tmp_path / "img" / name, np.zeros((16, 16), np.uint8))
+    for name in ["c.png", "a.png", "b.tif"]:
+        write(tmp_path / "lab" / name, np.zeros((16, 16), np.uint8))
+    pairs = pair_by_name(tmp_path / "img", tmp_path / "lab")
+    assert [(os.path.basename(i), os.path.basename(l)) for i, l in pairs] == [
+        ("a.png", "a.png"), ("b.png", "b.tif"), ("c.png", "c.png")]
+
+
+def test_images_are_listed_in_natural_order(tmp_path):
+    for i in [10, 2, 1]:
+        write(tmp_path / f"{i}.png", np.zeros((16, 16), np.uint8))
+    assert [os.path.basename(p) for p in list_images(tmp_path)] == ["1.png", "2.png", "10.png"]
+
+
+def test_an_image_without_a_label_stops_with_an_error_naming_it(tmp_path):
+    write(tmp_path / "img" / "a.png", np.zeros((16, 16), np.uint8))
+    write(tmp_path / "img" / "lonely.png", np.zeros((16, 16), np.uint8))
+    write(tmp_path / "lab" / "a.png", np.zeros((16, 16), np.uint8))
+    with pytest.raises(DataError, match=r"lonely\.png: no label named lonely"):
+        pair_by_name(tmp_path / "img", tmp_path / "lab")
+
+
+def test_a_label_of_another_size_than_its_image_stops_with_an_error_naming_both(tmp_path):
+    image = write(tmp_path / "img" / "a.png", np.zeros((16, 16), np.uint8))
+    label = write(tmp_path / "lab" / "a.png", np.zeros((16, 20), np.uint8))
+    with pytest.raises(DataError, match=r"lab/a\.png: label is 20x16 but its image .*img/a\.png is 16x16"):
+        load_pairs([(image, label)])
+
+
+def test_a_corrupt_image_stops_with_an_error_naming_it(tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    with pytest.raises(DataError, match=r"broken\.png: not a readable image"):
+        read_image(str(bad))
+
+
+def test_a_missing_image_stops_with_an_error_naming_it(tmp_path):
+    with pytest.raises(DataError, match=r"gone\.png: file not found"):
+        read_image(str(tmp_path / "gone.png"))
+
+
+def test_an_empty_folder_stops_with_an_error_naming_it(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"empty: folder holds no images"):
+        list_images(tmp_path / "empty")
+
+
+def test_augmentation_moves_image_and_label_identically_and_covers_all_8_orientations():
+    rng = np.random.default_rng(0)
+    image = rng.random((8, 8)).astype(np.float32)
+    label = (image > 0.5).astype(np.uint8)
+    seen = set()
+    for _ in range(200):
+        aug_image, aug_label = random_flip_rotate(image, label, rng)
+        np.testing.assert_array_equal(aug_label, (aug_image > 0.5).astype(np.uint8))
+        seen.add(aug_image.tobytes())
+    assert len(seen) == 8
+
+
+def test_batches_are_float_n_1_h_w_crops_with_binary_labels():
+    rng = np.random.default_rng(0)
+    images = [rng.random((40, 50)).astype(np.float32) for _ in range(5)]
+    labels = [(im > 0.5).astype(np.uint8) for im in images]
+    data = SegmentationDataset(images, labels, crop=32)
+    shapes = [(x.shape, y.shape, x.dtype, set(np.unique(y))) for x, y in batches(data, 2, rng)]
+    assert [s[0] for s in shapes] == [(2, 1, 32, 32), (2, 1, 32, 32), (1, 1, 32, 32)]
+    assert all(s[2] == np.float32 and s[3] <= {0.0, 1.0} for s in shapes)

@@ -1,0 +1,49 @@
+import os
+
+import cv2
+import numpy as np
+
+from conftest import run_script, train_small
+
+
+def test_prediction_writes_one_binary_mask_per_input_named_after_it(dataset, tmp_path):
+    train_small(dataset, tmp_path)
+    odd = np.random.default_rng(0).integers(0, 255, (50, 70)).astype(np.uint8)
+    cv2.imwrite(f"{dataset}/test_image/odd_size.png", odd)
+    run_script("predict_unet_test.py", "--checkpoint", tmp_path / "checkpoints" / "best.npz",
+               "--test-data-path", f"{dataset}/test_image", "--save-res-path", tmp_path / "pred", cwd=tmp_path)
+    assert sorted(os.listdir(tmp_path / "pred")) == ["0.png", "1.png", "odd_size.png"]
+    for name in os.listdir(tmp_path / "pred"):
+        mask = cv2.imread(str(tmp_path / "pred" / name), cv2.IMREAD_UNCHANGED)
+        source = cv2.imread(f"{dataset}/test_image/{name}", cv2.IMREAD_UNCHANGED)
+        assert mask.shape == source.shape and mask.dtype == np.uint8
+        assert set(np.unique(mask)) <= {0, 255}
+
+
+def test_prediction_without_a_checkpoint_says_how_to_get_one(dataset, tmp_path):
+    result = run_script("predict_unet_test.py", "--checkpoint", tmp_path / "none.npz",
+                        "--test-data-path", f"{dataset}/test_image", cwd=tmp_path, check=False)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path}/none.npz: checkpoint not found (train first, or use --pretrained)"
+
+
+def test_a_corrupt_test_image_stops_with_its_name_and_keeps_masks_already_written(dataset, tmp_path):
+    train_small(dataset, tmp_path)
+    os.makedirs(tmp_path / "pred")
+    (tmp_path / "pred" / "9.png").write_bytes(b"an earlier result")
+    with open(f"{dataset}/test_image/9.png", "wb") as f:
+        f.write(b"not an image")
+    result = run_script("predict_unet_test.py", "--checkpoint", tmp_path / "checkpoints" / "best.npz",
+                        "--test-data-path", f"{dataset}/test_image", "--save-res-path", tmp_path / "pred",
+                        cwd=tmp_path, check=False)
+    assert result.returncode != 0 and "test_image/9.png: not a readable image" in result.stderr
+    assert (tmp_path / "pred" / "9.png").read_bytes() == b"an earlier result"
+    assert sorted(os.listdir(tmp_path / "pred")) == ["0.png", "1.png", "9.png"]
+
+
+def test_pretrained_weights_offline_fail_with_a_clear_message(dataset, tmp_path):
+    result = run_script("predict_unet_test.py", "--pretrained", "--test-data-path", f"{dataset}/test_image",
+                        cwd=tmp_path, env={"ISBI_BASE_URL": "http://127.0.0.1:9/"}, check=False)
+    assert result.returncode != 0
+    assert "error: could not download http://127.0.0.1:9/checkpoints.tar.gz" in result.stderr
+    assert "needs the internet once" in result.stderr

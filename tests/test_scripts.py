@@ -1,0 +1,29 @@
+"""train.sh and test.sh honour the variables the README documents."""
+import os
+import subprocess
+
+import cv2
+import numpy as np
+
+from conftest import ROOT
+
+
+def bash(script, *args, env):
+    result = subprocess.run(["bash", os.path.join(ROOT, script), *map(str, args)], capture_output=True,
+                            text=True, timeout=600, env={**os.environ, **env})
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_train_sh_then_test_sh_train_and_predict_with_the_documented_variables(dataset, tmp_path):
+    out = bash("train.sh", "--base", 4, "--crop", 32, "--checkpoint-dir", tmp_path / "ck", "--log", tmp_path / "log",
+               env={"EPOCHS": "2", "BATCH_SIZE": "3", "DATA_PATH": f"{dataset}/train_image",
+                    "LABEL_PATH": f"{dataset}/train_label"})
+    assert "epochs=2" in out and "batch_size=3" in out and "epoch 2/2 train_loss" in out
+    assert sorted(os.listdir(tmp_path / "ck")) == ["best.npz", "last.npz"]
+
+    bash("test.sh", env={"CHECKPOINT": str(tmp_path / "ck" / "best.npz"), "TEST_DATA_PATH": f"{dataset}/test_image",
+                         "SAVE_RES_PATH": str(tmp_path / "pred")})
+    assert sorted(os.listdir(tmp_path / "pred")) == sorted(os.listdir(f"{dataset}/test_image"))
+    mask = cv2.imread(str(tmp_path / "pred" / "0.png"), cv2.IMREAD_UNCHANGED)
+    assert set(np.unique(mask)) <= {0, 255}

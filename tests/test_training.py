@@ -1,0 +1,71 @@
+import os
+
+import numpy as np
+import pytest
+
+import backend
+from checkpoint import build_model, load_checkpoint
+from conftest import run_script, train_small, write_dataset
+from dataloader import read_image, read_label
+from metrics import dice
+from predict_unet_test import predict_probability
+
+
+def test_overfitting_one_small_image_reaches_dice_above_0_9(tmp_path):
+    data = write_dataset(tmp_path / "data", n_train=1, n_test=0, size=48)
+    train_small(data, tmp_path, "--epochs", 60, "--val-fraction", 0, "--base", 8, "--crop", 0, "--lr", 1e-2)
+    model, meta = build_model(str(tmp_path / "checkpoints" / "last.npz"), "cpu")
+    image, label = read_image(f"{data}/train_image/0.png"), read_label(f"{data}/train_label/0.png")
+    assert dice(predict_probability(model, image, "cpu") > 0.5, label) > 0.9
+    assert dice(predict_probability(model, image, "cpu") < 0.5, label == 0) > 0.5  # membranes found too
+
+
+def test_training_keeps_best_and_last_checkpoints_and_logs_one_line_per_epoch(dataset, tmp_path):
+    result = train_small(dataset, tmp_path, "--epochs", 3)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["best.npz", "last.npz"]
+    epoch_lines = [line for line in open(tmp_path / "log.txt") if line.startswith("epoch ")]
+    assert len(epoch_lines) == 3
+    assert all(key in epoch_lines[0] for key in ["train_loss", "val_loss", "val_dice", "time"])
+    assert "preset cpu" in result.stdout and "base=4" in result.stdout
+    assert load_checkpoint(str(tmp_path / "checkpoints" / "last.npz"))[0]["epoch"] == 3
+
+
+def test_the_same_seed_gives_the_same_run(dataset, tmp_path):
+    weights = []
+    for run in ["a", "b"]:
+        os.makedirs(tmp_path / run)
+        train_small(dataset, tmp_path / run, "--seed", 7)
+        weights.append(load_checkpoint(str(tmp_path / run / "checkpoints" / "last.npz"))[1])
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        np.testing.assert_array_equal(weights[0][name], weights[1][name], err_msg=name)
+
+
+def test_resume_continues_the_run_exactly_where_it_stopped(dataset, tmp_path):
+    for run in ["straight", "resumed"]:
+        os.makedirs(tmp_path / run)
+    train_small(dataset, tmp_path / "straight", "--epochs", 3)
+    train_small(dataset, tmp_path / "resumed", "--epochs", 2)
+    result = train_small(dataset, tmp_path / "resumed", "--epochs", 3, "--resume")
+    assert "resumed from" in result.stdout and "after epoch 2" in result.stdout
+    straight = load_checkpoint(str(tmp_path / "straight" / "checkpoints" / "last.npz"))[1]
+    resumed = load_checkpoint(str(tmp_path / "resumed" / "checkpoints" / "last.npz"))[1]
+    for name in straight:
+        np.testing.assert_allclose(resumed[name], straight[name], atol=1e-6, err_msg=name)
+    log = open(tmp_path / "resumed" / "log.txt").read()
+    assert [line.split()[1] for line in log.splitlines() if line.startswith("epoch ")] == ["1/2", "2/2", "3/3"]
+
+
+def test_bad_training_data_stops_with_one_line_naming_the_file(dataset, tmp_path):
+    os.remove(f"{dataset}/train_label/2.png")
+    result = train_small(dataset, tmp_path, check=False)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "train_image/2.png: no label named 2" in result.stderr
+
+
+def test_help_lists_the_flags_with_their_defaults(tmp_path):
+    out = run_script("TrainUnetDataSet.py", "--help", cwd=tmp_path).stdout
+    for flag in ["--data-path", "--epochs", "--batch-size", "--lr", "--device", "--seed", "--val-fraction",
+                 "--checkpoint-dir", "--resume", "--preset"]:
+        assert flag in out

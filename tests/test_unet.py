@@ -1,0 +1,37 @@
+import numpy as np
+import pytest
+
+import backend
+from backend import nn
+from unet import UNet
+
+
+@pytest.mark.parametrize("bilinear", [False, True])
+@pytest.mark.parametrize("height,width", [(16, 16), (37, 53), (64, 48), (100, 17)])
+def test_output_has_the_input_size_for_any_height_and_width(bilinear, height, width):
+    model = UNet(n_channels=1, n_classes=2, bilinear=bilinear, base=4).eval()
+    with backend.flow.no_grad():
+        out = model(backend.to_tensor(np.zeros((2, 1, height, width))))
+    assert tuple(out.shape) == (2, 2, height, width)
+
+
+def test_parameter_names_match_the_original_oneflow_example():
+    names = set(UNet(n_channels=1, n_classes=1, bilinear=False).state_dict())
+    assert {name.split(".")[0] for name in names} == {
+        "inc", "down1", "down2", "down3", "down4", "up1", "up2", "up3", "up4", "outc"}
+    for name, shape in [("inc.double_conv.0.weight", (64, 1, 3, 3)),
+                        ("down4.maxpool_conv.1.double_conv.0.weight", (1024, 512, 3, 3)),
+                        ("up1.up.weight", (1024, 512, 2, 2)),
+                        ("up4.conv.double_conv.4.running_var", (64,)),
+                        ("outc.conv.weight", (1, 64, 1, 1))]:
+        assert tuple(UNet().state_dict()[name].shape) == shape
+
+
+def test_the_network_has_the_papers_23_convolutional_layers():
+    convs = [m for m in UNet().modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    assert len(convs) == 23
+
+
+def test_an_input_smaller_than_16_pixels_is_refused_clearly():
+    with pytest.raises(ValueError, match="at least 16x16"):
+        UNet(base=4)(backend.to_tensor(np.zeros((1, 1, 8, 32))))
