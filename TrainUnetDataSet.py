@@ -33,12 +33,16 @@ PRESETS = {
 }
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the docstring's layout and shows every flag's default."""
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data-path", "--data_path", default="train_image", help="folder of training images")
     p.add_argument("--label-path", "--label_path", default="train_label",
                    help="folder of labels, matched to images by file name (255 = cell, 0 = membrane)")
-    p.add_argument("--val-image-path", help="folder of validation images (default: hold out --val-fraction)")
+    p.add_argument("--val-image-path", help="folder of validation images, instead of holding out --val-fraction")
     p.add_argument("--val-label-path", help="folder of validation labels (with --val-image-path)")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="share of the training pairs held out for validation (0: none)")

@@ -170,11 +170,14 @@ class SegmentationDataset:
 def batches(dataset, batch_size, rng, shuffle=True):
     """Yield (images, labels) as float32 N x 1 x H x W arrays for one epoch.
 
-    Images of different sizes cannot share a batch, so give such data a crop size.
     """
     order = rng.permutation(len(dataset)) if shuffle else np.arange(len(dataset))
     for start in range(0, len(order), batch_size):
         samples = [dataset.sample(i, rng) for i in order[start:start + batch_size]]
+        sizes = sorted({s[0].shape for s in samples})
+        if len(sizes) > 1:
+            raise DataError(f"images of different sizes ({sizes[0][1]}x{sizes[0][0]} and {sizes[-1][1]}x"
+                            f"{sizes[-1][0]}) cannot share a batch: train with --crop or --batch-size 1")
         images = np.stack([s[0] for s in samples])[:, None].astype(np.float32)
         labels = np.stack([s[1] for s in samples])[:, None].astype(np.float32)
         yield images, labels

@@ -19,8 +19,12 @@ from checkpoint import CheckpointError, build_model
 from dataloader import DataError, list_images, read_image, write_png
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the docstring's layout and shows every flag's default."""
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", default="checkpoints/best.npz",
                    help="our .npz checkpoint, or the original example's OneFlow checkpoint folder")
     p.add_argument("--pretrained", action="store_true",

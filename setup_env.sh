@@ -79,3 +79,12 @@ ensure_env() {
             ;;
     esac
 }
+
+# True when the arguments ask for --help (then the scripts skip fetching data).
+wants_help() {
+    local arg
+    for arg in "$@"; do
+        case "$arg" in -h|--help) return 0 ;; esac
+    done
+    return 1
+}

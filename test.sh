@@ -13,7 +13,7 @@ ensure_env
 
 TEST_DATA_PATH=${TEST_DATA_PATH:-test_image/}
 SAVE_RES_PATH=${SAVE_RES_PATH:-predict_image/}
-if [ "${TEST_DATA_PATH%/}" = test_image ]; then
+if [ "${TEST_DATA_PATH%/}" = test_image ] && ! wants_help "$@"; then
     "$PYTHON" fetch_data.py
 fi
 if [ "${PRETRAINED:-0}" = 1 ]; then

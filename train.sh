@@ -12,7 +12,7 @@ ensure_env
 
 DATA_PATH=${DATA_PATH:-train_image}
 LABEL_PATH=${LABEL_PATH:-train_label}
-if [ "$DATA_PATH" = train_image ] && [ "$LABEL_PATH" = train_label ]; then
+if [ "$DATA_PATH" = train_image ] && [ "$LABEL_PATH" = train_label ] && ! wants_help "$@"; then
     "$PYTHON" fetch_data.py
 fi
 

@@ -103,3 +103,11 @@ def test_batches_are_float_n_1_h_w_crops_with_binary_labels():
     shapes = [(x.shape, y.shape, x.dtype, set(np.unique(y))) for x, y in batches(data, 2, rng)]
     assert [s[0] for s in shapes] == [(2, 1, 32, 32), (2, 1, 32, 32), (1, 1, 32, 32)]
     assert all(s[2] == np.float32 and s[3] <= {0.0, 1.0} for s in shapes)
+
+
+def test_images_of_different_sizes_in_one_batch_stop_with_a_hint_to_crop():
+    rng = np.random.default_rng(0)
+    images = [np.zeros((32, 32), np.float32), np.zeros((40, 32), np.float32)]
+    data = SegmentationDataset(images, [im.astype(np.uint8) for im in images], augment=False)
+    with pytest.raises(DataError, match="cannot share a batch: train with --crop"):
+        list(batches(data, 2, rng))

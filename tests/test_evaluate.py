@@ -1,0 +1,38 @@
+import json
+import os
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import run_script
+from evaluate import score_folder
+from metrics import dice, pixel_accuracy
+
+
+def test_dice_and_accuracy_of_hand_made_masks():
+    truth = np.array([[1, 1, 0, 0]])
+    assert dice(truth, truth) == 1.0 and pixel_accuracy(truth, truth) == 1.0
+    assert dice([[1, 0, 0, 0]], truth) == pytest.approx(2 * 1 / (1 + 2))
+    assert pixel_accuracy([[1, 0, 0, 1]], truth) == 0.5
+    assert dice(np.zeros((2, 2)), np.zeros((2, 2))) == 1.0
+
+
+def test_evaluate_scores_each_prediction_against_the_label_of_the_same_name(tmp_path):
+    for folder in ["pred", "label"]:
+        os.makedirs(tmp_path / folder)
+    truth = np.full((16, 16), 255, np.uint8)
+    truth[8] = 0
+    cv2.imwrite(str(tmp_path / "label" / "a.png"), truth)
+    cv2.imwrite(str(tmp_path / "pred" / "a.png"), truth)
+    wrong = truth.copy()
+    wrong[:4] = 0
+    cv2.imwrite(str(tmp_path / "label" / "b.png"), truth)
+    cv2.imwrite(str(tmp_path / "pred" / "b.png"), wrong)
+    scores = score_folder(str(tmp_path / "pred"), str(tmp_path / "label"))
+    assert scores["images"]["a.png"]["pixel_error"] == 0.0
+    assert scores["images"]["b.png"]["pixel_error"] == pytest.approx(64 / 256)
+    assert scores["mean"]["pixel_error"] == pytest.approx(32 / 256)
+    out = run_script("evaluate.py", "pred", "label", "--json", "scores.json", cwd=tmp_path).stdout
+    assert out.splitlines()[-1].startswith("mean")
+    assert json.load(open(tmp_path / "scores.json"))["mean"] == pytest.approx(scores["mean"])
