@@ -120,7 +120,8 @@ def config_from_weights(weights, path):
         return dict(n_channels=int(weights["inc.double_conv.0.weight"].shape[1]),
                     n_classes=int(weights["outc.conv.weight"].shape[0]),
                     bilinear="up1.up.weight" not in weights,
-                    base=int(weights["inc.double_conv.0.weight"].shape[0]))
+                    base=int(weights["inc.double_conv.0.weight"].shape[0]),
+                    norm="batch" if "inc.double_conv.1.running_mean" in weights else "instance")
     except KeyError as err:
         raise CheckpointError(f"{path}: weights are not a U-Net's: no {err}")
 

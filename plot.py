@@ -3,8 +3,9 @@
     python3 plot.py                          # Unet_train.txt -> training_curves.png
     python3 plot.py my_run.txt --out my.png
 
-Reads the lines `epoch N/M train_loss .. val_loss .. val_dice ..` that TrainUnetDataSet.py logs,
-or the original example's format: one loss value per line.
+Reads the lines `epoch N/M train_loss .. val_loss .. val_dice ..` that TrainUnetDataSet.py logs
+and draws every curve they hold (losses together, each validation score in its own panel), or
+reads the original example's format: one loss value per line.
 Runs with the machine's own python3: without matplotlib it re-runs itself in the project's .venv.
 """
 import argparse
@@ -55,10 +56,15 @@ def plot_curves(curves, out):
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    losses = {k: v for k, v in curves.items() if k.endswith("loss")}
-    scores = {k: v for k, v in curves.items() if not k.endswith("loss")}
-    fig, axes = plt.subplots(1, 2 if scores else 1, figsize=(11 if scores else 6, 4), squeeze=False)
-    for ax, group, title in zip(axes[0], (losses, scores), ("loss", "validation scores")):
+    # One panel for the losses, one for each validation score (their scales differ).
+    panels = [("loss", {k: v for k, v in curves.items() if k.endswith("loss")})]
+    panels += [(k, {k: v}) for k, v in curves.items() if not k.endswith("loss")]
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (title, group) in zip(axes.flat, panels):
         for name, values in group.items():
             ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=name)
         ax.set_xlabel("epoch")

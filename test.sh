@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Predict a mask for every image in test_image/ into predict_image/ (same file names).
+# Predict a mask for every image in test_image/ into predict_image/ (same file names), with the
+# cell-probability maps in predict_prob/ and pictures to check in predict_overlay/.
 #   CHECKPOINT       default checkpoints/best.npz (or the original's OneFlow checkpoint folder)
 #   PRETRAINED=1     use the original example's published checkpoint (downloaded once)
 #   TEST_DATA_PATH   default test_image/
 #   SAVE_RES_PATH    default predict_image/
+#   TEST_LABEL_PATH  labels of the test images: errors marked in the pictures, and the scores
+#                    (evaluate.py) printed and written to SCORES_JSON (predict_scores.json)
 #   UNET_BACKEND     oneflow (default) or torch
 # Extra arguments go to predict_unet_test.py (see `bash test.sh --help`).
 set -euo pipefail
@@ -13,15 +16,26 @@ ensure_env
 
 TEST_DATA_PATH=${TEST_DATA_PATH:-test_image/}
 SAVE_RES_PATH=${SAVE_RES_PATH:-predict_image/}
+PROB_PATH=${PROB_PATH:-predict_prob/}
+OVERLAY_PATH=${OVERLAY_PATH:-predict_overlay/}
+TEST_LABEL_PATH=${TEST_LABEL_PATH:-}
 if [ "${TEST_DATA_PATH%/}" = test_image ] && ! wants_help "$@"; then
     "$PYTHON" fetch_data.py
 fi
 if [ "${PRETRAINED:-0}" = 1 ]; then
     set -- --pretrained "$@"
 fi
+if [ -n "$TEST_LABEL_PATH" ]; then
+    set -- --label-path "$TEST_LABEL_PATH" "$@"
+fi
 
-exec "$PYTHON" predict_unet_test.py \
+"$PYTHON" predict_unet_test.py \
     --checkpoint "${CHECKPOINT:-checkpoints/best.npz}" \
     --test-data-path "$TEST_DATA_PATH" \
     --save-res-path "$SAVE_RES_PATH" \
+    --save-prob --prob-path "$PROB_PATH" \
+    --overlay-path "$OVERLAY_PATH" \
     "$@"
+if [ -n "$TEST_LABEL_PATH" ] && ! wants_help "$@"; then
+    "$PYTHON" evaluate.py "$PROB_PATH" "$TEST_LABEL_PATH" --json "${SCORES_JSON:-predict_scores.json}"
+fi

@@ -6,18 +6,28 @@ Module and parameter names match the original OneFlow example's `UNet(1, 1, bili
 from backend import F, flow, nn
 
 
-class DoubleConv(nn.Module):
-    """(3x3 conv => BatchNorm => ReLU) * 2"""
+def norm_layer(kind, channels):
+    """BatchNorm as in the paper's U-Net; InstanceNorm (each image normalized by its own statistics)
+    for small-batch training on crops, where BatchNorm's running statistics fail at inference."""
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "instance":
+        return nn.InstanceNorm2d(channels, affine=True)
+    raise ValueError(f"norm must be 'batch' or 'instance', not {kind!r}")
 
-    def __init__(self, in_channels, out_channels, mid_channels=None):
+
+class DoubleConv(nn.Module):
+    """(3x3 conv => norm => ReLU) * 2"""
+
+    def __init__(self, in_channels, out_channels, mid_channels=None, norm="batch"):
         super().__init__()
         mid_channels = mid_channels or out_channels
         self.double_conv = nn.Sequential(
             nn.Conv2d(in_channels, mid_channels, kernel_size=3, padding=1),
-            nn.BatchNorm2d(mid_channels),
+            norm_layer(norm, mid_channels),
             nn.ReLU(inplace=True),
             nn.Conv2d(mid_channels, out_channels, kernel_size=3, padding=1),
-            nn.BatchNorm2d(out_channels),
+            norm_layer(norm, out_channels),
             nn.ReLU(inplace=True),
         )
 
@@ -28,9 +38,9 @@ class DoubleConv(nn.Module):
 class Down(nn.Module):
     """2x2 max-pool, then DoubleConv."""
 
-    def __init__(self, in_channels, out_channels):
+    def __init__(self, in_channels, out_channels, norm="batch"):
         super().__init__()
-        self.maxpool_conv = nn.Sequential(nn.MaxPool2d(2), DoubleConv(in_channels, out_channels))
+        self.maxpool_conv = nn.Sequential(nn.MaxPool2d(2), DoubleConv(in_channels, out_channels, norm=norm))
 
     def forward(self, x):
         return self.maxpool_conv(x)
@@ -39,14 +49,14 @@ class Down(nn.Module):
 class Up(nn.Module):
     """Upsample x (2x2 transposed conv or bilinear), pad it to the skip's size, concatenate, DoubleConv."""
 
-    def __init__(self, in_channels, out_channels, bilinear=False):
+    def __init__(self, in_channels, out_channels, bilinear=False, norm="batch"):
         super().__init__()
         if bilinear:
             self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
-            self.conv = DoubleConv(in_channels, out_channels, in_channels // 2)
+            self.conv = DoubleConv(in_channels, out_channels, in_channels // 2, norm)
         else:
             self.up = nn.ConvTranspose2d(in_channels, in_channels // 2, kernel_size=2, stride=2)
-            self.conv = DoubleConv(in_channels, out_channels)
+            self.conv = DoubleConv(in_channels, out_channels, norm=norm)
 
     def forward(self, x, skip):
         x = self.up(x)
@@ -73,29 +83,30 @@ class UNet(nn.Module):
     Any input of at least 16x16 pixels works; the output has the input's height and width.
     """
 
-    def __init__(self, n_channels=1, n_classes=1, bilinear=False, base=64):
+    def __init__(self, n_channels=1, n_classes=1, bilinear=False, base=64, norm="batch"):
         super().__init__()
         self.n_channels = n_channels
         self.n_classes = n_classes
         self.bilinear = bilinear
         self.base = base
+        self.norm = norm
         c = [base, base * 2, base * 4, base * 8, base * 16]
         factor = 2 if bilinear else 1  # bilinear upsampling keeps channels, so the bottom is halved
-        self.inc = DoubleConv(n_channels, c[0])
-        self.down1 = Down(c[0], c[1])
-        self.down2 = Down(c[1], c[2])
-        self.down3 = Down(c[2], c[3])
-        self.down4 = Down(c[3], c[4] // factor)
-        self.up1 = Up(c[4], c[3] // factor, bilinear)
-        self.up2 = Up(c[3], c[2] // factor, bilinear)
-        self.up3 = Up(c[2], c[1] // factor, bilinear)
-        self.up4 = Up(c[1], c[0], bilinear)
+        self.inc = DoubleConv(n_channels, c[0], norm=norm)
+        self.down1 = Down(c[0], c[1], norm)
+        self.down2 = Down(c[1], c[2], norm)
+        self.down3 = Down(c[2], c[3], norm)
+        self.down4 = Down(c[3], c[4] // factor, norm)
+        self.up1 = Up(c[4], c[3] // factor, bilinear, norm)
+        self.up2 = Up(c[3], c[2] // factor, bilinear, norm)
+        self.up3 = Up(c[2], c[1] // factor, bilinear, norm)
+        self.up4 = Up(c[1], c[0], bilinear, norm)
         self.outc = OutConv(c[0], n_classes)
 
     def config(self):
         """The arguments that rebuild this network; stored in every checkpoint."""
         return dict(n_channels=self.n_channels, n_classes=self.n_classes,
-                    bilinear=self.bilinear, base=self.base)
+                    bilinear=self.bilinear, base=self.base, norm=self.norm)
 
     def forward(self, x):
         if min(x.shape[2], x.shape[3]) < 16:

@@ -26,7 +26,7 @@ from unet import UNet
 from parity_helpers import outputs, trained_a_little
 ours, x, out = sys.argv[1], np.load(sys.argv[2]), sys.argv[3]
 np.save(out + "/theirs_on_our_checkpoint.npy", outputs(build_model(ours, "cpu")[0], x))
-model = trained_a_little(UNet(n_channels=1, n_classes=1, bilinear=True, base=8), seed=1)
+model = trained_a_little(UNet(n_channels=1, n_classes=1, bilinear=True, base=8, norm="instance"), seed=1)
 save_checkpoint(out + "/theirs.npz", model)
 np.save(out + "/theirs.npy", outputs(model, x))
 print(backend.NAME)
@@ -69,5 +69,5 @@ def test_the_same_weights_give_the_same_outputs_on_oneflow_and_pytorch(exchange)
 def test_a_checkpoint_written_by_the_other_framework_loads_here_with_the_same_outputs(exchange):
     from parity_helpers import outputs
     model, meta = build_model(str(exchange["out"] / "theirs.npz"), "cpu")
-    assert meta["backend"] == OTHER and meta["model"]["bilinear"] is True
+    assert meta["backend"] == OTHER and meta["model"]["bilinear"] is True and meta["model"]["norm"] == "instance"
     assert np.abs(outputs(model, exchange["x"]) - np.load(exchange["out"] / "theirs.npy")).max() <= 1e-4

@@ -11,7 +11,7 @@ from plot import read_log
 def test_plot_draws_the_curves_of_a_training_log_into_a_png(dataset, tmp_path):
     train_small(dataset, tmp_path, "--epochs", 3)
     curves = read_log(str(tmp_path / "log.txt"))
-    assert set(curves) == {"train_loss", "val_loss", "val_accuracy", "val_dice"}
+    assert set(curves) == {"train_loss", "val_loss", "val_pixel_error", "val_dice", "val_v_rand"}
     assert all(len(values) == 3 for values in curves.values())
     run_script("plot.py", tmp_path / "log.txt", "--out", tmp_path / "curves.png", cwd=tmp_path)
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

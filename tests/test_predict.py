@@ -47,3 +47,21 @@ def test_pretrained_weights_offline_fail_with_a_clear_message(dataset, tmp_path)
     assert result.returncode != 0
     assert "error: could not download http://127.0.0.1:9/checkpoints.tar.gz" in result.stderr
     assert "needs the internet once" in result.stderr
+
+
+def test_prediction_can_save_probability_maps_overlays_and_a_montage(dataset, tmp_path):
+    train_small(dataset, tmp_path)
+    run_script("predict_unet_test.py", "--checkpoint", tmp_path / "checkpoints" / "best.npz",
+               "--test-data-path", f"{dataset}/train_image", "--save-res-path", tmp_path / "pred",
+               "--save-prob", "--prob-path", tmp_path / "prob", "--prob-bits", 16,
+               "--overlay-path", tmp_path / "overlay", "--label-path", f"{dataset}/train_label", cwd=tmp_path)
+    names = sorted(os.listdir(f"{dataset}/train_image"))
+    assert sorted(os.listdir(tmp_path / "prob")) == names
+    assert sorted(os.listdir(tmp_path / "overlay")) == sorted(names + ["montage.png"])
+    prob = cv2.imread(str(tmp_path / "prob" / "0.png"), cv2.IMREAD_UNCHANGED)
+    mask = cv2.imread(str(tmp_path / "pred" / "0.png"), cv2.IMREAD_UNCHANGED)
+    assert prob.dtype == np.uint16 and np.array_equal(prob > 32767, mask == 255)
+    picture = cv2.imread(str(tmp_path / "overlay" / "0.png"), cv2.IMREAD_UNCHANGED)
+    assert picture.shape == mask.shape + (3,)
+    montage = cv2.imread(str(tmp_path / "overlay" / "montage.png"))
+    assert montage.shape[1] == 4 * 256  # image | truth | prediction | errors

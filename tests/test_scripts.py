@@ -1,4 +1,5 @@
 """train.sh and test.sh honour the variables the README documents."""
+import json
 import os
 import subprocess
 
@@ -22,8 +23,23 @@ def test_train_sh_then_test_sh_train_and_predict_with_the_documented_variables(d
     assert "epochs=2" in out and "batch_size=3" in out and "epoch 2/2 train_loss" in out
     assert sorted(os.listdir(tmp_path / "ck")) == ["best.npz", "last.npz"]
 
+    outputs = {"SAVE_RES_PATH": str(tmp_path / "pred"), "PROB_PATH": str(tmp_path / "prob"),
+               "OVERLAY_PATH": str(tmp_path / "overlay")}
     bash("test.sh", env={"CHECKPOINT": str(tmp_path / "ck" / "best.npz"), "TEST_DATA_PATH": f"{dataset}/test_image",
-                         "SAVE_RES_PATH": str(tmp_path / "pred")})
-    assert sorted(os.listdir(tmp_path / "pred")) == sorted(os.listdir(f"{dataset}/test_image"))
+                         **outputs})
+    for folder in ["pred", "prob", "overlay"]:
+        assert sorted(os.listdir(tmp_path / folder)) == sorted(os.listdir(f"{dataset}/test_image"))
     mask = cv2.imread(str(tmp_path / "pred" / "0.png"), cv2.IMREAD_UNCHANGED)
     assert set(np.unique(mask)) <= {0, 255}
+
+
+def test_test_sh_scores_the_predictions_when_test_labels_are_given(dataset, tmp_path):
+    bash("train.sh", "--base", 4, "--crop", 32, "--checkpoint-dir", tmp_path / "ck", "--log", tmp_path / "log",
+         env={"EPOCHS": "1", "DATA_PATH": f"{dataset}/train_image", "LABEL_PATH": f"{dataset}/train_label"})
+    out = bash("test.sh", env={"CHECKPOINT": str(tmp_path / "ck" / "best.npz"),
+                               "TEST_DATA_PATH": f"{dataset}/train_image", "TEST_LABEL_PATH": f"{dataset}/train_label",
+                               "SAVE_RES_PATH": str(tmp_path / "pred"), "PROB_PATH": str(tmp_path / "prob"),
+                               "OVERLAY_PATH": str(tmp_path / "overlay"), "SCORES_JSON": str(tmp_path / "s.json")})
+    assert "v_rand" in out and out.strip().splitlines()[-1].startswith("mean")
+    assert "montage.png" in os.listdir(tmp_path / "overlay")
+    assert json.load(open(tmp_path / "s.json"))["mean"]["pixel_error"] >= 0

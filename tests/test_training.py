@@ -25,7 +25,8 @@ def test_training_keeps_best_and_last_checkpoints_and_logs_one_line_per_epoch(da
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["best.npz", "last.npz"]
     epoch_lines = [line for line in open(tmp_path / "log.txt") if line.startswith("epoch ")]
     assert len(epoch_lines) == 3
-    assert all(key in epoch_lines[0] for key in ["train_loss", "val_loss", "val_dice", "time"])
+    assert all(key in epoch_lines[0] for key in ["train_loss", "val_loss", "val_pixel_error", "val_dice",
+                                                 "val_v_rand", "time"])
     assert "preset cpu" in result.stdout and "base=4" in result.stdout
     assert load_checkpoint(str(tmp_path / "checkpoints" / "last.npz"))[0]["epoch"] == 3
 
@@ -70,3 +71,26 @@ def test_help_lists_the_flags_with_their_defaults(tmp_path):
     for flag in ["--data-path", "--epochs", "--batch-size", "--lr", "--device", "--seed", "--val-fraction",
                  "--checkpoint-dir", "--resume", "--preset"]:
         assert flag in out
+
+
+def test_the_best_checkpoint_is_the_epoch_with_the_best_chosen_validation_score(dataset, tmp_path):
+    train_small(dataset, tmp_path, "--epochs", 4, "--best-metric", "val_pixel_error")
+    log = [line.split() for line in open(tmp_path / "log.txt") if line.startswith("epoch ")]
+    errors = [float(words[words.index("val_pixel_error") + 1]) for words in log]
+    best = load_checkpoint(str(tmp_path / "checkpoints" / "best.npz"))[0]
+    assert best["best_metric"] == "val_pixel_error" and best["epoch"] == 1 + int(np.argmin(errors))
+    assert best["best"] == pytest.approx(min(errors), abs=1e-4)
+
+
+def test_patience_stops_training_once_the_score_stops_improving(dataset, tmp_path):
+    # A learning rate of 0 never improves on the first epoch, so training stops after 1 + 2 epochs.
+    result = train_small(dataset, tmp_path, "--epochs", 10, "--lr", 0, "--patience", 2, "--best-metric", "val_loss")
+    assert "early stop: val_loss has not improved for 2 epochs" in result.stdout
+    assert load_checkpoint(str(tmp_path / "checkpoints" / "last.npz"))[0]["epoch"] == 3
+
+
+def test_an_explicit_validation_folder_is_used_instead_of_holding_out(dataset, tmp_path):
+    other = write_dataset(tmp_path / "val", n_train=3, n_test=0, seed=5)
+    result = train_small(dataset, tmp_path, "--val-image-path", f"{other}/train_image",
+                         "--val-label-path", f"{other}/train_label")
+    assert "4 training pairs" in result.stdout and "3 for validation" in result.stdout

@@ -6,10 +6,10 @@ from backend import nn
 from unet import UNet
 
 
-@pytest.mark.parametrize("bilinear", [False, True])
+@pytest.mark.parametrize("bilinear,norm", [(False, "batch"), (True, "batch"), (False, "instance")])
 @pytest.mark.parametrize("height,width", [(16, 16), (37, 53), (64, 48), (100, 17)])
-def test_output_has_the_input_size_for_any_height_and_width(bilinear, height, width):
-    model = UNet(n_channels=1, n_classes=2, bilinear=bilinear, base=4).eval()
+def test_output_has_the_input_size_for_any_height_and_width(bilinear, norm, height, width):
+    model = UNet(n_channels=1, n_classes=2, bilinear=bilinear, base=4, norm=norm).eval()
     with backend.flow.no_grad():
         out = model(backend.to_tensor(np.zeros((2, 1, height, width))))
     assert tuple(out.shape) == (2, 2, height, width)
@@ -35,3 +35,14 @@ def test_the_network_has_the_papers_23_convolutional_layers():
 def test_an_input_smaller_than_16_pixels_is_refused_clearly():
     with pytest.raises(ValueError, match="at least 16x16"):
         UNet(base=4)(backend.to_tensor(np.zeros((1, 1, 8, 32))))
+
+
+def test_instance_norm_normalizes_each_image_by_itself_and_keeps_no_running_statistics():
+    model = UNet(base=4, norm="instance").eval()
+    assert not any("running" in name for name in model.state_dict())
+    rng = np.random.default_rng(0)
+    image = rng.random((1, 1, 32, 32))
+    with backend.flow.no_grad():
+        alone = backend.to_numpy(model(backend.to_tensor(image)))
+        in_batch = backend.to_numpy(model(backend.to_tensor(np.concatenate([image, 5 * rng.random((1, 1, 32, 32))]))))
+    np.testing.assert_allclose(in_batch[:1], alone, atol=1e-5)

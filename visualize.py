@@ -1,0 +1,43 @@
+"""Pictures for a person to check predictions: overlays and a montage (image | truth | prediction | errors)."""
+import cv2
+import numpy as np
+
+MEMBRANE = (255, 200, 0)     # BGR: predicted membranes, tinted cyan-blue
+MISSED = (0, 0, 255)         # red: a true membrane predicted as cell (can merge cells)
+SPURIOUS = (0, 200, 255)     # orange: a cell pixel predicted as membrane (can split cells)
+
+
+def _bgr(image):
+    gray = np.clip(np.asarray(image, np.float32) * 255, 0, 255).astype(np.uint8)
+    return cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
+
+
+def _tint(bgr, where, colour, alpha=0.55):
+    out = bgr.copy()
+    out[where] = (alpha * np.array(colour) + (1 - alpha) * out[where]).astype(np.uint8)
+    return out
+
+
+def overlay(image, pred, truth=None):
+    """The [0, 1] image with predicted membranes tinted and, given `truth`, the errors marked."""
+    pred = np.asarray(pred, bool)
+    picture = _tint(_bgr(image), ~pred, MEMBRANE)
+    return picture if truth is None else _mark_errors(picture, pred, truth)
+
+
+def _mark_errors(picture, pred, truth):
+    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
+    return _tint(_tint(picture, pred & ~truth, MISSED, 0.8), ~pred & truth, SPURIOUS, 0.8)
+
+
+def montage(rows, tile=256):
+    """One picture: a row (image | truth | prediction | errors) per (image, pred, truth) triple."""
+    lines = []
+    for image, pred, truth in rows:
+        tiles = [_bgr(image), _bgr(truth), _bgr(pred), _mark_errors(_bgr(image), pred, truth)]
+        scale = tile / max(image.shape)
+        size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+        lines.append(np.hstack([cv2.resize(t, size, interpolation=cv2.INTER_AREA) for t in tiles]))
+    width = max(line.shape[1] for line in lines)
+    return np.vstack([np.pad(line, ((0, 4), (0, width - line.shape[1]), (0, 0)), constant_values=255)
+                      for line in lines])
