@@ -156,7 +156,7 @@ def train(args):
             raise CheckpointError(f"{last_path}: model {meta['model']} differs from the flags' {model.config()}")
         load_weights(model, weights, last_path)
         restore_optimizer(optimizer, meta, arrays, last_path)
-        start_epoch, best, stale = meta["epoch"], meta["best"], meta["stale_epochs"]
+        start_epoch, best, stale = meta["epoch"], meta["best"], meta.get("stale_epochs", 0)
         rng.bit_generator.state = meta["rng"]
         print(f"resumed from {last_path} after epoch {start_epoch}")
 

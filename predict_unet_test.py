@@ -42,19 +42,71 @@ def parse_args(argv=None):
     p.add_argument("--prob-bits", type=int, choices=[8, 16], default=16, help="PNG depth of probability maps")
     p.add_argument("--overlay-path", help="also write each image with its predicted membranes tinted here")
     p.add_argument("--label-path", help="labels of the test images: errors marked in overlays, plus montage.png")
+    p.add_argument("--tile", type=int, default=1024,
+                   help="predict larger images in overlapping tiles of this size, blended (0: whole image)")
+    p.add_argument("--overlap", type=int, default=128, help="overlap of neighbouring tiles, in pixels")
+    p.add_argument("--tta", action="store_true", help="average the 8 flips/90-degree rotations of each image")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda ...")
     return p.parse_args(argv)
 
 
-def predict_probability(model, image, device, input_scale=1.0):
-    """Cell probability (H x W float32) for a [0, 1] grayscale image."""
+def _forward(model, image, device, input_scale):
     with flow.no_grad():
         logits = model(backend.to_tensor(image[None, None] * input_scale, device))
         return backend.to_numpy(flow.sigmoid(logits))[0, 0]
 
 
+def _tile_starts(length, tile, stride):
+    return list(range(0, length - tile, stride)) + [length - tile]
+
+
+def _blend_window(height, width, overlap):
+    """Tile weights: 1 inside, falling linearly towards the edges over `overlap` pixels."""
+    def ramp(n):
+        k = min(overlap, n // 2)
+        r = np.ones(n, np.float32)
+        if k:
+            r[:k] = (np.arange(k) + 1) / (k + 1)
+            r[n - k:] = r[:k][::-1]
+        return r
+    return np.outer(ramp(height), ramp(width))
+
+
+def predict_tiled(model, image, device, input_scale=1.0, tile=1024, overlap=128):
+    """Cell probability of an image of any size, `tile` x `tile` pieces at a time (0: whole image).
+
+    Overlapping tiles are blended with weights that fade out at their edges, so seams do not show
+    and memory stays bounded by the tile size."""
+    height, width = image.shape
+    if tile <= 0 or (height <= tile and width <= tile):
+        return _forward(model, image, device, input_scale)
+    th, tw = min(tile, height), min(tile, width)
+    window = _blend_window(th, tw, overlap)
+    total = np.zeros(image.shape, np.float32)
+    weight = np.zeros(image.shape, np.float32)
+    for y in _tile_starts(height, th, tile - overlap):
+        for x in _tile_starts(width, tw, tile - overlap):
+            total[y:y + th, x:x + tw] += window * _forward(model, image[y:y + th, x:x + tw], device, input_scale)
+            weight[y:y + th, x:x + tw] += window
+    return total / weight
+
+
+def predict_probability(model, image, device, input_scale=1.0, tile=1024, overlap=128, tta=False):
+    """Cell probability (H x W float32) of a [0, 1] grayscale image; with `tta` the mean over its
+    8 flips and 90-degree rotations, each mapped back."""
+    if not tta:
+        return predict_tiled(model, image, device, input_scale, tile, overlap)
+    total = np.zeros(image.shape, np.float32)
+    for k in range(4):
+        for flip in (False, True):
+            view = np.rot90(image, k)[:, ::-1] if flip else np.rot90(image, k)
+            prob = predict_tiled(model, np.ascontiguousarray(view), device, input_scale, tile, overlap)
+            total += np.rot90(prob[:, ::-1] if flip else prob, -k)
+    return total / 8
+
+
 def predict_folder(checkpoint, image_dir, out_dir, threshold=0.5, device="cpu", prob_dir=None, prob_bits=16,
-                   overlay_dir=None, label_dir=None):
+                   overlay_dir=None, label_dir=None, tile=1024, overlap=128, tta=False):
     """Write `out_dir/<name>.png` masks (0/255) for every image, and the optional pictures and maps.
 
     Returns the written mask paths."""
@@ -64,7 +116,7 @@ def predict_folder(checkpoint, image_dir, out_dir, threshold=0.5, device="cpu", 
     for path in list_images(image_dir):
         name = os.path.splitext(os.path.basename(path))[0] + ".png"
         image = read_image(path)
-        prob = predict_probability(model, image, device, meta.get("input_scale", 1.0))
+        prob = predict_probability(model, image, device, meta.get("input_scale", 1.0), tile, overlap, tta)
         pred = prob > threshold
         write_png(os.path.join(out_dir, name), np.where(pred, 255, 0).astype(np.uint8))
         if prob_dir:
@@ -84,6 +136,8 @@ def predict_folder(checkpoint, image_dir, out_dir, threshold=0.5, device="cpu", 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.tile and not 0 <= args.overlap < args.tile:
+        sys.exit(f"error: --overlap must be at least 0 and smaller than --tile ({args.tile})")
     try:
         if args.pretrained:
             from fetch_data import fetch_pretrained
@@ -92,7 +146,7 @@ def main(argv=None):
         print(f"predicting with {args.checkpoint} on {backend.NAME}/{device}")
         written = predict_folder(args.checkpoint, args.test_data_path, args.save_res_path, args.threshold, device,
                                  args.prob_path if args.save_prob else None, args.prob_bits,
-                                 args.overlay_path, args.label_path)
+                                 args.overlay_path, args.label_path, args.tile, args.overlap, args.tta)
     except (DataError, CheckpointError, OSError) as err:
         sys.exit(f"error: {err}")
     print(f"{len(written)} masks written to {args.save_res_path}")

@@ -2,8 +2,19 @@ import os
 
 import cv2
 import numpy as np
+import pytest
 
+import backend
+import predict_unet_test
 from conftest import run_script, train_small
+from predict_unet_test import predict_probability
+from unet import UNet
+
+
+@pytest.fixture(scope="module")
+def model():
+    backend.seed_everything(0)
+    return UNet(base=4, norm="batch").eval()
 
 
 def test_prediction_writes_one_binary_mask_per_input_named_after_it(dataset, tmp_path):
@@ -65,3 +76,31 @@ def test_prediction_can_save_probability_maps_overlays_and_a_montage(dataset, tm
     assert picture.shape == mask.shape + (3,)
     montage = cv2.imread(str(tmp_path / "overlay" / "montage.png"))
     assert montage.shape[1] == 4 * 256  # image | truth | prediction | errors
+
+
+def test_a_large_image_is_predicted_in_bounded_tiles_that_blend_into_the_whole_image_result(model, monkeypatch):
+    image = np.random.default_rng(0).random((300, 220)).astype(np.float32)
+    whole = predict_probability(model, image, "cpu", tile=0)
+    shapes = []
+    forward = predict_unet_test._forward
+    monkeypatch.setattr(predict_unet_test, "_forward", lambda m, im, *a: shapes.append(im.shape) or forward(m, im, *a))
+    tiled = predict_probability(model, image, "cpu", tile=128, overlap=48)
+    assert max(max(s) for s in shapes) == 128 and len(shapes) == 4 * 3
+    assert tiled.shape == whole.shape and np.isfinite(tiled).all()
+    assert np.abs(tiled - whole).mean() < 0.01
+
+
+def test_an_image_within_one_tile_is_predicted_whole(model):
+    image = np.random.default_rng(1).random((64, 80)).astype(np.float32)
+    np.testing.assert_array_equal(predict_probability(model, image, "cpu", tile=128),
+                                  predict_probability(model, image, "cpu", tile=0))
+
+
+def test_test_time_augmentation_makes_the_prediction_follow_flips_and_rotations_of_the_input(model):
+    image = np.random.default_rng(2).random((48, 48)).astype(np.float32)
+    prob = predict_probability(model, image, "cpu", tta=True)
+    np.testing.assert_allclose(predict_probability(model, image[:, ::-1].copy(), "cpu", tta=True), prob[:, ::-1],
+                               atol=1e-5)
+    np.testing.assert_allclose(predict_probability(model, np.rot90(image).copy(), "cpu", tta=True), np.rot90(prob),
+                               atol=1e-5)
+    assert not np.allclose(predict_probability(model, image, "cpu"), prob, atol=1e-5)
