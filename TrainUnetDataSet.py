@@ -20,10 +20,12 @@ from tqdm import tqdm
 import backend
 from backend import F, flow
 from checkpoint import CheckpointError, load_checkpoint, load_weights, restore_optimizer, save_checkpoint
+from augment import DEFAULT_PROBABILITIES
 from dataloader import DataError, SegmentationDataset, batches
 from log import Logger
 from metrics import isbi_scores, pixel_scores
 from unet import UNet
+from weightmap import weight_map
 
 # Chosen for the machine the run is on. CPU: a base-16 net on 256x256 crops, one per step, so a
 # OneFlow run finishes in about 25 minutes on 2 cores (PyTorch: 5); with batches of one crop,
@@ -52,7 +54,10 @@ def parse_args(argv=None):
                    help="defaults for the flags below: auto = gpu on CUDA, else cpu; %s" % PRESETS)
     p.add_argument("--epochs", type=int, help="passes over the training images")
     p.add_argument("--batch-size", "--batch_size", type=int, help="images per step")
-    p.add_argument("--lr", type=float, help="Adam learning rate at the start")
+    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
+                   help="Adam, or the paper's SGD with high momentum")
+    p.add_argument("--momentum", type=float, default=0.99, help="SGD momentum (the paper's 0.99)")
+    p.add_argument("--lr", type=float, help="learning rate at the start")
     p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
                    help="learning rate over the epochs: cosine decay to lr/100, or constant")
     p.add_argument("--base", type=int, help="channels of the first level (64 = the paper's U-Net)")
@@ -60,6 +65,13 @@ def parse_args(argv=None):
     p.add_argument("--bilinear", action="store_true", help="bilinear upsampling instead of transposed convs")
     p.add_argument("--norm", choices=["batch", "instance"], help="normalization layers of the U-Net")
     p.add_argument("--dice-weight", type=float, default=0.0, help="weight of a soft-Dice term added to BCE")
+    p.add_argument("--weight-map", action="store_true",
+                   help="weight the loss per pixel as the U-Net paper does (weightmap.py), to separate cells")
+    p.add_argument("--w0", type=float, default=10.0, help="weight-map border weight")
+    p.add_argument("--sigma", type=float, default=5.0, help="weight-map border width, pixels")
+    for name, probability in DEFAULT_PROBABILITIES.items():
+        p.add_argument(f"--aug-{name}", type=float, default=probability,
+                       help=f"probability of the {name} augmentation (augment.py)")
     p.add_argument("--best-metric", default="val_v_rand",
                    choices=["val_v_rand", "val_dice", "val_pixel_error", "val_loss"],
                    help="validation score that picks best.npz (train_loss when there is no validation set)")
@@ -82,20 +94,27 @@ def apply_preset(args, device):
     print(f"preset {name} ({backend.NAME} on {device}): {shown}")
 
 
+def augment_probabilities(args):
+    return {name: getattr(args, f"aug_{name}") for name in DEFAULT_PROBABILITIES}
+
+
 def split_data(args, rng):
     """(train, val) datasets; val is None when there is nothing to validate on."""
-    data = SegmentationDataset.from_folders(args.data_path, args.label_path, crop=args.crop or None)
+    data = SegmentationDataset.from_folders(args.data_path, args.label_path, crop=args.crop or None,
+                                            augment=augment_probabilities(args))
     if args.val_image_path:
-        val = SegmentationDataset.from_folders(args.val_image_path, args.val_label_path or args.label_path,
-                                               augment=False)
-        return data, val
-    n_val = min(len(data) - 1, max(1, round(len(data) * args.val_fraction))) if args.val_fraction > 0 else 0
-    if n_val <= 0:
-        return data, None
-    order = rng.permutation(len(data))
-    val = data.subset(sorted(order[:n_val]))
-    val.crop, val.augment = None, False
-    return data.subset(sorted(order[n_val:])), val
+        val = SegmentationDataset.from_folders(args.val_image_path, args.val_label_path or args.label_path)
+        train = data
+    else:
+        n_val = min(len(data) - 1, max(1, round(len(data) * args.val_fraction))) if args.val_fraction > 0 else 0
+        order = rng.permutation(len(data))
+        val = data.subset(sorted(order[:n_val])) if n_val > 0 else None
+        if val is not None:
+            val.crop, val.augment = None, None
+        train = data.subset(sorted(order[n_val:]))
+    if args.weight_map:
+        train.weights = [weight_map(label, args.w0, args.sigma) for label in train.labels]
+    return train, val
 
 
 def learning_rate(epoch, args):
@@ -105,8 +124,8 @@ def learning_rate(epoch, args):
     return args.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def loss_fn(logits, target, dice_weight):
-    loss = F.binary_cross_entropy_with_logits(logits, target)
+def loss_fn(logits, target, dice_weight, weights=None):
+    loss = F.binary_cross_entropy_with_logits(logits, target, weight=weights)
     if dice_weight:
         prob = flow.sigmoid(logits)
         soft_dice = (2 * (prob * target).sum() + 1) / (prob.sum() + target.sum() + 1)
@@ -145,7 +164,10 @@ def train(args):
           f"{len(val_set) if val_set else 0} for validation")
 
     model = UNet(n_channels=1, n_classes=1, bilinear=args.bilinear, base=args.base, norm=args.norm).to(device)
-    optimizer = flow.optim.Adam(model.parameters(), lr=args.lr)
+    if args.optimizer == "sgd":
+        optimizer = flow.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+    else:
+        optimizer = flow.optim.Adam(model.parameters(), lr=args.lr)
     last_path = os.path.join(args.checkpoint_dir, "last.npz")
     best_path = os.path.join(args.checkpoint_dir, "best.npz")
     metric = args.best_metric if val_set is not None else "train_loss"
@@ -167,10 +189,10 @@ def train(args):
         model.train()
         losses = []
         steps = math.ceil(len(train_set) / args.batch_size)
-        for images, labels in tqdm(batches(train_set, args.batch_size, rng), total=steps, leave=False,
-                                   desc=f"epoch {epoch + 1}/{args.epochs}", file=sys.stderr):
+        for images, labels, weights in tqdm(batches(train_set, args.batch_size, rng), total=steps, leave=False,
+                                            desc=f"epoch {epoch + 1}/{args.epochs}", file=sys.stderr):
             loss = loss_fn(model(backend.to_tensor(images, device)), backend.to_tensor(labels, device),
-                           args.dice_weight)
+                           args.dice_weight, None if weights is None else backend.to_tensor(weights, device))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

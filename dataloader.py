@@ -10,6 +10,8 @@ import tempfile
 import cv2
 import numpy as np
 
+from augment import augment as augment_sample
+
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 
 
@@ -121,30 +123,22 @@ def load_pairs(pairs):
     return images, labels
 
 
-def random_flip_rotate(image, label, rng):
-    """One of the 8 flips/90-degree rotations, the same for image and label."""
-    k = int(rng.integers(4))
-    flip = bool(rng.integers(2))
-    image, label = np.rot90(image, k), np.rot90(label, k)
-    if flip:
-        image, label = image[:, ::-1], label[:, ::-1]
-    return image, label
-
-
-def random_crop(image, label, size, rng):
-    """A random `size`x`size` window (the whole image where it is smaller)."""
-    h, w = image.shape
+def random_crop(arrays, size, rng):
+    """The same random `size`x`size` window of each array (the whole array where it is smaller)."""
+    h, w = arrays[0].shape
     ch, cw = min(size, h), min(size, w)
     y = int(rng.integers(h - ch + 1))
     x = int(rng.integers(w - cw + 1))
-    return image[y:y + ch, x:x + cw], label[y:y + ch, x:x + cw]
+    return tuple(None if a is None else a[y:y + ch, x:x + cw] for a in arrays)
 
 
 class SegmentationDataset:
-    """Images and labels held in memory; `sample(i, rng)` gives an augmented (image, label)."""
+    """Images, labels and optional loss weights held in memory; `sample(i, rng)` augments one.
 
-    def __init__(self, images, labels, crop=None, augment=True):
-        self.images, self.labels = images, labels
+    `augment` maps augmentation names to probabilities (see augment.py); None: no augmentation."""
+
+    def __init__(self, images, labels, crop=None, augment=None, weights=None):
+        self.images, self.labels, self.weights = images, labels, weights
         self.crop, self.augment = crop, augment
 
     @classmethod
@@ -155,22 +149,21 @@ class SegmentationDataset:
         return len(self.images)
 
     def sample(self, index, rng):
-        image, label = self.images[index], self.labels[index]
+        """(image, label, weights or None) of pair `index`, cropped and augmented."""
+        arrays = (self.images[index], self.labels[index], None if self.weights is None else self.weights[index])
         if self.crop:
-            image, label = random_crop(image, label, self.crop, rng)
+            arrays = random_crop(arrays, self.crop, rng)
         if self.augment:
-            image, label = random_flip_rotate(image, label, rng)
-        return np.ascontiguousarray(image), np.ascontiguousarray(label)
+            arrays = augment_sample(*arrays, rng, self.augment)
+        return tuple(None if a is None else np.ascontiguousarray(a) for a in arrays)
 
     def subset(self, indices):
-        return SegmentationDataset([self.images[i] for i in indices],
-                                   [self.labels[i] for i in indices], self.crop, self.augment)
+        pick = lambda items: None if items is None else [items[i] for i in indices]  # noqa: E731
+        return SegmentationDataset(pick(self.images), pick(self.labels), self.crop, self.augment, pick(self.weights))
 
 
 def batches(dataset, batch_size, rng, shuffle=True):
-    """Yield (images, labels) as float32 N x 1 x H x W arrays for one epoch.
-
-    """
+    """Yield (images, labels, weights or None) as float32 N x 1 x H x W arrays for one epoch."""
     order = rng.permutation(len(dataset)) if shuffle else np.arange(len(dataset))
     for start in range(0, len(order), batch_size):
         samples = [dataset.sample(i, rng) for i in order[start:start + batch_size]]
@@ -178,9 +171,9 @@ def batches(dataset, batch_size, rng, shuffle=True):
         if len(sizes) > 1:
             raise DataError(f"images of different sizes ({sizes[0][1]}x{sizes[0][0]} and {sizes[-1][1]}x"
                             f"{sizes[-1][0]}) cannot share a batch: train with --crop or --batch-size 1")
-        images = np.stack([s[0] for s in samples])[:, None].astype(np.float32)
-        labels = np.stack([s[1] for s in samples])[:, None].astype(np.float32)
-        yield images, labels
+        stacked = [None if samples[0][k] is None else np.stack([s[k] for s in samples])[:, None].astype(np.float32)
+                   for k in range(3)]
+        yield tuple(stacked)
 
 
 if __name__ == "__main__":

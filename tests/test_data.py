@@ -4,8 +4,9 @@ import cv2
 import numpy as np
 import pytest
 
-from dataloader import (DataError, SegmentationDataset, batches, list_images, load_pairs, pair_by_name,
-                        random_flip_rotate, read_image, read_label)
+from augment import flip_rotate
+from dataloader import (DataError, SegmentationDataset, batches, list_images, load_pairs, pair_by_name, read_image,
+                        read_label)
 
 
 def write(path, array):
@@ -89,7 +90,7 @@ def test_augmentation_moves_image_and_label_identically_and_covers_all_8_orienta
     label = (image > 0.5).astype(np.uint8)
     seen = set()
     for _ in range(200):
-        aug_image, aug_label = random_flip_rotate(image, label, rng)
+        aug_image, aug_label, _ = flip_rotate((image, label, None), rng)
         np.testing.assert_array_equal(aug_label, (aug_image > 0.5).astype(np.uint8))
         seen.add(aug_image.tobytes())
     assert len(seen) == 8
@@ -99,8 +100,8 @@ def test_batches_are_float_n_1_h_w_crops_with_binary_labels():
     rng = np.random.default_rng(0)
     images = [rng.random((40, 50)).astype(np.float32) for _ in range(5)]
     labels = [(im > 0.5).astype(np.uint8) for im in images]
-    data = SegmentationDataset(images, labels, crop=32)
-    shapes = [(x.shape, y.shape, x.dtype, set(np.unique(y))) for x, y in batches(data, 2, rng)]
+    data = SegmentationDataset(images, labels, crop=32, augment={"flip": 1.0})
+    shapes = [(x.shape, y.shape, x.dtype, set(np.unique(y))) for x, y, _ in batches(data, 2, rng)]
     assert [s[0] for s in shapes] == [(2, 1, 32, 32), (2, 1, 32, 32), (1, 1, 32, 32)]
     assert all(s[2] == np.float32 and s[3] <= {0.0, 1.0} for s in shapes)
 
@@ -108,6 +109,6 @@ def test_batches_are_float_n_1_h_w_crops_with_binary_labels():
 def test_images_of_different_sizes_in_one_batch_stop_with_a_hint_to_crop():
     rng = np.random.default_rng(0)
     images = [np.zeros((32, 32), np.float32), np.zeros((40, 32), np.float32)]
-    data = SegmentationDataset(images, [im.astype(np.uint8) for im in images], augment=False)
+    data = SegmentationDataset(images, [im.astype(np.uint8) for im in images])
     with pytest.raises(DataError, match="cannot share a batch: train with --crop"):
         list(batches(data, 2, rng))

@@ -94,3 +94,16 @@ def test_an_explicit_validation_folder_is_used_instead_of_holding_out(dataset, t
     result = train_small(dataset, tmp_path, "--val-image-path", f"{other}/train_image",
                          "--val-label-path", f"{other}/train_label")
     assert "4 training pairs" in result.stdout and "3 for validation" in result.stdout
+
+
+def test_the_papers_sgd_with_momentum_trains_and_resumes(dataset, tmp_path):
+    train_small(dataset, tmp_path, "--optimizer", "sgd", "--lr", 0.01, "--epochs", 1)
+    result = train_small(dataset, tmp_path, "--optimizer", "sgd", "--lr", 0.01, "--epochs", 2, "--resume")
+    assert "resumed from" in result.stdout and "epoch 2/2 train_loss" in result.stdout
+
+
+def test_weight_map_and_augmentations_train_end_to_end(dataset, tmp_path):
+    result = train_small(dataset, tmp_path, "--weight-map", "--aug-elastic", 1, "--aug-affine", 1,
+                         "--aug-intensity", 1, "--aug-noise", 1, "--aug-blur", 1, "--epochs", 1)
+    assert "epoch 1/1 train_loss" in result.stdout
+    assert load_checkpoint(str(tmp_path / "checkpoints" / "last.npz"))[0]["args"]["weight_map"] is True

@@ -1,0 +1,123 @@
+"""Data augmentation: image, label and loss weights transformed together; labels stay binary.
+
+    python augment.py train_image/0.png train_label/0.png --out augmented.png   # a montage to check
+
+Each augmentation happens with its own probability (TrainUnetDataSet.py's --aug-* flags):
+  flip       one of the 8 flips / 90-degree rotations
+  affine     rotation (+-15 deg), scale (+-5%), shear (+-0.05), shift (+-5%) (the Keras seed's ranges)
+  elastic    the U-Net paper's: displacements on a coarse 3x3 grid, Gaussian with sigma 10 px,
+             interpolated bicubically to every pixel
+  intensity  brightness (+-0.1), contrast (x0.8-1.2), gamma (0.7-1.4)
+  noise      Gaussian, sigma up to 0.05
+  blur       Gaussian, sigma 0.5-1.5 px
+"""
+import argparse
+
+import cv2
+import numpy as np
+
+DEFAULT_PROBABILITIES = dict(flip=1.0, affine=0.0, elastic=0.0, intensity=0.0, noise=0.0, blur=0.0)
+
+
+def _remap(array, map_x, map_y, nearest=False):
+    return cv2.remap(array, map_x, map_y, cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR,
+                     borderMode=cv2.BORDER_REFLECT_101)
+
+
+def _warp(arrays, map_x, map_y):
+    """Apply one geometric mapping to (image, label, weights): labels by nearest neighbour."""
+    image, label, weights = arrays
+    return (_remap(image, map_x, map_y), _remap(label, map_x, map_y, nearest=True),
+            None if weights is None else _remap(weights, map_x, map_y))
+
+
+def _grid(shape):
+    ys, xs = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float32)
+    return xs, ys
+
+
+def affine_maps(shape, rng):
+    h, w = shape
+    angle = np.deg2rad(rng.uniform(-15, 15))
+    scale = rng.uniform(0.95, 1.05)
+    shear = rng.uniform(-0.05, 0.05)
+    shift = rng.uniform(-0.05, 0.05, 2) * (w, h)
+    cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
+    inverse = np.array([[cos, -sin + shear], [sin, cos]], np.float32)  # output pixel -> input pixel
+    xs, ys = _grid(shape)
+    cx, cy = (w - 1) / 2, (h - 1) / 2
+    map_x = inverse[0, 0] * (xs - cx) + inverse[0, 1] * (ys - cy) + cx - shift[0]
+    map_y = inverse[1, 0] * (xs - cx) + inverse[1, 1] * (ys - cy) + cy - shift[1]
+    return map_x.astype(np.float32), map_y.astype(np.float32)
+
+
+def elastic_maps(shape, rng, sigma=10.0, grid=3):
+    h, w = shape
+    xs, ys = _grid(shape)
+    dx = cv2.resize(rng.normal(0, sigma, (grid, grid)).astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
+    dy = cv2.resize(rng.normal(0, sigma, (grid, grid)).astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
+    return xs + dx, ys + dy
+
+
+def flip_rotate(arrays, rng):
+    k, flip = int(rng.integers(4)), bool(rng.integers(2))
+    out = []
+    for a in arrays:
+        if a is not None:
+            a = np.rot90(a, k)
+            a = np.ascontiguousarray(a[:, ::-1] if flip else a)
+        out.append(a)
+    return tuple(out)
+
+
+def adjust_intensity(image, rng):
+    gamma = np.exp(rng.uniform(np.log(0.7), np.log(1.4)))
+    image = np.clip(image, 0, 1) ** gamma
+    mean = image.mean()
+    return (image - mean) * rng.uniform(0.8, 1.2) + mean + rng.uniform(-0.1, 0.1)
+
+
+def augment(image, label, weights, rng, probabilities):
+    """(image, label, weights) after the augmentations drawn with `probabilities` (name -> p)."""
+    p = {**DEFAULT_PROBABILITIES, **probabilities}
+    arrays = (image.astype(np.float32), label.astype(np.uint8), weights)
+    if rng.random() < p["flip"]:
+        arrays = flip_rotate(arrays, rng)
+    if rng.random() < p["affine"]:
+        arrays = _warp(arrays, *affine_maps(image.shape, rng))
+    if rng.random() < p["elastic"]:
+        arrays = _warp(arrays, *elastic_maps(image.shape, rng))
+    image, label, weights = arrays
+    if rng.random() < p["intensity"]:
+        image = adjust_intensity(image, rng)
+    if rng.random() < p["noise"]:
+        image = image + rng.normal(0, rng.uniform(0, 0.05), image.shape).astype(np.float32)
+    if rng.random() < p["blur"]:
+        image = cv2.GaussianBlur(image, (0, 0), rng.uniform(0.5, 1.5))
+    return np.clip(image, 0, 1).astype(np.float32), label, weights
+
+
+def main(argv=None):
+    from dataloader import read_image, read_label, write_png
+    from visualize import overlay
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("image")
+    p.add_argument("label")
+    p.add_argument("--out", default="augmented.png", help="montage to write")
+    p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    image, label = read_image(args.image), read_label(args.label)
+    rng = np.random.default_rng(args.seed)
+    every = {name: 1.0 for name in DEFAULT_PROBABILITIES}
+    tiles = [overlay(*augment(image, label, None, rng, every)[:2]) for _ in range(args.samples)]
+    tiles = [cv2.resize(t, (256, 256), interpolation=cv2.INTER_AREA) for t in [overlay(image, label)] + tiles]
+    while len(tiles) % 3:
+        tiles.append(np.full_like(tiles[0], 255))
+    rows = [np.hstack(tiles[i:i + 3]) for i in range(0, len(tiles), 3)]
+    write_png(args.out, np.vstack(rows))
+    print(f"wrote {args.out}: the original (top left) and {args.samples} augmented samples, labels' membranes tinted")
+
+
+if __name__ == "__main__":
+    main()

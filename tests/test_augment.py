@@ -1,0 +1,85 @@
+import os
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from augment import DEFAULT_PROBABILITIES, augment
+from conftest import run_script
+from metrics import cells
+from weightmap import class_balance, weight_map
+
+GEOMETRIC = dict(flip=1.0, affine=1.0, elastic=1.0)
+
+
+def blobs(size=64, seed=0):
+    rng = np.random.default_rng(seed)
+    label = np.zeros((size, size), np.uint8)
+    for y, x in rng.integers(8, size - 8, (6, 2)):
+        label[y - 6:y + 6, x - 6:x + 6] = 1
+    return label
+
+
+def test_geometric_augmentations_move_image_label_and_weights_together_and_keep_labels_binary():
+    rng = np.random.default_rng(0)
+    label = blobs()
+    for _ in range(10):
+        image, aug_label, weights = augment(label.astype(np.float32), label, 2.0 * label.astype(np.float32), rng,
+                                            GEOMETRIC)
+        assert set(np.unique(aug_label)) <= {0, 1}
+        assert np.mean((image > 0.5) == (aug_label == 1)) > 0.97
+        assert np.mean((weights > 1.0) == (aug_label == 1)) > 0.97
+
+
+def test_with_every_probability_at_zero_nothing_changes():
+    rng = np.random.default_rng(0)
+    image = rng.random((32, 32)).astype(np.float32)
+    label = blobs(32)
+    out = augment(image, label, None, rng, {name: 0.0 for name in DEFAULT_PROBABILITIES})
+    np.testing.assert_array_equal(out[0], image)
+    np.testing.assert_array_equal(out[1], label)
+    assert out[2] is None
+
+
+def test_intensity_noise_and_blur_change_the_image_only():
+    rng = np.random.default_rng(0)
+    image = rng.random((32, 32)).astype(np.float32)
+    label = blobs(32)
+    out = augment(image, label, None, rng, dict(flip=0.0, intensity=1.0, noise=1.0, blur=1.0))
+    assert not np.allclose(out[0], image) and out[0].min() >= 0 and out[0].max() <= 1
+    np.testing.assert_array_equal(out[1], label)
+
+
+def test_the_montage_command_writes_a_picture_to_check(tmp_path, dataset):
+    run_script("augment.py", f"{dataset}/train_image/0.png", f"{dataset}/train_label/0.png", "--out",
+               tmp_path / "aug.png", "--samples", 5, cwd=tmp_path)
+    assert os.path.getsize(tmp_path / "aug.png") > 1000
+
+
+def test_class_balance_gives_both_classes_the_same_total_weight():
+    label = blobs()
+    w = class_balance(label)
+    assert w[label == 1].sum() == pytest.approx(w[label == 0].sum()) and w.mean() == pytest.approx(1.0)
+
+
+def test_a_one_pixel_membrane_between_two_cells_gets_the_papers_border_weight():
+    label = np.ones((20, 21), np.uint8)
+    label[:, 10] = 0  # d1 = d2 = 1 on the membrane
+    w = weight_map(label, w0=10, sigma=5)
+    assert w[5, 10] == pytest.approx(class_balance(label)[5, 10] + 10 * np.exp(-(1 + 1) ** 2 / (2 * 25)))
+    assert w[5, 3] == pytest.approx(class_balance(label)[5, 3])  # inside a cell: class weight only
+
+
+def test_a_membrane_next_to_a_single_cell_gets_no_border_weight():
+    label = np.zeros((20, 20), np.uint8)
+    label[5:15, 5:15] = 1
+    np.testing.assert_allclose(weight_map(label), class_balance(label))
+
+
+def test_the_weight_map_equals_one_distance_map_per_cell_computed_the_slow_way():
+    label = blobs(64, seed=3)
+    ids = cells(label)
+    distances = np.sort(np.stack([ndimage.distance_transform_edt(ids != i) for i in range(1, ids.max() + 1)]), 0)
+    border = 10 * np.exp(-((distances[0] + distances[1]) ** 2) / (2 * 25))
+    expected = class_balance(label) + np.where(label > 0, 0, border)
+    np.testing.assert_allclose(weight_map(label), expected, atol=1e-6)
