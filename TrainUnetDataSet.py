@@ -24,7 +24,8 @@ from augment import DEFAULT_PROBABILITIES
 from dataloader import DataError, SegmentationDataset, batches
 from log import Logger
 from metrics import isbi_scores, pixel_scores
-from unet import UNet
+from predict_unet_test import predict_probability
+from unet import VALID_MARGIN, UNet, center_crop, valid_input_size
 from weightmap import weight_map
 
 # Chosen for the machine the run is on. CPU: a base-16 net on 256x256 crops, one per step, so a
@@ -64,6 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--crop", type=int, help="train on random crops of this size (0: whole images)")
     p.add_argument("--bilinear", action="store_true", help="bilinear upsampling instead of transposed convs")
     p.add_argument("--norm", choices=["batch", "instance"], help="normalization layers of the U-Net")
+    p.add_argument("--padding", choices=["same", "valid"], default="same",
+                   help="valid: the paper's unpadded U-Net (572 -> 388), trained on mirrored tiles")
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout at the end of the contracting path")
     p.add_argument("--dice-weight", type=float, default=0.0, help="weight of a soft-Dice term added to BCE")
     p.add_argument("--weight-map", action="store_true",
                    help="weight the loss per pixel as the U-Net paper does (weightmap.py), to separate cells")
@@ -114,6 +118,8 @@ def split_data(args, rng):
         train = data.subset(sorted(order[n_val:]))
     if args.weight_map:
         train.weights = [weight_map(label, args.w0, args.sigma) for label in train.labels]
+    if args.padding == "valid":
+        mirror_for_valid(train)
     return train, val
 
 
@@ -133,19 +139,27 @@ def loss_fn(logits, target, dice_weight, weights=None):
     return loss
 
 
-def evaluate(model, val, device, dice_weight):
-    """Mean loss, pixel error, Dice and the ISBI V_rand over whole validation images."""
+def evaluate(model, val, device):
+    """Mean loss (BCE), pixel error, Dice and the ISBI V_rand over whole validation images."""
     model.eval()
     rows = []
-    with flow.no_grad():
-        for image, label in zip(val.images, val.labels):
-            logits = model(backend.to_tensor(image[None, None], device))
-            loss = loss_fn(logits, backend.to_tensor(label[None, None], device), dice_weight).item()
-            prob = backend.to_numpy(flow.sigmoid(logits))[0, 0]
-            pixel = pixel_scores(prob > 0.5, label)
-            rows.append(dict(val_loss=loss, val_pixel_error=pixel["pixel_error"], val_dice=pixel["dice"],
-                             val_v_rand=isbi_scores(prob, label)["v_rand"]))
+    for image, label in zip(val.images, val.labels):
+        prob = np.clip(predict_probability(model, image, device, tile=0), 1e-7, 1 - 1e-7)
+        loss = -np.mean(label * np.log(prob) + (1 - label) * np.log(1 - prob))
+        pixel = pixel_scores(prob > 0.5, label)
+        rows.append(dict(val_loss=loss, val_pixel_error=pixel["pixel_error"], val_dice=pixel["dice"],
+                         val_v_rand=isbi_scores(prob, label)["v_rand"]))
     return {key: float(np.mean([row[key] for row in rows])) for key in rows[0]}
+
+
+def mirror_for_valid(train):
+    """Mirror each training array's borders as prediction does, so the unpadded net sees whole slices."""
+    def pad(a):
+        (h, w), m = a.shape, VALID_MARGIN
+        return np.pad(a, [(m, valid_input_size(h) - h - m), (m, valid_input_size(w) - w - m)], mode="reflect")
+    train.images = [pad(a) for a in train.images]
+    train.labels = [pad(a) for a in train.labels]
+    train.weights = None if train.weights is None else [pad(a) for a in train.weights]
 
 
 def improves(value, best, metric):
@@ -157,13 +171,17 @@ def improves(value, best, metric):
 def train(args):
     device = backend.resolve_device(args.device)
     apply_preset(args, device)
+    if args.padding == "valid" and args.crop:
+        args.crop = valid_input_size(max(args.crop - 2 * VALID_MARGIN, 1))
+        print(f"unpadded U-Net: training tiles of {args.crop} pixels give {args.crop - 2 * VALID_MARGIN}")
     backend.seed_everything(args.seed)
     rng = np.random.default_rng(args.seed)
     train_set, val_set = split_data(args, rng)
     print(f"data: {len(train_set)} training pairs from {args.data_path}, "
           f"{len(val_set) if val_set else 0} for validation")
 
-    model = UNet(n_channels=1, n_classes=1, bilinear=args.bilinear, base=args.base, norm=args.norm).to(device)
+    model = UNet(n_channels=1, n_classes=1, bilinear=args.bilinear, base=args.base, norm=args.norm,
+                 padding=args.padding, dropout=args.dropout).to(device)
     if args.optimizer == "sgd":
         optimizer = flow.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
     else:
@@ -191,15 +209,17 @@ def train(args):
         steps = math.ceil(len(train_set) / args.batch_size)
         for images, labels, weights in tqdm(batches(train_set, args.batch_size, rng), total=steps, leave=False,
                                             desc=f"epoch {epoch + 1}/{args.epochs}", file=sys.stderr):
-            loss = loss_fn(model(backend.to_tensor(images, device)), backend.to_tensor(labels, device),
-                           args.dice_weight, None if weights is None else backend.to_tensor(weights, device))
+            logits = model(backend.to_tensor(images, device))
+            crop = lambda a: center_crop(a, logits.shape[2], logits.shape[3])  # noqa: E731  (unpadded net)
+            loss = loss_fn(logits, backend.to_tensor(crop(labels), device), args.dice_weight,
+                           None if weights is None else backend.to_tensor(crop(weights), device))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
         scores = dict(train_loss=float(np.mean(losses)))
         if val_set is not None:
-            scores.update(evaluate(model, val_set, device, args.dice_weight))
+            scores.update(evaluate(model, val_set, device))
         improved = improves(scores[metric], best, metric)
         best, stale = (scores[metric], 0) if improved else (best, stale + 1)
         info = dict(epoch=epoch + 1, best=best, best_metric=metric, stale_epochs=stale, scores=scores,

@@ -107,3 +107,12 @@ def test_weight_map_and_augmentations_train_end_to_end(dataset, tmp_path):
                          "--aug-intensity", 1, "--aug-noise", 1, "--aug-blur", 1, "--epochs", 1)
     assert "epoch 1/1 train_loss" in result.stdout
     assert load_checkpoint(str(tmp_path / "checkpoints" / "last.npz"))[0]["args"]["weight_map"] is True
+
+
+def test_the_unpadded_network_trains_on_mirrored_tiles_and_predicts_whole_images(dataset, tmp_path):
+    result = train_small(dataset, tmp_path, "--padding", "valid", "--dropout", 0.5, "--crop", 200, "--epochs", 1)
+    assert "training tiles of 204 pixels give 20" in result.stdout
+    model, meta = build_model(str(tmp_path / "checkpoints" / "last.npz"), "cpu")
+    assert meta["model"]["padding"] == "valid" and meta["model"]["dropout"] == 0.5
+    image = read_image(f"{dataset}/test_image/0.png")
+    assert predict_probability(model, image, "cpu").shape == image.shape

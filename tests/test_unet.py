@@ -3,7 +3,7 @@ import pytest
 
 import backend
 from backend import nn
-from unet import UNet
+from unet import UNet, valid_input_size
 
 
 @pytest.mark.parametrize("bilinear,norm", [(False, "batch"), (True, "batch"), (False, "instance")])
@@ -46,3 +46,15 @@ def test_instance_norm_normalizes_each_image_by_itself_and_keeps_no_running_stat
         alone = backend.to_numpy(model(backend.to_tensor(image)))
         in_batch = backend.to_numpy(model(backend.to_tensor(np.concatenate([image, 5 * rng.random((1, 1, 32, 32))]))))
     np.testing.assert_allclose(in_batch[:1], alone, atol=1e-5)
+
+
+def test_the_unpadded_network_maps_572_to_388_as_in_the_paper():
+    model = UNet(base=2, padding="valid").eval()
+    with backend.flow.no_grad():
+        assert tuple(model(backend.to_tensor(np.zeros((1, 1, 572, 572)))).shape) == (1, 1, 388, 388)
+    assert valid_input_size(388) == 572 and valid_input_size(512) == 700
+
+
+def test_the_unpadded_network_refuses_sizes_it_cannot_take_clearly():
+    with pytest.raises(ValueError, match="16 b \\+ 124"):
+        UNet(base=2, padding="valid")(backend.to_tensor(np.zeros((1, 1, 200, 200))))
