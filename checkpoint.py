@@ -121,7 +121,8 @@ def config_from_weights(weights, path):
                     n_classes=int(weights["outc.conv.weight"].shape[0]),
                     bilinear="up1.up.weight" not in weights,
                     base=int(weights["inc.double_conv.0.weight"].shape[0]),
-                    norm="batch" if "inc.double_conv.1.running_mean" in weights else "instance")
+                    norm="batch" if "inc.double_conv.1.running_mean" in weights else "instance",
+                    padding="same", dropout=0.0)  # what the original example's network used
     except KeyError as err:
         raise CheckpointError(f"{path}: weights are not a U-Net's: no {err}")
 

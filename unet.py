@@ -102,7 +102,8 @@ class OutConv(nn.Module):
 class UNet(nn.Module):
     """U-Net with `base` channels at the top level (64 in the paper), doubling at each of 4 levels.
 
-    padding="same": any input of at least 16x16 pixels; the output has the input's size.
+    padding="same": any input of at least 16x16 pixels (32x32 with instance norm); the output has
+    the input's size.
     padding="valid": the paper's unpadded network; sides of 16 b + 124 pixels give 16 b - 60
     (572 -> 388), VALID_MARGIN pixels lost on each side (predict with mirrored borders).
     """
@@ -143,8 +144,11 @@ class UNet(nn.Module):
             if any(side < 188 or (side - 124) % 16 for side in (height, width)):
                 raise ValueError(f"the unpadded U-Net needs sides of 16 b + 124 pixels (188, 204, ..., 572, ...), "
                                  f"got {height}x{width}")
-        elif min(height, width) < 16:
-            raise ValueError(f"U-Net input must be at least 16x16 pixels, got {tuple(x.shape[2:])}")
+        elif min(height, width) < (32 if self.norm == "instance" else 16):
+            # Instance norm needs more than one pixel per channel at the bottom level.
+            smallest = 32 if self.norm == "instance" else 16
+            raise ValueError(f"U-Net input must be at least {smallest}x{smallest} pixels with {self.norm} norm, "
+                             f"got {tuple(x.shape[2:])}")
         x1 = self.inc(x)
         x2 = self.down1(x1)
         x3 = self.down2(x2)

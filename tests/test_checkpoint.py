@@ -25,7 +25,8 @@ def test_a_checkpoint_rebuilds_the_same_network_without_being_told_its_shape(tmp
     path = str(tmp_path / "model.npz")
     save_checkpoint(path, model, epoch=3)
     rebuilt, meta = build_model(path, "cpu")
-    assert meta["model"] == dict(n_channels=1, n_classes=2, bilinear=True, base=4, norm="batch")
+    assert meta["model"] == dict(n_channels=1, n_classes=2, bilinear=True, base=4, norm="batch", padding="same",
+                                 dropout=0.0)
     assert meta["epoch"] == 3
     x = np.random.default_rng(0).random((1, 1, 32, 32))
     np.testing.assert_array_equal(outputs(rebuilt, x), outputs(model, x))
@@ -112,7 +113,8 @@ def test_the_original_oneflow_checkpoint_folder_loads_with_the_original_input_sc
     assert (folder / "pickled_data").exists()
     rebuilt, meta = build_model(str(folder), "cpu")
     assert meta["input_scale"] == 255.0
-    assert meta["model"] == dict(n_channels=1, n_classes=1, bilinear=False, base=4, norm="batch")
+    assert meta["model"] == dict(n_channels=1, n_classes=1, bilinear=False, base=4, norm="batch", padding="same",
+                                 dropout=0.0)
     assert np.abs(outputs(rebuilt, x) - np.load(tmp_path / "y.npy")).max() <= 1e-4
 
 

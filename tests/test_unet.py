@@ -7,7 +7,7 @@ from unet import UNet, valid_input_size
 
 
 @pytest.mark.parametrize("bilinear,norm", [(False, "batch"), (True, "batch"), (False, "instance")])
-@pytest.mark.parametrize("height,width", [(16, 16), (37, 53), (64, 48), (100, 17)])
+@pytest.mark.parametrize("height,width", [(32, 32), (37, 53), (64, 48), (100, 33)])
 def test_output_has_the_input_size_for_any_height_and_width(bilinear, norm, height, width):
     model = UNet(n_channels=1, n_classes=2, bilinear=bilinear, base=4, norm=norm).eval()
     with backend.flow.no_grad():
@@ -35,6 +35,15 @@ def test_the_network_has_the_papers_23_convolutional_layers():
 def test_an_input_smaller_than_16_pixels_is_refused_clearly():
     with pytest.raises(ValueError, match="at least 16x16"):
         UNet(base=4)(backend.to_tensor(np.zeros((1, 1, 8, 32))))
+    with pytest.raises(ValueError, match="at least 32x32 pixels with instance norm"):
+        UNet(base=4, norm="instance")(backend.to_tensor(np.zeros((1, 1, 16, 32))))
+
+
+def test_odd_and_16_pixel_inputs_work_with_batch_norm():
+    model = UNet(base=4).eval()
+    with backend.flow.no_grad():
+        for shape in [(16, 16), (100, 17)]:
+            assert tuple(model(backend.to_tensor(np.zeros((1, 1) + shape))).shape[2:]) == shape
 
 
 def test_instance_norm_normalizes_each_image_by_itself_and_keeps_no_running_statistics():
