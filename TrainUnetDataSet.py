@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 import backend
 from backend import F, flow
-from checkpoint import CheckpointError, load_checkpoint, load_weights, restore_optimizer, save_checkpoint
+from checkpoint import (CheckpointError, build_model, load_checkpoint, load_weights, restore_optimizer,
+                        save_checkpoint, update_meta)
 from augment import DEFAULT_PROBABILITIES
 from dataloader import DataError, SegmentationDataset, batches
 from log import Logger
@@ -71,6 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--dice-weight", type=float, default=0.0, help="weight of a soft-Dice term added to BCE")
     p.add_argument("--weight-map", action="store_true",
                    help="weight the loss per pixel as the U-Net paper does (weightmap.py), to separate cells")
+    p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
+                   help="after training, move the 0.5 decision to the threshold that fits the training images best")
     p.add_argument("--w0", type=float, default=10.0, help="weight-map border weight")
     p.add_argument("--sigma", type=float, default=5.0, help="weight-map border width, pixels")
     for name, probability in DEFAULT_PROBABILITIES.items():
@@ -118,8 +121,6 @@ def split_data(args, rng):
         train = data.subset(sorted(order[n_val:]))
     if args.weight_map:
         train.weights = [weight_map(label, args.w0, args.sigma) for label in train.labels]
-    if args.padding == "valid":
-        mirror_for_valid(train)
     return train, val
 
 
@@ -152,14 +153,29 @@ def evaluate(model, val, device):
     return {key: float(np.mean([row[key] for row in rows])) for key in rows[0]}
 
 
-def mirror_for_valid(train):
-    """Mirror each training array's borders as prediction does, so the unpadded net sees whole slices."""
-    def pad(a):
-        (h, w), m = a.shape, VALID_MARGIN
-        return np.pad(a, [(m, valid_input_size(h) - h - m), (m, valid_input_size(w) - w - m)], mode="reflect")
-    train.images = [pad(a) for a in train.images]
-    train.labels = [pad(a) for a in train.labels]
-    train.weights = None if train.weights is None else [pad(a) for a in train.weights]
+def mirrored_for_valid(train):
+    """The training set with each array's borders mirrored as prediction does (unpadded net)."""
+    def pad(arrays):
+        if arrays is None:
+            return None
+        m = VALID_MARGIN
+        return [np.pad(a, [(m, valid_input_size(a.shape[0]) - a.shape[0] - m),
+                           (m, valid_input_size(a.shape[1]) - a.shape[1] - m)], mode="reflect") for a in arrays]
+    return SegmentationDataset(pad(train.images), pad(train.labels), train.crop, train.augment, pad(train.weights))
+
+
+def calibrate(path, train, device):
+    """Record in the checkpoint at `path` the output shift that puts probability 0.5 on the
+    threshold with the best pixel accuracy on the training images. Weighted losses (--weight-map)
+    bias the network towards membranes; this moves its decision back (V_rand's sweep is unaffected)."""
+    model = build_model(path, device)[0]
+    probs = [predict_probability(model, image, device, tile=0) for image in train.images]
+    thresholds = np.round(np.arange(0.05, 0.96, 0.05), 2)
+    errors = [np.mean([np.mean((p > t) != label) for p, label in zip(probs, train.labels)]) for t in thresholds]
+    best = float(thresholds[int(np.argmin(errors))])
+    update_meta(path, output_shift=float(np.log(best / (1 - best))), calibrated_threshold=best)
+    print(f"calibrated {path}: cell threshold {best:.2f} on the training images "
+          f"(pixel error there {min(errors):.4f}, {errors[list(thresholds).index(0.5)]:.4f} at 0.5)")
 
 
 def improves(value, best, metric):
@@ -200,6 +216,7 @@ def train(args):
         rng.bit_generator.state = meta["rng"]
         print(f"resumed from {last_path} after epoch {start_epoch}")
 
+    fit_set = mirrored_for_valid(train_set) if args.padding == "valid" else train_set
     for epoch in range(start_epoch, args.epochs):
         begin = time.perf_counter()
         for group in optimizer.param_groups:
@@ -207,7 +224,7 @@ def train(args):
         model.train()
         losses = []
         steps = math.ceil(len(train_set) / args.batch_size)
-        for images, labels, weights in tqdm(batches(train_set, args.batch_size, rng), total=steps, leave=False,
+        for images, labels, weights in tqdm(batches(fit_set, args.batch_size, rng), total=steps, leave=False,
                                             desc=f"epoch {epoch + 1}/{args.epochs}", file=sys.stderr):
             logits = model(backend.to_tensor(images, device))
             crop = lambda a: center_crop(a, logits.shape[2], logits.shape[3])  # noqa: E731  (unpadded net)
@@ -232,6 +249,9 @@ def train(args):
         if args.patience and stale >= args.patience:
             print(f"early stop: {metric} has not improved for {stale} epochs")
             break
+    if args.calibrate:
+        for path in (best_path, last_path):
+            calibrate(path, train_set, device)
     print(f"checkpoints: {best_path} (best {metric} {best:.4f}), {last_path}")
 
 

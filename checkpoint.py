@@ -128,11 +128,23 @@ def config_from_weights(weights, path):
 
 
 def build_model(path, device):
-    """Rebuild the network a checkpoint describes, with its weights, in eval mode."""
+    """Rebuild the network a checkpoint describes, with its weights, in eval mode.
+
+    A calibrated checkpoint's `output_shift` is applied to the output bias here, so that cell
+    probability 0.5 is its decision threshold; the stored weights stay as trained (for --resume)."""
     meta, weights, _ = load_checkpoint(path)
     model = UNet(**meta["model"])
+    if meta.get("output_shift"):
+        weights = {**weights, "outc.conv.bias": (weights["outc.conv.bias"] - meta["output_shift"]).astype(np.float32)}
     load_weights(model, weights, path)
     return model.to(device).eval(), meta
+
+
+def update_meta(path, **info):
+    """Rewrite a checkpoint with `info` added to its metadata, atomically; the arrays stay as they are."""
+    meta, _, arrays = load_checkpoint(path)
+    arrays = {**arrays, "__meta__": np.array(json.dumps({**meta, **info}))}
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 # ---- the original example's OneFlow checkpoint folder, read without unpickling code -----------

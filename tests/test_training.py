@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 
 import backend
-from checkpoint import build_model, load_checkpoint
+from checkpoint import build_model, load_checkpoint, load_weights
 from conftest import run_script, train_small, write_dataset
 from dataloader import read_image, read_label
 from metrics import dice
 from predict_unet_test import predict_probability
+from unet import UNet
 
 
 def test_overfitting_one_small_image_reaches_dice_above_0_9(tmp_path):
@@ -116,3 +117,23 @@ def test_the_unpadded_network_trains_on_mirrored_tiles_and_predicts_whole_images
     assert meta["model"]["padding"] == "valid" and meta["model"]["dropout"] == 0.5
     image = read_image(f"{dataset}/test_image/0.png")
     assert predict_probability(model, image, "cpu").shape == image.shape
+
+
+def test_calibration_puts_the_decision_at_the_threshold_that_fits_the_training_images_best(dataset, tmp_path):
+    result = train_small(dataset, tmp_path, "--weight-map", "--epochs", 2)
+    assert "calibrated" in result.stdout
+    path = str(tmp_path / "checkpoints" / "last.npz")
+    meta, weights, _ = load_checkpoint(path)
+    threshold = meta["calibrated_threshold"]
+    assert 0.05 <= threshold <= 0.95 and meta["output_shift"] == pytest.approx(np.log(threshold / (1 - threshold)))
+    raw = UNet(**meta["model"])
+    load_weights(raw, weights, path)
+    image = read_image(f"{dataset}/train_image/0.png")
+    calibrated = predict_probability(build_model(path, "cpu")[0], image, "cpu")
+    assert np.mean((calibrated > 0.5) == (predict_probability(raw.eval(), image, "cpu") > threshold)) > 0.999
+
+
+def test_without_calibration_the_checkpoint_keeps_the_plain_decision(dataset, tmp_path):
+    result = train_small(dataset, tmp_path, "--no-calibrate")
+    assert "calibrated" not in result.stdout
+    assert "output_shift" not in load_checkpoint(str(tmp_path / "checkpoints" / "last.npz"))[0]
