@@ -29,13 +29,14 @@ from predict_unet_test import predict_probability
 from unet import VALID_MARGIN, UNet, center_crop, valid_input_size
 from weightmap import weight_map
 
-# Chosen for the machine the run is on. CPU: a base-16 net on 256x256 crops, one per step, so a
-# OneFlow run finishes in about 25 minutes on 2 cores (PyTorch: 5); with batches of one crop,
-# BatchNorm's running statistics fail on whole slices (validation V_rand 0.39 against 0.95 with
-# InstanceNorm, BENCHMARKS.md), hence instance norm. GPU: the paper's base-64 net on whole slices.
+# Chosen for the machine the run is on (BENCHMARKS.md has the measurements). CPU: a base-16 net
+# on 256x256 crops, one per step, so a OneFlow run finishes in about 30 minutes on 2 cores
+# (PyTorch: 5-8); with batches of one crop, BatchNorm's running statistics fail on whole slices
+# (V_rand 0.39 against 0.95), hence instance norm. The paper's weight map beat the plain loss on
+# both V_rand and pixel error. GPU: the paper's base-64 net on whole slices.
 PRESETS = {
-    "cpu": dict(base=16, crop=256, batch_size=1, epochs=40, lr=1e-3, norm="instance"),
-    "gpu": dict(base=64, crop=0, batch_size=4, epochs=40, lr=1e-3, norm="batch"),
+    "cpu": dict(base=16, crop=256, batch_size=1, epochs=40, lr=1e-3, norm="instance", weight_map=True),
+    "gpu": dict(base=64, crop=0, batch_size=4, epochs=40, lr=1e-3, norm="batch", weight_map=True),
 }
 
 
@@ -70,7 +71,7 @@ def parse_args(argv=None):
                    help="valid: the paper's unpadded U-Net (572 -> 388), trained on mirrored tiles")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout at the end of the contracting path")
     p.add_argument("--dice-weight", type=float, default=0.0, help="weight of a soft-Dice term added to BCE")
-    p.add_argument("--weight-map", action="store_true",
+    p.add_argument("--weight-map", action=argparse.BooleanOptionalAction,
                    help="weight the loss per pixel as the U-Net paper does (weightmap.py), to separate cells")
     p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
                    help="after training, move the 0.5 decision to the threshold that fits the training images best")

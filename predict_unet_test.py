@@ -46,7 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--tile", type=int, default=1024,
                    help="predict larger images in overlapping tiles of this size, blended (0: whole image)")
     p.add_argument("--overlap", type=int, default=128, help="overlap of neighbouring tiles, in pixels")
-    p.add_argument("--tta", action="store_true", help="average the 8 flips/90-degree rotations of each image")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
+                   help="average the 8 flips/90-degree rotations of each image (8x the time; --no-tta: once)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda ...")
     return p.parse_args(argv)
 
