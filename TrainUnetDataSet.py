@@ -30,7 +30,7 @@ from unet import VALID_MARGIN, UNet, center_crop, valid_input_size
 from weightmap import weight_map
 
 # Chosen for the machine the run is on (BENCHMARKS.md has the measurements). CPU: a base-16 net
-# on 256x256 crops, one per step, so a OneFlow run finishes in about 30 minutes on 2 cores
+# on 256x256 crops, one per step, so a OneFlow run finishes in about 25 minutes on 2 cores
 # (PyTorch: 5-8); with batches of one crop, BatchNorm's running statistics fail on whole slices
 # (V_rand 0.39 against 0.95), hence instance norm. The paper's weight map beat the plain loss on
 # both V_rand and pixel error. GPU: the paper's base-64 net on whole slices.
