@@ -26,7 +26,7 @@ from dataloader import DataError, SegmentationDataset, batches
 from log import Logger
 from metrics import isbi_scores, pixel_scores
 from predict_unet_test import predict_probability
-from unet import VALID_MARGIN, UNet, center_crop, valid_input_size
+from unet import VALID_MARGIN, UNet, center_crop, mirror_for_valid, valid_input_size
 from weightmap import weight_map
 
 # Chosen for the machine the run is on (BENCHMARKS.md has the measurements). CPU: a base-16 net
@@ -157,11 +157,7 @@ def evaluate(model, val, device):
 def mirrored_for_valid(train):
     """The training set with each array's borders mirrored as prediction does (unpadded net)."""
     def pad(arrays):
-        if arrays is None:
-            return None
-        m = VALID_MARGIN
-        return [np.pad(a, [(m, valid_input_size(a.shape[0]) - a.shape[0] - m),
-                           (m, valid_input_size(a.shape[1]) - a.shape[1] - m)], mode="reflect") for a in arrays]
+        return None if arrays is None else [mirror_for_valid(a) for a in arrays]
     return SegmentationDataset(pad(train.images), pad(train.labels), train.crop, train.augment, pad(train.weights))
 
 

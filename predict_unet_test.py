@@ -18,7 +18,7 @@ import backend
 from backend import flow
 from checkpoint import CheckpointError, build_model
 from dataloader import DataError, list_images, pair_by_name, read_image, read_label, write_png
-from unet import VALID_MARGIN, valid_input_size
+from unet import mirror_for_valid
 from visualize import montage, overlay
 
 MONTAGE_ROWS = 4
@@ -54,10 +54,8 @@ def parse_args(argv=None):
 
 def _forward(model, image, device, input_scale):
     height, width = image.shape
-    if model.padding == "valid":  # mirror the borders so the unpadded net's output covers the image
-        m = VALID_MARGIN
-        image = np.pad(image, [(m, valid_input_size(height) - height - m), (m, valid_input_size(width) - width - m)],
-                       mode="reflect")
+    if model.padding == "valid":
+        image = mirror_for_valid(image)
     with flow.no_grad():
         logits = model(backend.to_tensor(image[None, None] * input_scale, device))
         return backend.to_numpy(flow.sigmoid(logits))[0, 0, :height, :width]

@@ -3,6 +3,8 @@
 Module and parameter names match the original OneFlow example's `UNet(1, 1, bilinear=False)`
 (`inc`, `down1..down4`, `up1..up4`, `outc`), so its published checkpoint loads.
 """
+import numpy as np
+
 from backend import F, flow, nn
 
 
@@ -32,6 +34,14 @@ def valid_input_size(output_size):
 
 
 VALID_MARGIN = 92  # (16 b + 124 - (16 b - 60)) / 2: input pixels lost on each side
+
+
+def mirror_for_valid(array):
+    """A 2-D numpy array with mirrored borders, sized so the unpadded net's output starts at its
+    first pixel and covers all of it (the paper's overlap-tile input)."""
+    (height, width), m = array.shape, VALID_MARGIN
+    return np.pad(array, [(m, valid_input_size(height) - height - m), (m, valid_input_size(width) - width - m)],
+                  mode="reflect")
 
 
 class DoubleConv(nn.Module):
