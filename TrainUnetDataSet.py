@@ -23,8 +23,9 @@ from checkpoint import (CheckpointError, build_model, load_checkpoint, load_weig
                         save_checkpoint, update_meta)
 from augment import DEFAULT_PROBABILITIES
 from dataloader import DataError, SegmentationDataset, batches
+from datasets import FORMATS, detect_format, find_samples, load_dataset, voc_split_exists
 from log import Logger
-from metrics import isbi_scores, pixel_scores
+from metrics import confusion_matrix, confusion_scores, isbi_scores, pixel_scores
 from predict_unet_test import predict_probability
 from unet import VALID_MARGIN, UNet, center_crop, mirror_for_valid, valid_input_size
 from weightmap import weight_map
@@ -46,13 +47,26 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--data-path", "--data_path", default="train_image", help="folder of training images")
-    p.add_argument("--label-path", "--label_path", default="train_label",
-                   help="folder of labels, matched to images by file name (255 = cell, 0 = membrane)")
-    p.add_argument("--val-image-path", help="folder of validation images, instead of holding out --val-fraction")
-    p.add_argument("--val-label-path", help="folder of validation labels (with --val-image-path)")
+    p.add_argument("--data-path", "--data_path", default="train_image",
+                   help="training images: a folder (labels in --label-path), a DSB 2018 stage1_train folder, "
+                        "a VOC root or a TIFF volume")
+    p.add_argument("--label-path", "--label_path",
+                   help="labels matched to images by file name (255 = cell, 0 = membrane), or the labels' TIFF; "
+                        "default: train_label/, or for a TIFF volume its name with 'volume' -> 'labels'")
+    p.add_argument("--data-format", choices=("auto",) + FORMATS, default="auto",
+                   help="layout of --data-path (datasets.py); auto: detected")
+    p.add_argument("--val-image-path", help="validation data (any layout), instead of holding out --val-fraction")
+    p.add_argument("--val-label-path", help="validation labels (with --val-image-path, for folders and TIFFs)")
     p.add_argument("--val-fraction", type=float, default=0.1,
-                   help="share of the training pairs held out for validation (0: none)")
+                   help="share of the training pairs held out for validation (0: none; VOC uses its val list)")
+    p.add_argument("--classes", type=int, default=1,
+                   help="1: one class against background (sigmoid); N > 1: softmax over class indices 0..N-1")
+    p.add_argument("--ignore-index", type=int, default=255, help="label value left out of loss and scores (classes > 1)")
+    p.add_argument("--class-weights", help="classes > 1: cross-entropy weights, e.g. 1,2,2, or 'auto' "
+                                           "(median frequency balancing on the training labels)")
+    p.add_argument("--img-size", type=int, default=0,
+                   help="resize every image to this square for training, and for prediction (0: keep sizes; "
+                        "predictions come back at each image's own size)")
     p.add_argument("--preset", choices=["auto", "cpu", "gpu"], default="auto",
                    help="defaults for the flags below: auto = gpu on CUDA, else cpu; %s" % PRESETS)
     p.add_argument("--epochs", type=int, help="passes over the training images")
@@ -70,7 +84,8 @@ def parse_args(argv=None):
     p.add_argument("--padding", choices=["same", "valid"], default="same",
                    help="valid: the paper's unpadded U-Net (572 -> 388), trained on mirrored tiles")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout at the end of the contracting path")
-    p.add_argument("--dice-weight", type=float, default=0.0, help="weight of a soft-Dice term added to BCE")
+    p.add_argument("--dice-weight", type=float,
+                   help="weight of a soft-Dice term added to the cross-entropy (default 0 with one class, 1 with more)")
     p.add_argument("--weight-map", action=argparse.BooleanOptionalAction,
                    help="weight the loss per pixel as the U-Net paper does (weightmap.py), to separate cells")
     p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
@@ -80,9 +95,11 @@ def parse_args(argv=None):
     for name, probability in DEFAULT_PROBABILITIES.items():
         p.add_argument(f"--aug-{name}", type=float, default=probability,
                        help=f"probability of the {name} augmentation (augment.py)")
-    p.add_argument("--best-metric", default="val_v_rand",
-                   choices=["val_v_rand", "val_dice", "val_pixel_error", "val_loss"],
-                   help="validation score that picks best.npz (train_loss when there is no validation set)")
+    p.add_argument("--best-metric", default="auto",
+                   choices=["auto", "val_v_rand", "val_dice", "val_pixel_error", "val_loss", "val_miou",
+                            "val_pixel_accuracy"],
+                   help="validation score that picks best.npz; auto: val_miou with classes > 1, val_dice for "
+                        "DSB 2018 nuclei, else the ISBI V_rand (train_loss when there is no validation set)")
     p.add_argument("--patience", type=int, default=0,
                    help="stop after this many epochs without a better --best-metric (0: never)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
@@ -106,12 +123,21 @@ def augment_probabilities(args):
     return {name: getattr(args, f"aug_{name}") for name in DEFAULT_PROBABILITIES}
 
 
+def read_data(path, label_path, args, split=None, **kwargs):
+    samples = find_samples(path, args.data_format, label_path, split)
+    return load_dataset(samples, args.classes, args.ignore_index, args.img_size, **kwargs)
+
+
 def split_data(args, rng):
     """(train, val) datasets; val is None when there is nothing to validate on."""
-    data = SegmentationDataset.from_folders(args.data_path, args.label_path, crop=args.crop or None,
-                                            augment=augment_probabilities(args))
-    if args.val_image_path:
-        val = SegmentationDataset.from_folders(args.val_image_path, args.val_label_path or args.label_path)
+    fmt = detect_format(args.data_path) if args.data_format == "auto" else args.data_format
+    label_path = args.label_path or ("train_label" if fmt == "pairs" else None)
+    voc_val = fmt == "voc" and voc_split_exists(args.data_path, "val") and not args.val_image_path
+    data = read_data(args.data_path, label_path, args, split="train", crop=args.crop or None,
+                     augment=augment_probabilities(args))
+    if args.val_image_path or voc_val:
+        val = read_data(args.val_image_path or args.data_path, args.val_label_path or label_path, args,
+                        split="val", channels=data.channels)
         train = data
     else:
         n_val = min(len(data) - 1, max(1, round(len(data) * args.val_fraction))) if args.val_fraction > 0 else 0
@@ -120,9 +146,26 @@ def split_data(args, rng):
         if val is not None:
             val.crop, val.augment = None, None
         train = data.subset(sorted(order[n_val:]))
-    if args.weight_map:
-        train.weights = [weight_map(label, args.w0, args.sigma) for label in train.labels]
-    return train, val
+    if args.weight_map and args.classes == 1:
+        train.weights = [weight_map(label, args.w0, args.sigma, numbered)
+                         for label, numbered in zip(train.labels, train.instances or [None] * len(train))]
+    return fmt, train, val
+
+
+def class_weights(args, train):
+    """Cross-entropy weights from --class-weights: listed, or 'auto': median frequency / frequency."""
+    if not args.class_weights:
+        return None
+    if args.class_weights == "auto":
+        counts = sum(np.bincount(label[label < args.classes].ravel(), minlength=args.classes) for label in train.labels)
+        frequency = counts / max(counts.sum(), 1)
+        weights = np.where(frequency > 0, np.median(frequency[frequency > 0]) / np.maximum(frequency, 1e-12), 0.0)
+    else:
+        weights = np.array([float(w) for w in args.class_weights.split(",")])
+        if len(weights) != args.classes:
+            raise DataError(f"--class-weights: {len(weights)} weights for {args.classes} classes")
+    print("class weights: " + ", ".join(f"{w:.3f}" for w in weights))
+    return weights.astype(np.float32)
 
 
 def learning_rate(epoch, args):
@@ -133,6 +176,7 @@ def learning_rate(epoch, args):
 
 
 def loss_fn(logits, target, dice_weight, weights=None):
+    """One class: BCE (weighted per pixel by `weights`) + dice_weight x (1 - soft Dice)."""
     loss = F.binary_cross_entropy_with_logits(logits, target, weight=weights)
     if dice_weight:
         prob = flow.sigmoid(logits)
@@ -141,9 +185,26 @@ def loss_fn(logits, target, dice_weight, weights=None):
     return loss
 
 
-def evaluate(model, val, device):
-    """Mean loss (BCE), pixel error, Dice and the ISBI V_rand over whole validation images."""
+def multiclass_loss_fn(logits, target, dice_weight, class_weights=None, ignore_index=255):
+    """Several classes: cross-entropy + dice_weight x (1 - soft Dice averaged over the classes),
+    both leaving out pixels labelled `ignore_index`."""
+    loss = F.cross_entropy(logits, target, weight=class_weights, ignore_index=ignore_index)
+    if dice_weight:
+        keep = (target != ignore_index).unsqueeze(1).to(logits.dtype)
+        onehot = F.one_hot(target * (target != ignore_index).to(target.dtype), logits.shape[1])
+        onehot = onehot.permute(0, 3, 1, 2).to(logits.dtype) * keep
+        prob = flow.softmax(logits, dim=1) * keep
+        overlap, total = (prob * onehot).sum(dim=(0, 2, 3)), (prob + onehot).sum(dim=(0, 2, 3))
+        loss = loss + dice_weight * (1 - ((2 * overlap + 1) / (total + 1)).mean())
+    return loss
+
+
+def evaluate(model, val, device, ignore_index=255):
+    """Over whole validation images: one class: the mean loss (BCE), pixel error, Dice and ISBI
+    V_rand; several: loss (cross-entropy), pixel accuracy and mean IoU of the summed confusion matrix."""
     model.eval()
+    if val.classes > 1:
+        return evaluate_multiclass(model, val, device, ignore_index)
     rows = []
     for image, label in zip(val.images, val.labels):
         prob = np.clip(predict_probability(model, image, device, tile=0), 1e-7, 1 - 1e-7)
@@ -154,11 +215,25 @@ def evaluate(model, val, device):
     return {key: float(np.mean([row[key] for row in rows])) for key in rows[0]}
 
 
+def evaluate_multiclass(model, val, device, ignore_index):
+    losses, total = [], 0
+    for image, label in zip(val.images, val.labels):
+        prob = np.clip(predict_probability(model, image, device, tile=0), 1e-7, 1)
+        keep = label != ignore_index
+        losses.append(-np.mean(np.log(np.take_along_axis(prob, np.minimum(label, val.classes - 1)[..., None], 2))[keep])
+                      if keep.any() else 0.0)
+        total = total + confusion_matrix(prob.argmax(axis=2), label, val.classes, ignore_index)
+    scores = confusion_scores(total)
+    return dict(val_loss=float(np.mean(losses)), val_pixel_accuracy=scores["pixel_accuracy"],
+                val_miou=scores["mean_iou"])
+
+
 def mirrored_for_valid(train):
     """The training set with each array's borders mirrored as prediction does (unpadded net)."""
     def pad(arrays):
         return None if arrays is None else [mirror_for_valid(a) for a in arrays]
-    return SegmentationDataset(pad(train.images), pad(train.labels), train.crop, train.augment, pad(train.weights))
+    return SegmentationDataset(pad(train.images), pad(train.labels), train.crop, train.augment, pad(train.weights),
+                               train.classes)
 
 
 def calibrate(path, train, device):
@@ -175,6 +250,14 @@ def calibrate(path, train, device):
           f"(pixel error there {min(errors):.4f}, {errors[list(thresholds).index(0.5)]:.4f} at 0.5)")
 
 
+def best_metric(args, data_format):
+    if args.best_metric != "auto":
+        return args.best_metric
+    if args.classes > 1:
+        return "val_miou"
+    return "val_dice" if data_format == "dsb2018" else "val_v_rand"
+
+
 def improves(value, best, metric):
     if best is None:
         return True
@@ -189,19 +272,24 @@ def train(args):
         print(f"unpadded U-Net: training tiles of {args.crop} pixels give {args.crop - 2 * VALID_MARGIN}")
     backend.seed_everything(args.seed)
     rng = np.random.default_rng(args.seed)
-    train_set, val_set = split_data(args, rng)
-    print(f"data: {len(train_set)} training pairs from {args.data_path}, "
+    data_format, train_set, val_set = split_data(args, rng)
+    print(f"data: {len(train_set)} training pairs from {args.data_path} ({data_format}, "
+          f"{'RGB' if train_set.channels == 3 else 'grey'}, {args.classes} class{'es' if args.classes > 1 else ''}), "
           f"{len(val_set) if val_set else 0} for validation")
+    if args.dice_weight is None:
+        args.dice_weight = 1.0 if args.classes > 1 else 0.0
+    weights_per_class = class_weights(args, train_set)
+    weights_per_class = None if weights_per_class is None else backend.to_tensor(weights_per_class, device)
 
-    model = UNet(n_channels=1, n_classes=1, bilinear=args.bilinear, base=args.base, norm=args.norm,
-                 padding=args.padding, dropout=args.dropout).to(device)
+    model = UNet(n_channels=train_set.channels, n_classes=args.classes, bilinear=args.bilinear, base=args.base,
+                 norm=args.norm, padding=args.padding, dropout=args.dropout).to(device)
     if args.optimizer == "sgd":
         optimizer = flow.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
     else:
         optimizer = flow.optim.Adam(model.parameters(), lr=args.lr)
     last_path = os.path.join(args.checkpoint_dir, "last.npz")
     best_path = os.path.join(args.checkpoint_dir, "best.npz")
-    metric = args.best_metric if val_set is not None else "train_loss"
+    metric = best_metric(args, data_format) if val_set is not None else "train_loss"
     start_epoch, best, stale = 0, None, 0
     if args.resume:
         meta, weights, arrays = load_checkpoint(last_path)
@@ -225,19 +313,24 @@ def train(args):
                                             desc=f"epoch {epoch + 1}/{args.epochs}", file=sys.stderr):
             logits = model(backend.to_tensor(images, device))
             crop = lambda a: center_crop(a, logits.shape[2], logits.shape[3])  # noqa: E731  (unpadded net)
-            loss = loss_fn(logits, backend.to_tensor(crop(labels), device), args.dice_weight,
-                           None if weights is None else backend.to_tensor(crop(weights), device))
+            if args.classes > 1:
+                loss = multiclass_loss_fn(logits, backend.to_tensor(crop(labels), device, dtype=np.int64),
+                                          args.dice_weight, weights_per_class, args.ignore_index)
+            else:
+                loss = loss_fn(logits, backend.to_tensor(crop(labels), device), args.dice_weight,
+                               None if weights is None else backend.to_tensor(crop(weights), device))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
         scores = dict(train_loss=float(np.mean(losses)))
         if val_set is not None:
-            scores.update(evaluate(model, val_set, device))
+            scores.update(evaluate(model, val_set, device, args.ignore_index))
         improved = improves(scores[metric], best, metric)
         best, stale = (scores[metric], 0) if improved else (best, stale + 1)
         info = dict(epoch=epoch + 1, best=best, best_metric=metric, stale_epochs=stale, scores=scores,
-                    rng=rng.bit_generator.state, input_scale=1.0, args=vars(args))
+                    rng=rng.bit_generator.state, input_scale=1.0, args=vars(args),
+                    data=dict(format=data_format, img_size=args.img_size, ignore_index=args.ignore_index))
         save_checkpoint(last_path, model, optimizer, **info)
         if improved:
             save_checkpoint(best_path, model, **info)
@@ -246,7 +339,7 @@ def train(args):
         if args.patience and stale >= args.patience:
             print(f"early stop: {metric} has not improved for {stale} epochs")
             break
-    if args.calibrate:
+    if args.calibrate and args.classes == 1:
         for path in (best_path, last_path):
             calibrate(path, train_set, device)
     print(f"checkpoints: {best_path} (best {metric} {best:.4f}), {last_path}")

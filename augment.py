@@ -1,4 +1,4 @@
-"""Data augmentation: image, label and loss weights transformed together; labels stay binary.
+"""Data augmentation: image (grey or RGB), label and loss weights transformed together; labels keep their values.
 
     python augment.py train_image/0.png train_label/0.png --out augmented.png   # a montage to check
 
@@ -84,9 +84,9 @@ def augment(image, label, weights, rng, probabilities):
     if rng.random() < p["flip"]:
         arrays = flip_rotate(arrays, rng)
     if rng.random() < p["affine"]:
-        arrays = _warp(arrays, *affine_maps(image.shape, rng))
+        arrays = _warp(arrays, *affine_maps(image.shape[:2], rng))
     if rng.random() < p["elastic"]:
-        arrays = _warp(arrays, *elastic_maps(image.shape, rng))
+        arrays = _warp(arrays, *elastic_maps(image.shape[:2], rng))
     image, label, weights = arrays
     if rng.random() < p["intensity"]:
         image = adjust_intensity(image, rng)

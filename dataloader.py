@@ -1,7 +1,9 @@
-"""Reading, checking and augmenting image/label pairs, and batching them for training.
+"""Reading and checking image and label files, and cropping, augmenting and batching them for training.
 
 Framework-free: everything here is numpy, so the same data feeds OneFlow and PyTorch.
-Images become float32 in [0, 1]; labels become uint8 {0, 1} (255 = cell = 1 in ISBI's labels).
+Images become float32 in [0, 1], grey (H x W) or RGB (H x W x 3); labels become uint8 class
+indices: {0, 1} for one class (255 = cell = 1 in ISBI's labels), 0..N-1 (+ 255 = ignore) for N.
+Dataset layouts (DSB 2018, VOC, TIFF stacks) are found by datasets.py.
 """
 import os
 import re
@@ -9,6 +11,7 @@ import tempfile
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from augment import augment as augment_sample
 
@@ -66,66 +69,113 @@ def list_images(folder):
     return sorted(paths, key=_natural_key)
 
 
-def read_gray(path):
-    """An image file as a 2-D uint8 (or uint16) array, whatever its colour layout."""
+def _read_file(path):
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
     array = cv2.imread(path, cv2.IMREAD_UNCHANGED)
     if array is None or array.size == 0:
         raise DataError(f"{path}: not a readable image (corrupt or unsupported format)")
     if array.ndim == 3:
-        code = cv2.COLOR_BGRA2GRAY if array.shape[2] == 4 else cv2.COLOR_BGR2GRAY
-        array = cv2.cvtColor(array, code)
+        array = cv2.cvtColor(array, cv2.COLOR_BGRA2RGBA if array.shape[2] == 4 else cv2.COLOR_BGR2RGB)
     return array
 
 
+def image_from_array(array, source):
+    """float32 [0, 1] image from a decoded one: H x W (grey) or H x W x 3 (RGB; alpha dropped)."""
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    if array.ndim == 3 and array.shape[2] in (3, 4):
+        array = array[..., :3]
+    elif array.ndim != 2:
+        raise DataError(f"{source}: image of shape {array.shape} is neither grey nor RGB")
+    if array.dtype == np.uint8 or array.dtype == np.uint16:
+        return array.astype(np.float32) / np.iinfo(array.dtype).max
+    if np.issubdtype(array.dtype, np.floating) and array.size and 0 <= array.min() and array.max() <= 1:
+        return array.astype(np.float32)
+    raise DataError(f"{source}: image of type {array.dtype} is not 8/16-bit or float in [0, 1]")
+
+
 def read_image(path):
-    """Image scaled to float32 [0, 1] by its dtype's range."""
-    array = read_gray(path)
-    scale = 65535.0 if array.dtype == np.uint16 else 255.0
-    return array.astype(np.float32) / scale
+    """An image file as float32 in [0, 1] scaled by its dtype's range: H x W grey or H x W x 3 RGB."""
+    return image_from_array(_read_file(path), path)
 
 
-def read_label(path):
-    """Binary label as uint8 {0, 1}; accepts 0/255 and 0/1, rejects anything else."""
-    array = read_gray(path)
+def read_gray(path):
+    """An image file as float32 [0, 1] H x W, colour converted to grey."""
+    return match_channels(read_image(path), 1)
+
+
+def match_channels(image, channels):
+    """`image` with 1 (H x W) or 3 (H x W x 3) channels: grey repeated, or RGB converted to grey."""
+    if channels == 3 and image.ndim == 2:
+        return np.repeat(image[..., None], 3, axis=2)
+    if channels == 1 and image.ndim == 3:
+        return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    return image
+
+
+def read_label_array(path):
+    """A label file's values: palette PNGs give their indices (as VOC's SegmentationClass), grey
+    files their grey values, colour files their grey value where all channels agree."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    try:
+        with Image.open(path) as picture:
+            array = np.array(picture)  # mode "P": the palette indices, not the colours
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: not a readable label image ({err})")
+    if array.ndim == 3:
+        if not all(np.array_equal(array[..., 0], array[..., c]) for c in (1, 2)):
+            raise DataError(f"{path}: label is a colour image; expected class indices (grey or palette PNG)")
+        array = array[..., 0]
+    return array
+
+
+def _shown(values):
+    return ", ".join(str(v) for v in values[:8]) + (", ..." if len(values) > 8 else "")
+
+
+def label_to_classes(array, source, classes=1, ignore_index=255):
+    """Label values checked and mapped to uint8 class indices.
+
+    classes == 1 (binary): 0/255 or 0/1, anything else is an error. classes > 1: indices
+    0..classes-1 plus `ignore_index` (left out of loss and scores)."""
     values = np.unique(array)
-    if set(values.tolist()) <= {0, 255}:
-        return (array == 255).astype(np.uint8)
-    if set(values.tolist()) <= {0, 1}:
-        return array.astype(np.uint8)
-    shown = ", ".join(str(v) for v in values[:8]) + (", ..." if len(values) > 8 else "")
-    raise DataError(f"{path}: label is not binary: values {shown} (expected 0/255 or 0/1)")
+    if classes == 1:
+        if set(values.tolist()) <= {0, 255}:
+            return (array == 255).astype(np.uint8)
+        if set(values.tolist()) <= {0, 1}:
+            return array.astype(np.uint8)
+        raise DataError(f"{source}: label is not binary: values {_shown(values)} "
+                        f"(expected 0/255 or 0/1; for class indices train with --classes N)")
+    bad = values[(values >= classes) & (values != ignore_index)]
+    if bad.size:
+        raise DataError(f"{source}: label values {_shown(bad)} do not fit --classes {classes} "
+                        f"(expected 0..{classes - 1}, {ignore_index} = ignore)")
+    return array.astype(np.uint8)
 
 
-def pair_by_name(image_dir, label_dir):
-    """(image, label) paths matched by file name stem; every image needs a label."""
-    labels = {os.path.splitext(os.path.basename(p))[0]: p for p in list_images(label_dir)}
-    pairs = []
-    for image_path in list_images(image_dir):
-        stem = os.path.splitext(os.path.basename(image_path))[0]
-        if stem not in labels:
-            raise DataError(f"{image_path}: no label named {stem}.* in {label_dir}")
-        pairs.append((image_path, labels[stem]))
-    return pairs
+def read_label(path, classes=1, ignore_index=255):
+    """Binary label as uint8 {0, 1} (from 0/255 or 0/1), or class indices with `classes` > 1."""
+    return label_to_classes(read_label_array(path), path, classes, ignore_index)
 
 
-def load_pairs(pairs):
-    """Read and check every pair: returns lists of images and labels of matching sizes."""
-    images, labels = [], []
-    for image_path, label_path in pairs:
-        image, label = read_image(image_path), read_label(label_path)
-        if image.shape != label.shape:
-            raise DataError(f"{label_path}: label is {label.shape[1]}x{label.shape[0]} "
-                            f"but its image {image_path} is {image.shape[1]}x{image.shape[0]}")
-        images.append(image)
-        labels.append(label)
-    return images, labels
+def resize(array, size, nearest=False):
+    """`array` resized to `size` (height, width); labels by nearest neighbour."""
+    height, width = size
+    if array.shape[:2] == (height, width):
+        return array
+    shrink = height * width < array.shape[0] * array.shape[1]
+    method = cv2.INTER_NEAREST if nearest else (cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    dtype = array.dtype
+    if array.dtype not in (np.uint8, np.uint16, np.float32):
+        array = array.astype(np.float32)
+    return cv2.resize(array, (width, height), interpolation=method).astype(dtype)
 
 
 def random_crop(arrays, size, rng):
     """The same random `size`x`size` window of each array (the whole array where it is smaller)."""
-    h, w = arrays[0].shape
+    h, w = arrays[0].shape[:2]
     ch, cw = min(size, h), min(size, w)
     y = int(rng.integers(h - ch + 1))
     x = int(rng.integers(w - cw + 1))
@@ -133,17 +183,20 @@ def random_crop(arrays, size, rng):
 
 
 class SegmentationDataset:
-    """Images, labels and optional loss weights held in memory; `sample(i, rng)` augments one.
+    """Images (H x W or H x W x 3), labels (class indices; 1 = cell or object with one class) and
+    optional loss weights held in memory; `sample(i, rng)` crops and augments one.
 
     `augment` maps augmentation names to probabilities (see augment.py); None: no augmentation."""
 
-    def __init__(self, images, labels, crop=None, augment=None, weights=None):
+    def __init__(self, images, labels, crop=None, augment=None, weights=None, classes=1, names=None, instances=None):
         self.images, self.labels, self.weights = images, labels, weights
-        self.crop, self.augment = crop, augment
+        self.crop, self.augment, self.classes = crop, augment, classes
+        self.names = names or [str(i) for i in range(len(images))]
+        self.instances = instances  # numbered objects (DSB 2018's masks) for the weight map, or None
 
-    @classmethod
-    def from_folders(cls, image_dir, label_dir, **kwargs):
-        return cls(*load_pairs(pair_by_name(image_dir, label_dir)), **kwargs)
+    @property
+    def channels(self):
+        return 3 if self.images and self.images[0].ndim == 3 else 1
 
     def __len__(self):
         return len(self.images)
@@ -159,27 +212,23 @@ class SegmentationDataset:
 
     def subset(self, indices):
         pick = lambda items: None if items is None else [items[i] for i in indices]  # noqa: E731
-        return SegmentationDataset(pick(self.images), pick(self.labels), self.crop, self.augment, pick(self.weights))
+        return SegmentationDataset(pick(self.images), pick(self.labels), self.crop, self.augment,
+                                   pick(self.weights), self.classes, pick(self.names), pick(self.instances))
 
 
 def batches(dataset, batch_size, rng, shuffle=True):
-    """Yield (images, labels, weights or None) as float32 N x 1 x H x W arrays for one epoch."""
+    """Yield (images, labels, weights or None) for one epoch: images float32 N x C x H x W;
+    labels float32 N x 1 x H x W with one class, int64 N x H x W class indices with more."""
     order = rng.permutation(len(dataset)) if shuffle else np.arange(len(dataset))
     for start in range(0, len(order), batch_size):
         samples = [dataset.sample(i, rng) for i in order[start:start + batch_size]]
-        sizes = sorted({s[0].shape for s in samples})
+        sizes = sorted({s[0].shape[:2] for s in samples})
         if len(sizes) > 1:
             raise DataError(f"images of different sizes ({sizes[0][1]}x{sizes[0][0]} and {sizes[-1][1]}x"
-                            f"{sizes[-1][0]}) cannot share a batch: train with --crop or --batch-size 1")
-        stacked = [None if samples[0][k] is None else np.stack([s[k] for s in samples])[:, None].astype(np.float32)
-                   for k in range(3)]
-        yield tuple(stacked)
-
-
-if __name__ == "__main__":
-    import sys
-    image_dir = sys.argv[1] if len(sys.argv) > 1 else "train_image"
-    label_dir = sys.argv[2] if len(sys.argv) > 2 else "train_label"
-    data = SegmentationDataset.from_folders(image_dir, label_dir)
-    print(f"{len(data)} pairs from {image_dir} + {label_dir}; "
-          f"cell fraction {np.mean([l.mean() for l in data.labels]):.3f}")
+                            f"{sizes[-1][0]}) cannot share a batch: train with --crop, --img-size or --batch-size 1")
+        images = np.stack([s[0] for s in samples]).astype(np.float32)
+        images = images.transpose(0, 3, 1, 2) if images.ndim == 4 else images[:, None]
+        labels = np.stack([s[1] for s in samples])
+        labels = labels[:, None].astype(np.float32) if dataset.classes == 1 else labels.astype(np.int64)
+        weights = None if samples[0][2] is None else np.stack([s[2] for s in samples])[:, None].astype(np.float32)
+        yield np.ascontiguousarray(images), labels, weights

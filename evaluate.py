@@ -1,10 +1,14 @@
-"""Score predictions against labels, matched by file name: a table per image, the mean, and JSON.
+"""Score predictions against labels, matched by name: a table per image, the mean, and JSON.
 
-    python evaluate.py predict_image/ test_label/ [--json scores.json]
+    python evaluate.py predict_prob/ test_label/ [--json scores.json]
+    python evaluate.py predict_image/ ../stage1_train/                      # DSB 2018 masks
+    python evaluate.py predict_image/ VOC2012/ --classes 21 --split val     # mean IoU
 
-Predictions are masks (0/255) or cell-probability maps (8- or 16-bit PNG, `predict_unet_test.py
---save-prob`). The ISBI challenge's V_rand and V_info sweep the threshold, so they reward
-probability maps; pixel scores and scikit-image's adapted Rand error and VI use 0.5.
+One class: predictions are masks (0/255) or cell-probability maps (8- or 16-bit PNG,
+`predict_unet_test.py --save-prob`). The ISBI challenge's V_rand and V_info sweep the threshold,
+so they reward probability maps; pixel scores and scikit-image's adapted Rand error and VI use 0.5.
+Several classes: predictions are class-index PNGs; the mean row comes from the confusion matrix
+summed over all images (as VOC scores), with IoU and accuracy per class.
 """
 import argparse
 import json
@@ -13,45 +17,97 @@ import sys
 
 import numpy as np
 
-from dataloader import DataError, atomic_write, pair_by_name, read_image, read_label
-from metrics import all_scores
+from dataloader import DataError, atomic_write, label_to_classes, list_images, read_image, read_label_array
+from datasets import FORMATS, detect_format, find_samples
+from metrics import all_scores, confusion_matrix, confusion_scores
 
-TABLE = ["pixel_error", "dice", "iou", "mean_iou", "v_rand", "v_info", "adapted_rand_error", "vi"]
+BINARY_TABLE = ["pixel_error", "dice", "iou", "mean_iou", "v_rand", "v_info", "adapted_rand_error", "vi"]
+MULTICLASS_TABLE = ["pixel_accuracy", "mean_accuracy", "mean_iou"]
 
 
-def score_folder(pred_dir, label_dir):
-    """{"images": {name: scores}, "mean": {metric: mean over images}}."""
-    rows = {}
-    for pred_path, label_path in pair_by_name(pred_dir, label_dir):
-        prob, label = read_image(pred_path), read_label(label_path)
-        if prob.shape != label.shape:
-            raise DataError(f"{pred_path}: prediction is {prob.shape[1]}x{prob.shape[0]}, "
-                            f"label {label_path} is {label.shape[1]}x{label.shape[0]}")
-        rows[os.path.basename(pred_path)] = all_scores(prob, label)
+def score_binary(items, threshold=0.5):
+    """{"images": {name: scores}, "mean": {metric: mean over images}} of (name, prob, truth) items."""
+    rows = {name: all_scores(prob, truth, threshold) for name, prob, truth in items}
     metrics = next(iter(rows.values())).keys()
     return dict(images=rows, mean={m: float(np.mean([r[m] for r in rows.values()])) for m in metrics})
 
 
+def score_multiclass(items, classes, ignore_index=255):
+    """Scores of (name, probabilities H x W x N or class indices H x W, truth) items; "mean" from
+    the summed confusion matrix."""
+    rows, total = {}, np.zeros((classes, classes), np.int64)
+    for name, pred, truth in items:
+        pred = pred.argmax(axis=2) if pred.ndim == 3 else pred
+        matrix = confusion_matrix(pred, truth, classes, ignore_index)
+        rows[name] = {k: v for k, v in confusion_scores(matrix).items() if k in MULTICLASS_TABLE}
+        total += matrix
+    return dict(images=rows, mean=confusion_scores(total), classes=classes)
+
+
 def format_table(scores):
-    lines = [f"{'image':<16}" + "".join(f"{m:>{max(len(m), 7) + 2}}" for m in TABLE)]
+    columns = MULTICLASS_TABLE if "classes" in scores else BINARY_TABLE
+    width = max([16] + [len(name) + 2 for name in scores["images"]])
+    lines = [f"{'image':<{width}}" + "".join(f"{m:>{max(len(m), 7) + 2}}" for m in columns)]
     for name, row in list(scores["images"].items()) + [("mean", scores["mean"])]:
-        lines.append(f"{name:<16}" + "".join(f"{row[m]:>{max(len(m), 7) + 2}.4f}" for m in TABLE))
+        lines.append(f"{name:<{width}}" + "".join(f"{row[m]:>{max(len(m), 7) + 2}.4f}" for m in columns))
+    if "classes" in scores:
+        mean = scores["mean"]
+        lines += [f"class {k:>3}: IoU {mean[f'iou_{k}']:.4f}  accuracy {mean[f'accuracy_{k}']:.4f}"
+                  for k in range(scores["classes"])]
     return "\n".join(lines)
+
+
+def write_json(path, scores):
+    atomic_write(path, lambda f: f.write(json.dumps(scores, indent=2).encode()))
+
+
+def read_labels(label_path, data_format="auto", split=None):
+    """{name: (source, raw label array)} from a label folder or a dataset of any layout."""
+    data_format = detect_format(label_path) if data_format == "auto" else data_format
+    if data_format == "pairs":
+        return {os.path.splitext(os.path.basename(p))[0]: (p, read_label_array(p)) for p in list_images(label_path)}
+    return {s.name: (s.source, s.read_label()) for s in find_samples(label_path, data_format, split=split)
+            if s.read_label}
+
+
+def score_folder(pred_dir, label_path, classes=1, ignore_index=255, data_format="auto", split=None):
+    """Scores of every prediction in `pred_dir` against its label (every prediction needs one)."""
+    labels = read_labels(label_path, data_format, split)
+    items = []
+    for pred_path in list_images(pred_dir):
+        name = os.path.splitext(os.path.basename(pred_path))[0]
+        if name not in labels:
+            raise DataError(f"{pred_path}: no label named {name} in {label_path}")
+        source, raw = labels[name]
+        truth = label_to_classes(raw, source, classes, ignore_index)
+        pred = read_image(pred_path) if classes == 1 else label_to_classes(read_label_array(pred_path), pred_path,
+                                                                           classes, ignore_index)
+        if pred.shape[:2] != truth.shape:
+            raise DataError(f"{pred_path}: prediction is {pred.shape[1]}x{pred.shape[0]}, "
+                            f"label {source} is {truth.shape[1]}x{truth.shape[0]}")
+        items.append((os.path.basename(pred_path), pred if pred.ndim == 2 else pred[..., 0], truth))
+    return score_binary(items) if classes == 1 else score_multiclass(items, classes, ignore_index)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("pred_dir", help="folder of predicted masks or probability maps")
-    p.add_argument("label_dir", help="folder of labels with the same file names (255 = cell)")
+    p.add_argument("pred_dir", help="folder of predicted masks, probability maps or class-index PNGs")
+    p.add_argument("labels", help="label folder with the same file names (255 = cell), or a DSB 2018, VOC or "
+                                  "TIFF dataset")
+    p.add_argument("--data-format", choices=("auto",) + FORMATS, default="auto", help="layout of LABELS")
+    p.add_argument("--split", default="val", help="VOC: the ImageSets/Segmentation list")
+    p.add_argument("--classes", type=int, default=1, help="classes the network predicts (1: binary)")
+    p.add_argument("--ignore-index", type=int, default=255, help="label value left out of the scores")
     p.add_argument("--json", help="also write every score, per image and mean, to this JSON file")
     args = p.parse_args(argv)
     try:
-        scores = score_folder(args.pred_dir, args.label_dir)
+        scores = score_folder(args.pred_dir, args.labels, args.classes, args.ignore_index, args.data_format,
+                              args.split)
     except DataError as err:
         sys.exit(f"error: {err}")
     print(format_table(scores))
     if args.json:
-        atomic_write(args.json, lambda f: f.write(json.dumps(scores, indent=2).encode()))
+        write_json(args.json, scores)
 
 
 if __name__ == "__main__":

@@ -125,3 +125,32 @@ def all_scores(prob, truth, threshold=0.5):
     """Every score of one slice: pixel scores and skimage's at `threshold`, ISBI's over the sweep."""
     pred = prob > threshold
     return {**pixel_scores(pred, truth), **isbi_scores(prob, truth), **skimage_scores(pred, truth)}
+
+
+# ---- several classes ------------------------------------------------------------------------
+
+def confusion_matrix(pred, truth, classes, ignore_index=255):
+    """classes x classes pixel counts: row = true class, column = predicted; `ignore_index` left out."""
+    truth, pred = np.asarray(truth).ravel(), np.asarray(pred).ravel()
+    keep = truth != ignore_index
+    pairs = truth[keep].astype(np.int64) * classes + pred[keep].astype(np.int64)
+    return np.bincount(pairs, minlength=classes * classes).reshape(classes, classes)
+
+
+def confusion_scores(matrix):
+    """Pixel accuracy, and per class IoU and accuracy (recall) with their means (the VOC table).
+
+    A class neither in the truth nor the prediction has no IoU (NaN) and is left out of the mean
+    IoU; the mean accuracy is over the classes present in the truth."""
+    matrix = np.asarray(matrix, np.float64)
+    tp, in_truth, in_pred = np.diag(matrix), matrix.sum(1), matrix.sum(0)
+    union = in_truth + in_pred - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, tp / union, np.nan)
+        accuracy = np.where(in_truth > 0, tp / in_truth, np.nan)
+    scores = dict(pixel_accuracy=_ratio(tp.sum(), matrix.sum()),
+                  mean_accuracy=float(np.nanmean(accuracy)) if np.any(in_truth > 0) else 1.0,
+                  mean_iou=float(np.nanmean(iou)) if np.any(union > 0) else 1.0)
+    scores.update({f"iou_{k}": float(v) for k, v in enumerate(iou)})
+    scores.update({f"accuracy_{k}": float(v) for k, v in enumerate(accuracy)})
+    return scores

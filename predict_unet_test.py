@@ -1,12 +1,15 @@
-"""Predict a cell mask for every image in a folder, one PNG per input with the input's name.
+"""Predict a mask for every image of a dataset, one PNG per image named after it, at its own size.
 
     python predict_unet_test.py                                   # checkpoints/best.npz, test_image/
     python predict_unet_test.py --checkpoint pretrained/checkpoints --test-data-path my_images/
     python predict_unet_test.py --pretrained                      # the original example's weights
     python predict_unet_test.py --save-prob --overlay-path predict_overlay/ --label-path test_label/
+    python predict_unet_test.py --test-data-path stage1_test/     # DSB 2018 layout: <id>.png each
 
-Masks hold 255 where the network's cell probability exceeds --threshold, 0 on membranes.
-The checkpoint says how to rebuild the network, so no model flags are needed.
+One class: masks hold 255 where the network's cell (object) probability exceeds --threshold, else 0.
+Several classes: masks hold class indices (argmax), and --color-path gets them in VOC's colours.
+The checkpoint says how to rebuild the network and what input it wants (channels, size), so no
+model flags are needed.
 """
 import argparse
 import os
@@ -17,9 +20,11 @@ import numpy as np
 import backend
 from backend import flow
 from checkpoint import CheckpointError, build_model
-from dataloader import DataError, list_images, pair_by_name, read_image, read_label, write_png
+from dataloader import DataError, label_to_classes, match_channels, resize, write_png
+from datasets import FORMATS, find_samples
+from evaluate import format_table, score_binary, score_multiclass, write_json
 from unet import mirror_for_valid
-from visualize import montage, overlay
+from visualize import class_colors, montage, overlay
 
 MONTAGE_ROWS = 4
 
@@ -34,7 +39,10 @@ def parse_args(argv=None):
                    help="our .npz checkpoint, or the original example's OneFlow checkpoint folder")
     p.add_argument("--pretrained", action="store_true",
                    help="download (once) and use the original example's published OneFlow checkpoint")
-    p.add_argument("--test-data-path", "--Test_Data_path", default="test_image/", help="folder of images")
+    p.add_argument("--test-data-path", "--Test_Data_path", default="test_image/",
+                   help="image folder, DSB 2018 folder, VOC root or TIFF volume (datasets.py)")
+    p.add_argument("--data-format", choices=("auto",) + FORMATS, default="auto", help="layout of --test-data-path")
+    p.add_argument("--split", default="val", help="VOC: the ImageSets/Segmentation list to predict")
     p.add_argument("--save-res-path", "--save_res_path", default="predict_image/", help="output folder")
     p.add_argument("--threshold", type=float, default=0.5, help="cell probability above which a pixel is cell")
     p.add_argument("--save-prob", action="store_true",
@@ -42,7 +50,11 @@ def parse_args(argv=None):
     p.add_argument("--prob-path", default="predict_prob/", help="folder for --save-prob")
     p.add_argument("--prob-bits", type=int, choices=[8, 16], default=16, help="PNG depth of probability maps")
     p.add_argument("--overlay-path", help="also write each image with its predicted membranes tinted here")
-    p.add_argument("--label-path", help="labels of the test images: errors marked in overlays, plus montage.png")
+    p.add_argument("--label-path", help="label folder or TIFF of the test images (DSB and VOC bring their own): "
+                                        "then scores are printed, errors marked in overlays, plus montage.png")
+    p.add_argument("--scores-json", help="with labels: write every score, per image and mean, to this JSON file")
+    p.add_argument("--color-path", default="predict_color/",
+                   help="with several classes: colour pictures of the class-index masks (VOC palette)")
     p.add_argument("--tile", type=int, default=1024,
                    help="predict larger images in overlapping tiles of this size, blended (0: whole image)")
     p.add_argument("--overlap", type=int, default=128, help="overlap of neighbouring tiles, in pixels")
@@ -53,12 +65,16 @@ def parse_args(argv=None):
 
 
 def _forward(model, image, device, input_scale):
-    height, width = image.shape
+    """Probability of one piece: H x W (cell/object) with one class, H x W x N with N classes."""
+    height, width = image.shape[:2]
     if model.padding == "valid":
         image = mirror_for_valid(image)
+    planes = image.transpose(2, 0, 1) if image.ndim == 3 else image[None]
     with flow.no_grad():
-        logits = model(backend.to_tensor(image[None, None] * input_scale, device))
-        return backend.to_numpy(flow.sigmoid(logits))[0, 0, :height, :width]
+        logits = model(backend.to_tensor(np.ascontiguousarray(planes[None]) * input_scale, device))
+        prob = flow.sigmoid(logits) if model.n_classes == 1 else flow.softmax(logits, dim=1)
+        prob = backend.to_numpy(prob)[0, :, :height, :width]
+    return prob[0] if model.n_classes == 1 else prob.transpose(1, 2, 0)
 
 
 def _tile_starts(length, tile, stride):
@@ -82,26 +98,28 @@ def predict_tiled(model, image, device, input_scale=1.0, tile=1024, overlap=128)
 
     Overlapping tiles are blended with weights that fade out at their edges, so seams do not show
     and memory stays bounded by the tile size."""
-    height, width = image.shape
+    height, width = image.shape[:2]
     if tile <= 0 or (height <= tile and width <= tile):
         return _forward(model, image, device, input_scale)
     th, tw = min(tile, height), min(tile, width)
     window = _blend_window(th, tw, overlap)
-    total = np.zeros(image.shape, np.float32)
-    weight = np.zeros(image.shape, np.float32)
+    total, weight = None, np.zeros((height, width), np.float32)
     for y in _tile_starts(height, th, tile - overlap):
         for x in _tile_starts(width, tw, tile - overlap):
-            total[y:y + th, x:x + tw] += window * _forward(model, image[y:y + th, x:x + tw], device, input_scale)
+            prob = _forward(model, image[y:y + th, x:x + tw], device, input_scale)
+            if total is None:
+                total = np.zeros((height, width) + prob.shape[2:], np.float32)
+            total[y:y + th, x:x + tw] += (window if prob.ndim == 2 else window[..., None]) * prob
             weight[y:y + th, x:x + tw] += window
-    return total / weight
+    return total / (weight if total.ndim == 2 else weight[..., None])
 
 
 def predict_probability(model, image, device, input_scale=1.0, tile=1024, overlap=128, tta=False):
-    """Cell probability (H x W float32) of a [0, 1] grayscale image; with `tta` the mean over its
-    8 flips and 90-degree rotations, each mapped back."""
+    """Cell probability (H x W float32; H x W x N for N classes) of a [0, 1] image (H x W or
+    H x W x C); with `tta` the mean over its 8 flips and 90-degree rotations, each mapped back."""
     if not tta:
         return predict_tiled(model, image, device, input_scale, tile, overlap)
-    total = np.zeros(image.shape, np.float32)
+    total = 0
     for k in range(4):
         for flip in (False, True):
             view = np.rot90(image, k)[:, ::-1] if flip else np.rot90(image, k)
@@ -110,51 +128,88 @@ def predict_probability(model, image, device, input_scale=1.0, tile=1024, overla
     return total / 8
 
 
-def predict_folder(checkpoint, image_dir, out_dir, threshold=0.5, device="cpu", prob_dir=None, prob_bits=16,
-                   overlay_dir=None, label_dir=None, tile=1024, overlap=128, tta=False):
-    """Write `out_dir/<name>.png` masks (0/255) for every image, and the optional pictures and maps.
+def predict_sample(model, meta, image, device, tile=1024, overlap=128, tta=False):
+    """Probability map of an image at its own size, whatever its channels and the size trained on."""
+    image = match_channels(image, model.n_channels)
+    size = meta.get("data", {}).get("img_size", 0)
+    resized = resize(image, (size, size)) if size else image
+    prob = predict_probability(model, resized, device, meta.get("input_scale", 1.0), tile, overlap, tta)
+    return resize(prob, image.shape[:2]) if size else prob
 
-    Returns the written mask paths."""
+
+def write_outputs(name, image, prob, truth, outputs, threshold=0.5):
+    """Write the mask (0/255), or class indices plus a colour picture, and the optional extras."""
+    multiclass = prob.ndim == 3
+    pred = prob.argmax(axis=2).astype(np.uint8) if multiclass else prob > threshold
+    write_png(os.path.join(outputs["masks"], name), pred if multiclass else np.where(pred, 255, 0).astype(np.uint8))
+    if multiclass:
+        write_png(os.path.join(outputs["colors"], name), class_colors(pred))
+    elif outputs.get("prob"):
+        top = 2 ** outputs["prob_bits"] - 1
+        write_png(os.path.join(outputs["prob"], name),
+                  np.round(prob * top).astype(np.uint16 if outputs["prob_bits"] == 16 else np.uint8))
+    if outputs.get("overlay"):
+        write_png(os.path.join(outputs["overlay"], name), overlay(image, pred, truth))
+    return pred
+
+
+def predict_dataset(checkpoint, data_path, outputs, data_format="auto", label_path=None, threshold=0.5,
+                    device="cpu", tile=1024, overlap=128, tta=False, split="val"):
+    """Predict every image of a dataset (any layout datasets.py reads) into `outputs` (a dict:
+    masks, colors, prob, prob_bits, overlay folders); with labels, also the scores.
+
+    Returns (written mask paths, scores or None)."""
     model, meta = build_model(checkpoint, device)
-    labels = dict(pair_by_name(image_dir, label_dir)) if label_dir else {}
-    written, montage_rows = [], []
-    for path in list_images(image_dir):
-        name = os.path.splitext(os.path.basename(path))[0] + ".png"
-        image = read_image(path)
-        prob = predict_probability(model, image, device, meta.get("input_scale", 1.0), tile, overlap, tta)
-        pred = prob > threshold
-        write_png(os.path.join(out_dir, name), np.where(pred, 255, 0).astype(np.uint8))
-        if prob_dir:
-            top = 2 ** prob_bits - 1
-            write_png(os.path.join(prob_dir, name), np.round(prob * top).astype(np.uint16 if prob_bits == 16 else np.uint8))
-        truth = read_label(labels[path]) if labels else None
-        if overlay_dir:
-            write_png(os.path.join(overlay_dir, name), overlay(image, pred, truth))
-        if truth is not None and len(montage_rows) < MONTAGE_ROWS:
+    classes = model.n_classes
+    ignore_index = meta.get("data", {}).get("ignore_index", 255)
+    written, montage_rows, scored = [], [], []
+    for sample in find_samples(data_path, data_format, label_path, split):
+        name = sample.name + ".png"
+        image = sample.read_image()
+        prob = predict_sample(model, meta, image, device, tile, overlap, tta)
+        truth = None
+        if sample.read_label:
+            truth = label_to_classes(sample.read_label(), sample.source, classes, ignore_index)
+            if truth.shape != image.shape[:2]:
+                raise DataError(f"{sample.source}: label is {truth.shape[1]}x{truth.shape[0]}, "
+                                f"the image {image.shape[1]}x{image.shape[0]}")
+            scored.append((name, prob, truth))
+        pred = write_outputs(name, image, prob, truth, outputs, threshold)
+        if truth is not None and classes == 1 and len(montage_rows) < MONTAGE_ROWS:
             montage_rows.append((image, pred, truth))
-        written.append(os.path.join(out_dir, name))
-        print(f"{path} -> {written[-1]} (cell {np.mean(pred):.1%})")
-    if montage_rows and overlay_dir:
-        write_png(os.path.join(overlay_dir, "montage.png"), montage(montage_rows))
-    return written
+        written.append(os.path.join(outputs["masks"], name))
+        summary = f"cell {np.mean(pred):.1%}" if classes == 1 else f"classes {sorted(np.unique(pred).tolist())}"
+        print(f"{sample.source} -> {written[-1]} ({summary})")
+    if montage_rows and outputs.get("overlay"):
+        write_png(os.path.join(outputs["overlay"], "montage.png"), montage(montage_rows))
+    if not scored:
+        return written, None
+    scores = score_binary(scored, threshold) if classes == 1 else score_multiclass(scored, classes, ignore_index)
+    return written, scores
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.tile and not 0 <= args.overlap < args.tile:
         sys.exit(f"error: --overlap must be at least 0 and smaller than --tile ({args.tile})")
+    outputs = dict(masks=args.save_res_path, colors=args.color_path, prob=args.prob_path if args.save_prob else None,
+                   prob_bits=args.prob_bits, overlay=args.overlay_path)
     try:
         if args.pretrained:
             from fetch_data import fetch_pretrained
             args.checkpoint = fetch_pretrained()
         device = backend.resolve_device(args.device)
         print(f"predicting with {args.checkpoint} on {backend.NAME}/{device}")
-        written = predict_folder(args.checkpoint, args.test_data_path, args.save_res_path, args.threshold, device,
-                                 args.prob_path if args.save_prob else None, args.prob_bits,
-                                 args.overlay_path, args.label_path, args.tile, args.overlap, args.tta)
+        written, scores = predict_dataset(args.checkpoint, args.test_data_path, outputs, args.data_format,
+                                          args.label_path, args.threshold, device, args.tile, args.overlap, args.tta,
+                                          args.split)
     except (DataError, CheckpointError, OSError) as err:
         sys.exit(f"error: {err}")
     print(f"{len(written)} masks written to {args.save_res_path}")
+    if scores:
+        print(format_table(scores))
+        if args.scores_json:
+            write_json(args.scores_json, scores)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Predict a mask for every image in test_image/ into predict_image/ (same file names), with the
-# cell-probability maps in predict_prob/ and pictures to check in predict_overlay/.
+# cell-probability maps in predict_prob/ and pictures to check in predict_overlay/ (several
+# classes: class-index masks, and their colour pictures in predict_color/).
 #   CHECKPOINT       default checkpoints/best.npz (or the original's OneFlow checkpoint folder)
 #   PRETRAINED=1     use the original example's published checkpoint (downloaded once)
-#   TEST_DATA_PATH   default test_image/
+#   TEST_DATA_PATH   default test_image/; also a DSB 2018 folder, a VOC root or a TIFF volume
 #   SAVE_RES_PATH    default predict_image/
-#   TEST_LABEL_PATH  labels of the test images: errors marked in the pictures, and the scores
-#                    (evaluate.py) printed and written to SCORES_JSON (predict_scores.json)
+#   TEST_LABEL_PATH  labels of the test images (DSB and VOC data bring their own): errors marked
+#                    in the pictures, and the scores printed and written to SCORES_JSON
+#                    (predict_scores.json)
 #   UNET_BACKEND     oneflow (default) or torch
 # Extra arguments go to predict_unet_test.py (see `bash test.sh --help`).
 set -euo pipefail
@@ -35,7 +37,5 @@ fi
     --save-res-path "$SAVE_RES_PATH" \
     --save-prob --prob-path "$PROB_PATH" \
     --overlay-path "$OVERLAY_PATH" \
+    --scores-json "${SCORES_JSON:-predict_scores.json}" \
     "$@"
-if [ -n "$TEST_LABEL_PATH" ] && ! wants_help "$@"; then
-    "$PYTHON" evaluate.py "$PROB_PATH" "$TEST_LABEL_PATH" --json "${SCORES_JSON:-predict_scores.json}"
-fi

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Train the U-Net on ISBI 2012 (sets up .venv and fetches the data on the first run).
+# Train the U-Net on ISBI 2012 (sets up .venv and fetches the data on the first run), or on
+# your own data in any layout datasets.py reads.
 #   EPOCHS, BATCH_SIZE      override the preset chosen for this machine
-#   DATA_PATH, LABEL_PATH   image and label folders (default train_image, train_label)
+#   DATA_PATH               image folder (default train_image), a DSB 2018 stage1_train folder,
+#                           a VOC root or a TIFF volume (train-volume.tif)
+#   LABEL_PATH              label folder (default train_label) or TIFF, for image folders and TIFFs
+#   CLASSES, IMG_SIZE       classes (1: binary; N: softmax over 0..N-1), resize to IMG_SIZE squares
 #   ISBI_DATA_DIR           local folder with train_image/ train_label/ test_image/ to copy from
 #   UNET_BACKEND            oneflow (default) or torch
 # Extra arguments go to TrainUnetDataSet.py (see `bash train.sh --help`).
@@ -11,14 +15,16 @@ source ./setup_env.sh
 ensure_env
 
 DATA_PATH=${DATA_PATH:-train_image}
-LABEL_PATH=${LABEL_PATH:-train_label}
-if [ "$DATA_PATH" = train_image ] && [ "$LABEL_PATH" = train_label ] && ! wants_help "$@"; then
+LABEL_PATH=${LABEL_PATH:-}
+if [ "${DATA_PATH%/}" = train_image ] && [ -z "$LABEL_PATH" ] && ! wants_help "$@"; then
     "$PYTHON" fetch_data.py
 fi
 
 exec "$PYTHON" TrainUnetDataSet.py \
     --data-path "$DATA_PATH" \
-    --label-path "$LABEL_PATH" \
+    ${LABEL_PATH:+--label-path "$LABEL_PATH"} \
+    ${CLASSES:+--classes "$CLASSES"} \
+    ${IMG_SIZE:+--img-size "$IMG_SIZE"} \
     ${EPOCHS:+--epochs "$EPOCHS"} \
     ${BATCH_SIZE:+--batch-size "$BATCH_SIZE"} \
     "$@"

@@ -37,11 +37,11 @@ VALID_MARGIN = 92  # (16 b + 124 - (16 b - 60)) / 2: input pixels lost on each s
 
 
 def mirror_for_valid(array):
-    """A 2-D numpy array with mirrored borders, sized so the unpadded net's output starts at its
+    """A numpy image (H x W or H x W x C) with mirrored borders, sized so the unpadded net's output starts at its
     first pixel and covers all of it (the paper's overlap-tile input)."""
-    (height, width), m = array.shape, VALID_MARGIN
-    return np.pad(array, [(m, valid_input_size(height) - height - m), (m, valid_input_size(width) - width - m)],
-                  mode="reflect")
+    (height, width), m = array.shape[:2], VALID_MARGIN
+    pads = [(m, valid_input_size(height) - height - m), (m, valid_input_size(width) - width - m)]
+    return np.pad(array, pads + [(0, 0)] * (array.ndim - 2), mode="reflect")
 
 
 class DoubleConv(nn.Module):

@@ -2,14 +2,22 @@
 import cv2
 import numpy as np
 
+from datasets import voc_palette
+
 MEMBRANE = (255, 200, 0)     # BGR: predicted membranes, tinted cyan-blue
 MISSED = (0, 0, 255)         # red: a true membrane predicted as cell (can merge cells)
 SPURIOUS = (0, 200, 255)     # orange: a cell pixel predicted as membrane (can split cells)
 
 
 def _bgr(image):
-    gray = np.clip(np.asarray(image, np.float32) * 255, 0, 255).astype(np.uint8)
-    return cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
+    """A [0, 1] grey or RGB image (or a mask) as 8-bit BGR for OpenCV."""
+    pixels = np.clip(np.asarray(image, np.float32) * 255, 0, 255).astype(np.uint8)
+    return cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR if pixels.ndim == 3 else cv2.COLOR_GRAY2BGR)
+
+
+def class_colors(classes):
+    """Class indices (H x W) as a BGR picture in Pascal VOC's colours (0 = black background)."""
+    return voc_palette()[classes][..., ::-1].copy()
 
 
 def _tint(bgr, where, colour, alpha=0.55):
@@ -19,7 +27,12 @@ def _tint(bgr, where, colour, alpha=0.55):
 
 
 def overlay(image, pred, truth=None):
-    """The [0, 1] image with predicted membranes tinted and, given `truth`, the errors marked."""
+    """The [0, 1] image with predicted membranes tinted and, given `truth`, the errors marked.
+    Class indices (pred not boolean): every class but 0 tinted in its colour."""
+    if pred.dtype != bool:
+        picture, where = _bgr(image), pred > 0
+        picture[where] = (0.5 * class_colors(pred)[where] + 0.5 * picture[where]).astype(np.uint8)
+        return picture
     pred = np.asarray(pred, bool)
     picture = _tint(_bgr(image), ~pred, MEMBRANE)
     return picture if truth is None else _mark_errors(picture, pred, truth)

@@ -40,12 +40,15 @@ def two_nearest_cell_distances(cell_ids, reach):
     return d1, d2
 
 
-def weight_map(label, w0=10.0, sigma=5.0):
-    """Loss weights (float32, label's shape) for a binary label (1 = cell, 0 = membrane)."""
+def weight_map(label, w0=10.0, sigma=5.0, instances=None):
+    """Loss weights (float32, label's shape) for a binary label (1 = cell, 0 = membrane).
+
+    Cells are the label's connected components, or the numbered `instances` where given (DSB
+    2018's one mask per nucleus), so that touching objects are told apart too."""
     label = np.asarray(label) > 0
     # Distances beyond `reach` count as infinite; the term they drop is at most w0 exp(-18).
     reach = int(np.ceil(6 * sigma))
-    d1, d2 = two_nearest_cell_distances(cells(label), reach)
+    d1, d2 = two_nearest_cell_distances(cells(label) if instances is None else instances, reach)
     border = w0 * np.exp(-((d1 + d2) ** 2) / (2 * sigma ** 2))
     return class_balance(label) + np.where(label, 0.0, border).astype(np.float32)
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from augment import flip_rotate
-from dataloader import (DataError, SegmentationDataset, batches, list_images, load_pairs, pair_by_name, read_image,
-                        read_label)
+from dataloader import DataError, SegmentationDataset, batches, list_images, read_image, read_label
+from datasets import find_samples, load_dataset
 
 
 def write(path, array):
@@ -40,9 +40,9 @@ def test_images_and_labels_are_paired_by_file_name_not_by_order(tmp_path):
         write(tmp_path / "img" / name, np.zeros((16, 16), np.uint8))
     for name in ["c.png", "a.png", "b.tif"]:
         write(tmp_path / "lab" / name, np.zeros((16, 16), np.uint8))
-    pairs = pair_by_name(tmp_path / "img", tmp_path / "lab")
-    assert [(os.path.basename(i), os.path.basename(l)) for i, l in pairs] == [
-        ("a.png", "a.png"), ("b.png", "b.tif"), ("c.png", "c.png")]
+    samples = find_samples(str(tmp_path / "img"), "pairs", str(tmp_path / "lab"))
+    assert [(s.name, os.path.basename(s.source)) for s in samples] == [("a", "a.png"), ("b", "b.png"), ("c", "c.png")]
+    assert samples[1].read_label().shape == (16, 16)  # b.png's label is b.tif
 
 
 def test_images_are_listed_in_natural_order(tmp_path):
@@ -56,14 +56,14 @@ def test_an_image_without_a_label_stops_with_an_error_naming_it(tmp_path):
     write(tmp_path / "img" / "lonely.png", np.zeros((16, 16), np.uint8))
     write(tmp_path / "lab" / "a.png", np.zeros((16, 16), np.uint8))
     with pytest.raises(DataError, match=r"lonely\.png: no label named lonely"):
-        pair_by_name(tmp_path / "img", tmp_path / "lab")
+        find_samples(str(tmp_path / "img"), "pairs", str(tmp_path / "lab"))
 
 
 def test_a_label_of_another_size_than_its_image_stops_with_an_error_naming_both(tmp_path):
-    image = write(tmp_path / "img" / "a.png", np.zeros((16, 16), np.uint8))
-    label = write(tmp_path / "lab" / "a.png", np.zeros((16, 20), np.uint8))
-    with pytest.raises(DataError, match=r"lab/a\.png: label is 20x16 but its image .*img/a\.png is 16x16"):
-        load_pairs([(image, label)])
+    write(tmp_path / "img" / "a.png", np.zeros((16, 16), np.uint8))
+    write(tmp_path / "lab" / "a.png", np.zeros((16, 20), np.uint8))
+    with pytest.raises(DataError, match=r"img/a\.png: label is 20x16 but the image is 16x16"):
+        load_dataset(find_samples(str(tmp_path / "img"), "pairs", str(tmp_path / "lab")))
 
 
 def test_a_corrupt_image_stops_with_an_error_naming_it(tmp_path):

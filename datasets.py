@@ -1,0 +1,242 @@
+"""Dataset layouts: find the images and labels of a dataset in the shapes users bring it.
+
+    python datasets.py ../shared/data/dsb2018/stage1_train     # what was found: layout, count, sizes, values
+
+  pairs    image and label folders matched by file name (ISBI 2012 as train.sh fetches it)
+  dsb2018  Data Science Bowl 2018: <id>/images/<id>.png with <id>/masks/*.png, one mask per
+           nucleus, merged into one foreground mask (numbered as instances for the weight map)
+  voc      Pascal VOC: JPEGImages/, SegmentationClass/ palette PNGs, ImageSets/Segmentation/<split>.txt
+  tiff     multi-page TIFF volumes, e.g. ISBI's train-volume.tif with train-labels.tif
+
+`find_samples` detects the layout when not given and lists Samples, read only when asked for;
+`load_dataset` reads and checks them into a SegmentationDataset.
+"""
+import argparse
+import functools
+import os
+import sys
+from collections import namedtuple
+
+import numpy as np
+import tifffile
+
+from dataloader import (DataError, SegmentationDataset, image_from_array, label_to_classes,
+                        list_images, match_channels, read_image, read_label_array, resize)
+
+FORMATS = ("pairs", "dsb2018", "voc", "tiff")
+
+# name: the output file's stem; source: for messages; read_*: callables (read_label and
+# read_instances are None when the sample has none).
+Sample = namedtuple("Sample", "name source read_image read_label read_instances")
+
+
+def voc_palette(n=256):
+    """Pascal VOC's colour map: class i -> (r, g, b), as in its devkit."""
+    palette = np.zeros((n, 3), np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for bit in range(8):
+            r |= ((c >> 0) & 1) << (7 - bit)
+            g |= ((c >> 1) & 1) << (7 - bit)
+            b |= ((c >> 2) & 1) << (7 - bit)
+            c >>= 3
+        palette[i] = (r, g, b)
+    return palette
+
+
+def detect_format(path):
+    if os.path.isfile(path):
+        if path.lower().endswith((".tif", ".tiff")):
+            return "tiff"
+        raise DataError(f"{path}: a file, but not a TIFF stack; give a folder or a .tif volume")
+    if not os.path.isdir(path):
+        raise DataError(f"{path}: no such file or folder")
+    if os.path.isdir(os.path.join(path, "JPEGImages")):
+        return "voc"
+    if any(os.path.isdir(os.path.join(path, name, "images")) for name in os.listdir(path)):
+        return "dsb2018"
+    return "pairs"
+
+
+def find_samples(path, data_format="auto", label_path=None, split=None):
+    """The samples of the dataset at `path` (labels from `label_path` for pairs and tiff)."""
+    data_format = detect_format(path) if data_format == "auto" else data_format
+    finder = {"pairs": _pairs, "dsb2018": _dsb2018, "voc": _voc, "tiff": _tiff}[data_format]
+    samples = finder(path, label_path, split)
+    if not samples:
+        raise DataError(f"{path}: no images found in its {data_format} layout")
+    return samples
+
+
+def _stem(path):
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def _reader(path):
+    return lambda: read_image(path)
+
+
+def _label_reader(path):
+    return lambda: read_label_array(path)
+
+
+def _pairs(image_dir, label_dir, split):
+    labels = {_stem(p): p for p in list_images(label_dir)} if label_dir else None
+    samples = []
+    for path in list_images(image_dir):
+        if labels is not None and _stem(path) not in labels:
+            raise DataError(f"{path}: no label named {_stem(path)}.* in {label_dir}")
+        label = labels and labels[_stem(path)]
+        samples.append(Sample(_stem(path), path, _reader(path), label and _label_reader(label), None))
+    return samples
+
+
+def _dsb2018(root, label_path, split):
+    samples = []
+    for name in sorted(os.listdir(root)):
+        image_dir = os.path.join(root, name, "images")
+        if not os.path.isdir(image_dir):
+            continue
+        image = list_images(image_dir)[0]
+        mask_dir = os.path.join(root, name, "masks")
+        masks = tuple(list_images(mask_dir)) if os.path.isdir(mask_dir) else None
+        samples.append(Sample(name, image, _reader(image),
+                              masks and (lambda m=masks: np.where(_numbered_masks(m) > 0, 255, 0).astype(np.uint8)),
+                              masks and (lambda m=masks: _numbered_masks(m))))
+    return samples
+
+
+@functools.lru_cache(maxsize=1)  # a sample's label and instances come from one reading
+def _numbered_masks(paths):
+    """One instance image from one-object masks: mask i (in file order) -> i + 1, background 0."""
+    instances = None
+    for number, path in enumerate(paths, start=1):
+        mask = label_to_classes(read_label_array(path), path)
+        if instances is None:
+            instances = np.zeros(mask.shape, np.int32)
+        elif mask.shape != instances.shape:
+            raise DataError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]}, the sample's other masks "
+                            f"{instances.shape[1]}x{instances.shape[0]}")
+        instances[mask > 0] = number
+    return instances
+
+
+def _voc(root, label_path, split):
+    images = {_stem(p): p for p in list_images(os.path.join(root, "JPEGImages"))}
+    label_dir = os.path.join(root, "SegmentationClass")
+    split_file = os.path.join(root, "ImageSets", "Segmentation", f"{split}.txt")
+    if split and os.path.isfile(split_file):
+        with open(split_file) as f:
+            names = [line.split()[0] for line in f if line.strip()]
+    elif os.path.isdir(label_dir):
+        names = [_stem(p) for p in list_images(label_dir)]
+    else:
+        names = list(images)
+    samples = []
+    for name in names:
+        if name not in images:
+            raise DataError(f"{root}: image {name} (listed in {split_file}) not in JPEGImages/")
+        label = os.path.join(label_dir, name + ".png")
+        has_label = os.path.isfile(label)
+        samples.append(Sample(name, images[name], _reader(images[name]),
+                              _label_reader(label) if has_label else None, None))
+    return samples
+
+
+def voc_split_exists(root, split):
+    return os.path.isfile(os.path.join(root, "ImageSets", "Segmentation", f"{split}.txt"))
+
+
+def read_tiff_stack(path):
+    """The pages of a TIFF file as one array: N x H x W, or N x H x W x C for colour."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            array, axes = series.asarray(), series.axes
+    except Exception as err:  # tifffile raises many kinds on damaged files
+        raise DataError(f"{path}: not a readable TIFF ({type(err).__name__}: {err})")
+    page_dims = 3 if axes.endswith("S") else 2
+    return array.reshape(-1, *array.shape[-page_dims:])
+
+
+def _guess_tiff_labels(volume):
+    folder, name = os.path.split(volume)
+    guess = os.path.join(folder, name.replace("volume", "labels"))
+    return guess if guess != volume and os.path.isfile(guess) else None
+
+
+def _tiff(volume, label_path, split):
+    label_path = label_path or _guess_tiff_labels(volume)
+    pages = read_tiff_stack(volume)
+    labels = read_tiff_stack(label_path) if label_path else None
+    if labels is not None and len(labels) != len(pages):
+        raise DataError(f"{label_path}: {len(labels)} label pages for the {len(pages)} pages of {volume}")
+    digits = max(2, len(str(len(pages) - 1)))
+    samples = []
+    for i in range(len(pages)):
+        source = f"{volume} page {i}"
+        samples.append(Sample(f"{_stem(volume)}_{i:0{digits}d}", source,
+                              lambda i=i, source=source: image_from_array(pages[i], source),
+                              None if labels is None else (lambda i=i: labels[i]), None))
+    return samples
+
+
+def load_dataset(samples, classes=1, ignore_index=255, img_size=0, channels=None, **kwargs):
+    """Read, check and convert labelled samples into a SegmentationDataset (kwargs: crop, augment).
+
+    Channels follow the data (RGB when any image is colour) unless `channels` is given;
+    `img_size` > 0 resizes every pair to that square (labels by nearest neighbour)."""
+    images, labels, instances = [], [], []
+    for sample in samples:
+        if sample.read_label is None:
+            raise DataError(f"{sample.source}: has no label")
+        image = sample.read_image()
+        label = label_to_classes(sample.read_label(), sample.source, classes, ignore_index)
+        if image.shape[:2] != label.shape:
+            raise DataError(f"{sample.source}: label is {label.shape[1]}x{label.shape[0]} "
+                            f"but the image is {image.shape[1]}x{image.shape[0]}")
+        numbered = sample.read_instances() if sample.read_instances else None
+        if img_size:
+            image, label = resize(image, (img_size, img_size)), resize(label, (img_size, img_size), nearest=True)
+            numbered = None if numbered is None else resize(numbered, (img_size, img_size), nearest=True)
+        images.append(image)
+        labels.append(label)
+        instances.append(numbered)
+    channels = channels or (3 if any(image.ndim == 3 for image in images) else 1)
+    if classes > 1 and not any(np.any((label > 0) & (label < classes)) for label in labels):
+        raise DataError(f"{samples[0].source}: no label holds any class but 0 (and {ignore_index} = ignore): "
+                        f"binary 0/255 masks? train them with --classes 1")
+    return SegmentationDataset([match_channels(image, channels) for image in images], labels, classes=classes,
+                               names=[s.name for s in samples],
+                               instances=instances if any(i is not None for i in instances) else None, **kwargs)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", help="image folder, DSB 2018 folder, VOC root or TIFF volume")
+    p.add_argument("--label-path", help="label folder or TIFF (pairs, tiff)")
+    p.add_argument("--data-format", choices=("auto",) + FORMATS, default="auto")
+    p.add_argument("--split", help="VOC split (train, val, ...)")
+    args = p.parse_args(argv)
+    try:
+        data_format = detect_format(args.path) if args.data_format == "auto" else args.data_format
+        samples = find_samples(args.path, data_format, args.label_path, args.split)
+        sizes = {}
+        for sample in samples:
+            image = sample.read_image()
+            key = f"{image.shape[1]}x{image.shape[0]}{' RGB' if image.ndim == 3 else ''}"
+            sizes[key] = sizes.get(key, 0) + 1
+        labelled = [s for s in samples if s.read_label]
+        values = np.unique(np.concatenate([np.unique(s.read_label()) for s in labelled])) if labelled else []
+    except DataError as err:
+        sys.exit(f"error: {err}")
+    print(f"{args.path}: {data_format}, {len(samples)} images ({len(labelled)} labelled)")
+    print("sizes: " + ", ".join(f"{k} ({v})" for k, v in sorted(sizes.items(), key=lambda kv: -kv[1])))
+    if labelled:
+        print("label values: " + ", ".join(str(v) for v in values))
+
+
+if __name__ == "__main__":
+    main()
