@@ -1,12 +1,15 @@
-"""Train the U-Net on image/label folders; keeps the best and the last checkpoint.
+"""Train the U-Net on a dataset of any layout datasets.py reads; keeps the best and the last checkpoint.
 
     python TrainUnetDataSet.py                                # ISBI folders, preset for this machine
     python TrainUnetDataSet.py --epochs 40 --batch-size 4 --base 64
     python TrainUnetDataSet.py --resume                       # go on from checkpoints/last.npz
+    python TrainUnetDataSet.py --data-path stage1_train       # DSB 2018 nuclei, RGB
+    python TrainUnetDataSet.py --data-path VOC2012 --classes 21 --img-size 256
     UNET_BACKEND=torch python TrainUnetDataSet.py             # same code on PyTorch
 
 Every epoch prints (and tees into the log) one line: train loss, and on held-out images the
-validation loss, pixel error, Dice and the ISBI challenge's V_rand, and the time. `python3 plot.py` draws the curves from that log.
+validation loss, pixel error, Dice and the ISBI challenge's V_rand (several classes: pixel
+accuracy and mean IoU), and the time. `python3 plot.py` draws the curves from that log.
 """
 import argparse
 import math

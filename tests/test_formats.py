@@ -10,7 +10,7 @@ import tifffile
 from PIL import Image
 
 from conftest import run_script, write_dataset
-from dataloader import DataError, read_label, write_png
+from dataloader import DataError, SegmentationDataset, read_label, write_png
 from datasets import detect_format, find_samples, load_dataset, voc_palette
 from evaluate import score_folder
 from metrics import confusion_matrix, confusion_scores
@@ -225,6 +225,15 @@ def test_mean_iou_and_accuracy_follow_the_confusion_matrix():
     assert scores["iou_2"] == pytest.approx(1 / 2)
     assert scores["mean_iou"] == pytest.approx((1 / 3 + 2 / 3 + 1 / 2) / 3)
     assert scores["mean_accuracy"] == pytest.approx((1 / 2 + 1 + 1 / 2) / 3)
+
+
+def test_auto_class_weights_are_median_frequency_over_frequency_ignoring_255():
+    from TrainUnetDataSet import class_weights, parse_args
+    labels = [np.array([[0] * 6 + [1] * 3 + [2] * 1 + [255] * 5], np.uint8)]
+    data = SegmentationDataset([np.zeros(labels[0].shape, np.float32)], labels, classes=3)
+    weights = class_weights(parse_args(["--classes", "3", "--class-weights", "auto"]), data)
+    np.testing.assert_allclose(weights, [0.5, 1.0, 3.0], rtol=1e-6)
+    np.testing.assert_allclose(class_weights(parse_args(["--classes", "3", "--class-weights", "1,2,3"]), data), [1, 2, 3])
 
 
 def test_cross_entropy_leaves_ignored_pixels_out():
