@@ -279,6 +279,11 @@ def train(args):
     print(f"data: {len(train_set)} training pairs from {args.data_path} ({data_format}, "
           f"{'RGB' if train_set.channels == 3 else 'grey'}, {args.classes} class{'es' if args.classes > 1 else ''}), "
           f"{len(val_set) if val_set else 0} for validation")
+    sizes = {image.shape[:2] for image in train_set.images}
+    if len(sizes) > 1 and not train_set.crop and args.batch_size > 1 and args.padding == "same":
+        train_set.crop = min(min(size) for size in sizes) // 16 * 16
+        print(f"images of {len(sizes)} sizes: batches of random {train_set.crop}x{train_set.crop} crops "
+              f"(--crop or --img-size to choose)")
     if args.dice_weight is None:
         args.dice_weight = 1.0 if args.classes > 1 else 0.0
     weights_per_class = class_weights(args, train_set)
