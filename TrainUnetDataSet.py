@@ -26,7 +26,7 @@ from checkpoint import (CheckpointError, build_model, load_checkpoint, load_weig
                         save_checkpoint, update_meta)
 from augment import DEFAULT_PROBABILITIES
 from dataloader import DataError, SegmentationDataset, batches
-from datasets import FORMATS, detect_format, find_samples, load_dataset, voc_split_exists
+from datasets import FORMATS, detect_format, find_samples, labels_beside, load_dataset, voc_split_exists
 from log import Logger
 from metrics import confusion_matrix, confusion_scores, isbi_scores, pixel_scores
 from predict_unet_test import predict_probability
@@ -64,6 +64,9 @@ def parse_args(argv=None):
                    help="share of the training pairs held out for validation (0: none; VOC uses its val list)")
     p.add_argument("--classes", type=int, default=1,
                    help="1: one class against background (sigmoid); N > 1: softmax over class indices 0..N-1")
+    p.add_argument("--instance-labels", action="store_true",
+                   help="labels number the objects 1, 2, ... (GlaS's *_anno.bmp): nonzero = object, and the "
+                        "weight map separates the numbered objects")
     p.add_argument("--ignore-index", type=int, default=255, help="label value left out of loss and scores (classes > 1)")
     p.add_argument("--class-weights", help="classes > 1: cross-entropy weights, e.g. 1,2,2, or 'auto' "
                                            "(median frequency balancing on the training labels)")
@@ -128,13 +131,14 @@ def augment_probabilities(args):
 
 def read_data(path, label_path, args, split=None, **kwargs):
     samples = find_samples(path, args.data_format, label_path, split)
-    return load_dataset(samples, args.classes, args.ignore_index, args.img_size, **kwargs)
+    return load_dataset(samples, args.classes, args.ignore_index, args.img_size,
+                        instance_labels=args.instance_labels, **kwargs)
 
 
 def split_data(args, rng):
     """(train, val) datasets; val is None when there is nothing to validate on."""
     fmt = detect_format(args.data_path) if args.data_format == "auto" else args.data_format
-    label_path = args.label_path or ("train_label" if fmt == "pairs" else None)
+    label_path = args.label_path or ("train_label" if fmt == "pairs" and not labels_beside(args.data_path) else None)
     voc_val = fmt == "voc" and voc_split_exists(args.data_path, "val") and not args.val_image_path
     data = read_data(args.data_path, label_path, args, split="train", crop=args.crop or None,
                      augment=augment_probabilities(args))
@@ -273,6 +277,8 @@ def train(args):
     if args.padding == "valid" and args.crop:
         args.crop = valid_input_size(max(args.crop - 2 * VALID_MARGIN, 1))
         print(f"unpadded U-Net: training tiles of {args.crop} pixels give {args.crop - 2 * VALID_MARGIN}")
+    if args.instance_labels and args.classes > 1:
+        raise DataError("--instance-labels numbers objects of one class: it needs --classes 1")
     backend.seed_everything(args.seed)
     rng = np.random.default_rng(args.seed)
     data_format, train_set, val_set = split_data(args, rng)
@@ -338,7 +344,8 @@ def train(args):
         best, stale = (scores[metric], 0) if improved else (best, stale + 1)
         info = dict(epoch=epoch + 1, best=best, best_metric=metric, stale_epochs=stale, scores=scores,
                     rng=rng.bit_generator.state, input_scale=1.0, args=vars(args),
-                    data=dict(format=data_format, img_size=args.img_size, ignore_index=args.ignore_index))
+                    data=dict(format=data_format, img_size=args.img_size, ignore_index=args.ignore_index,
+                              instance_labels=args.instance_labels))
         save_checkpoint(last_path, model, optimizer, **info)
         if improved:
             save_checkpoint(best_path, model, **info)

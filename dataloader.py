@@ -135,19 +135,22 @@ def _shown(values):
     return ", ".join(str(v) for v in values[:8]) + (", ..." if len(values) > 8 else "")
 
 
-def label_to_classes(array, source, classes=1, ignore_index=255):
+def label_to_classes(array, source, classes=1, ignore_index=255, instances=False):
     """Label values checked and mapped to uint8 class indices.
 
-    classes == 1 (binary): 0/255 or 0/1, anything else is an error. classes > 1: indices
-    0..classes-1 plus `ignore_index` (left out of loss and scores)."""
+    classes == 1 (binary): 0/255 or 0/1, anything else is an error; with `instances` the label
+    numbers objects (0 = background) and every nonzero value is foreground. classes > 1:
+    indices 0..classes-1 plus `ignore_index` (left out of loss and scores)."""
+    if instances:
+        return (np.asarray(array) > 0).astype(np.uint8)
     values = np.unique(array)
     if classes == 1:
         if set(values.tolist()) <= {0, 255}:
             return (array == 255).astype(np.uint8)
         if set(values.tolist()) <= {0, 1}:
             return array.astype(np.uint8)
-        raise DataError(f"{source}: label is not binary: values {_shown(values)} "
-                        f"(expected 0/255 or 0/1; for class indices train with --classes N)")
+        raise DataError(f"{source}: label is not binary: values {_shown(values)} (expected 0/255 or 0/1; "
+                        f"for class indices train with --classes N, for numbered objects --instance-labels)")
     bad = values[(values >= classes) & (values != ignore_index)]
     if bad.size:
         raise DataError(f"{source}: label values {_shown(bad)} do not fit --classes {classes} "

@@ -2,7 +2,9 @@
 
     python datasets.py ../shared/data/dsb2018/stage1_train     # what was found: layout, count, sizes, values
 
-  pairs    image and label folders matched by file name (ISBI 2012 as train.sh fetches it)
+  pairs    image and label folders matched by file name (ISBI 2012 as train.sh fetches it); a
+           label may add _anno, _mask, _label, _gt or _seg to its image's name, and may sit
+           in the image folder itself (GlaS: train_1.bmp and train_1_anno.bmp)
   dsb2018  Data Science Bowl 2018: <id>/images/<id>.png with <id>/masks/*.png, one mask per
            nucleus, merged into one foreground mask (numbered as instances for the weight map)
   voc      Pascal VOC: JPEGImages/, SegmentationClass/ palette PNGs, ImageSets/Segmentation/<split>.txt
@@ -24,10 +26,11 @@ from dataloader import (DataError, SegmentationDataset, image_from_array, label_
                         list_images, match_channels, read_image, read_label_array, resize)
 
 FORMATS = ("pairs", "dsb2018", "voc", "tiff")
+LABEL_SUFFIXES = ("_anno", "_mask", "_label", "_labels", "_gt", "_seg")
 
-# name: the output file's stem; source: for messages; read_*: callables (read_label and
-# read_instances are None when the sample has none).
-Sample = namedtuple("Sample", "name source read_image read_label read_instances")
+# name: the output file's stem; source, label_source: the image's and label's file, for messages;
+# read_*: callables (read_label and read_instances are None when the sample has none).
+Sample = namedtuple("Sample", "name source read_image read_label read_instances label_source", defaults=(None,))
 
 
 def voc_palette(n=256):
@@ -80,14 +83,54 @@ def _label_reader(path):
     return lambda: read_label_array(path)
 
 
+def _split_labels_beside(paths):
+    """(images, {image stem: label path}) of one folder's files, where a file named like another's
+    stem plus a label suffix (GlaS's train_1_anno.bmp beside train_1.bmp) is that image's label."""
+    stems = {_stem(p) for p in paths}
+    images, labels = [], {}
+    for path in paths:
+        stem = _stem(path)
+        base = next((stem[:-len(s)] for s in LABEL_SUFFIXES if stem.endswith(s) and stem[:-len(s)] in stems), None)
+        if base is None:
+            images.append(path)
+        else:
+            labels[base] = path
+    return images, labels
+
+
+def labels_beside(image_dir):
+    return bool(_split_labels_beside(list_images(image_dir))[1])
+
+
+def label_files(folder):
+    """{image stem: label path} of a label folder, or of an image folder holding its labels beside."""
+    beside = _split_labels_beside(list_images(folder))[1]
+    return beside or _labels_by_stem(folder)
+
+
+def _labels_by_stem(label_dir):
+    """Label paths by image stem: `a.png` and `a_mask.png` (any LABEL_SUFFIXES) both label image `a`."""
+    paths = list_images(label_dir)
+    labels = {_stem(p): p for p in paths}
+    for path in paths:
+        for suffix in LABEL_SUFFIXES:
+            if _stem(path).endswith(suffix):
+                labels.setdefault(_stem(path)[:-len(suffix)], path)
+    return labels
+
+
 def _pairs(image_dir, label_dir, split):
-    labels = {_stem(p): p for p in list_images(label_dir)} if label_dir else None
+    images, beside = _split_labels_beside(list_images(image_dir))
+    if label_dir and os.path.abspath(label_dir) != os.path.abspath(image_dir):
+        labels = _labels_by_stem(label_dir)
+    else:
+        labels = beside or None
     samples = []
-    for path in list_images(image_dir):
+    for path in images:
         if labels is not None and _stem(path) not in labels:
-            raise DataError(f"{path}: no label named {_stem(path)}.* in {label_dir}")
+            raise DataError(f"{path}: no label named {_stem(path)}.* in {label_dir or image_dir}")
         label = labels and labels[_stem(path)]
-        samples.append(Sample(_stem(path), path, _reader(path), label and _label_reader(label), None))
+        samples.append(Sample(_stem(path), path, _reader(path), label and _label_reader(label), None, label))
     return samples
 
 
@@ -102,7 +145,7 @@ def _dsb2018(root, label_path, split):
         masks = tuple(list_images(mask_dir)) if os.path.isdir(mask_dir) else None
         samples.append(Sample(name, image, _reader(image),
                               masks and (lambda m=masks: np.where(_numbered_masks(m) > 0, 255, 0).astype(np.uint8)),
-                              masks and (lambda m=masks: _numbered_masks(m))))
+                              masks and (lambda m=masks: _numbered_masks(m)), mask_dir))
     return samples
 
 
@@ -139,7 +182,7 @@ def _voc(root, label_path, split):
         label = os.path.join(label_dir, name + ".png")
         has_label = os.path.isfile(label)
         samples.append(Sample(name, images[name], _reader(images[name]),
-                              _label_reader(label) if has_label else None, None))
+                              _label_reader(label) if has_label else None, None, label))
     return samples
 
 
@@ -179,25 +222,27 @@ def _tiff(volume, label_path, split):
         source = f"{volume} page {i}"
         samples.append(Sample(f"{_stem(volume)}_{i:0{digits}d}", source,
                               lambda i=i, source=source: image_from_array(pages[i], source),
-                              None if labels is None else (lambda i=i: labels[i]), None))
+                              None if labels is None else (lambda i=i: labels[i]), None, f"{label_path} page {i}"))
     return samples
 
 
-def load_dataset(samples, classes=1, ignore_index=255, img_size=0, channels=None, **kwargs):
+def load_dataset(samples, classes=1, ignore_index=255, img_size=0, channels=None, instance_labels=False, **kwargs):
     """Read, check and convert labelled samples into a SegmentationDataset (kwargs: crop, augment).
 
     Channels follow the data (RGB when any image is colour) unless `channels` is given;
-    `img_size` > 0 resizes every pair to that square (labels by nearest neighbour)."""
+    `img_size` > 0 resizes every pair to that square (labels by nearest neighbour);
+    `instance_labels`: labels number the objects (GlaS), foreground is nonzero."""
     images, labels, instances = [], [], []
     for sample in samples:
         if sample.read_label is None:
             raise DataError(f"{sample.source}: has no label")
         image = sample.read_image()
-        label = label_to_classes(sample.read_label(), sample.source, classes, ignore_index)
+        raw = sample.read_label()
+        label = label_to_classes(raw, sample.label_source, classes, ignore_index, instance_labels)
         if image.shape[:2] != label.shape:
-            raise DataError(f"{sample.source}: label is {label.shape[1]}x{label.shape[0]} "
-                            f"but the image is {image.shape[1]}x{image.shape[0]}")
-        numbered = sample.read_instances() if sample.read_instances else None
+            raise DataError(f"{sample.label_source}: label is {label.shape[1]}x{label.shape[0]} "
+                            f"but its image {sample.source} is {image.shape[1]}x{image.shape[0]}")
+        numbered = raw.astype(np.int32) if instance_labels else (sample.read_instances() if sample.read_instances else None)
         if img_size:
             image, label = resize(image, (img_size, img_size)), resize(label, (img_size, img_size), nearest=True)
             numbered = None if numbered is None else resize(numbered, (img_size, img_size), nearest=True)

@@ -18,7 +18,7 @@ import sys
 import numpy as np
 
 from dataloader import DataError, atomic_write, label_to_classes, list_images, read_image, read_label_array
-from datasets import FORMATS, detect_format, find_samples
+from datasets import FORMATS, detect_format, find_samples, label_files
 from metrics import all_scores, confusion_matrix, confusion_scores
 
 BINARY_TABLE = ["pixel_error", "dice", "iou", "mean_iou", "v_rand", "v_info", "adapted_rand_error", "vi"]
@@ -65,12 +65,13 @@ def read_labels(label_path, data_format="auto", split=None):
     """{name: (source, raw label array)} from a label folder or a dataset of any layout."""
     data_format = detect_format(label_path) if data_format == "auto" else data_format
     if data_format == "pairs":
-        return {os.path.splitext(os.path.basename(p))[0]: (p, read_label_array(p)) for p in list_images(label_path)}
-    return {s.name: (s.source, s.read_label()) for s in find_samples(label_path, data_format, split=split)
+        return {stem: (path, read_label_array(path)) for stem, path in label_files(label_path).items()}
+    return {s.name: (s.label_source, s.read_label()) for s in find_samples(label_path, data_format, split=split)
             if s.read_label}
 
 
-def score_folder(pred_dir, label_path, classes=1, ignore_index=255, data_format="auto", split=None):
+def score_folder(pred_dir, label_path, classes=1, ignore_index=255, data_format="auto", split=None,
+                 instance_labels=False):
     """Scores of every prediction in `pred_dir` against its label (every prediction needs one)."""
     labels = read_labels(label_path, data_format, split)
     items = []
@@ -79,7 +80,7 @@ def score_folder(pred_dir, label_path, classes=1, ignore_index=255, data_format=
         if name not in labels:
             raise DataError(f"{pred_path}: no label named {name} in {label_path}")
         source, raw = labels[name]
-        truth = label_to_classes(raw, source, classes, ignore_index)
+        truth = label_to_classes(raw, source, classes, ignore_index, instance_labels)
         pred = read_image(pred_path) if classes == 1 else label_to_classes(read_label_array(pred_path), pred_path,
                                                                            classes, ignore_index)
         if pred.shape[:2] != truth.shape:
@@ -98,11 +99,12 @@ def main(argv=None):
     p.add_argument("--split", default="val", help="VOC: the ImageSets/Segmentation list")
     p.add_argument("--classes", type=int, default=1, help="classes the network predicts (1: binary)")
     p.add_argument("--ignore-index", type=int, default=255, help="label value left out of the scores")
+    p.add_argument("--instance-labels", action="store_true", help="labels number objects: nonzero = object")
     p.add_argument("--json", help="also write every score, per image and mean, to this JSON file")
     args = p.parse_args(argv)
     try:
         scores = score_folder(args.pred_dir, args.labels, args.classes, args.ignore_index, args.data_format,
-                              args.split)
+                              args.split, args.instance_labels)
     except DataError as err:
         sys.exit(f"error: {err}")
     print(format_table(scores))

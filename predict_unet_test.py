@@ -162,6 +162,7 @@ def predict_dataset(checkpoint, data_path, outputs, data_format="auto", label_pa
     model, meta = build_model(checkpoint, device)
     classes = model.n_classes
     ignore_index = meta.get("data", {}).get("ignore_index", 255)
+    instance_labels = meta.get("data", {}).get("instance_labels", False)
     written, montage_rows, scored = [], [], []
     for sample in find_samples(data_path, data_format, label_path, split):
         name = sample.name + ".png"
@@ -169,9 +170,9 @@ def predict_dataset(checkpoint, data_path, outputs, data_format="auto", label_pa
         prob = predict_sample(model, meta, image, device, tile, overlap, tta)
         truth = None
         if sample.read_label:
-            truth = label_to_classes(sample.read_label(), sample.source, classes, ignore_index)
+            truth = label_to_classes(sample.read_label(), sample.label_source, classes, ignore_index, instance_labels)
             if truth.shape != image.shape[:2]:
-                raise DataError(f"{sample.source}: label is {truth.shape[1]}x{truth.shape[0]}, "
+                raise DataError(f"{sample.label_source}: label is {truth.shape[1]}x{truth.shape[0]}, "
                                 f"the image {image.shape[1]}x{image.shape[0]}")
             scored.append((name, prob, truth))
         pred = write_outputs(name, image, prob, truth, outputs, threshold)

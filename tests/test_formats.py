@@ -313,3 +313,32 @@ def test_tiff_volumes_train_and_predict_one_png_per_page(tmp_path):
     run_script("predict_unet_test.py", "--checkpoint", "ck/best.npz", "--test-data-path", volume, "--no-tta",
                "--save-res-path", "pred", cwd=tmp_path)
     assert sorted(os.listdir(tmp_path / "pred")) == [f"train-volume_0{i}.png" for i in range(4)]
+
+
+def write_glas(folder, n=3, seed=0):
+    """GlaS layout: RGB train_<i>.bmp with train_<i>_anno.bmp beside it, numbering the glands."""
+    rng = np.random.default_rng(seed)
+    for i in range(1, n + 1):
+        shape = (48 + 8 * i, 64)
+        instances = blobs(shape, rng, 3)
+        image = np.where(instances[..., None] > 0, (150, 60, 160), (230, 200, 230)).astype(np.uint8)
+        os.makedirs(folder, exist_ok=True)
+        cv2.imwrite(os.path.join(folder, f"train_{i}.bmp"), image)
+        cv2.imwrite(os.path.join(folder, f"train_{i}_anno.bmp"), instances.astype(np.uint8))
+    return str(folder)
+
+
+def test_glas_labels_beside_their_images_numbering_objects_train_and_predict(tmp_path):
+    root = write_glas(tmp_path / "glas")
+    assert [s.name for s in find_samples(root)] == ["train_1", "train_2", "train_3"]
+    with pytest.raises(DataError, match=r"train_1_anno\.bmp: label is not binary: values 0, 1, 2, 3 .*--instance-labels"):
+        load_dataset(find_samples(root))
+    data = load_dataset(find_samples(root), instance_labels=True)
+    assert set(np.unique(data.labels[0])) == {0, 1} and data.instances[0].max() == 3
+    run_script("TrainUnetDataSet.py", "--data-path", root, "--instance-labels", "--img-size", 32,
+               "--checkpoint-dir", "ck", "--log", "log.txt", "--base", 4, "--epochs", 1, cwd=tmp_path)
+    out = run_script("predict_unet_test.py", "--checkpoint", "ck/best.npz", "--test-data-path", root, "--no-tta",
+                     "--save-res-path", "pred", cwd=tmp_path).stdout
+    assert sorted(os.listdir(tmp_path / "pred")) == ["train_1.png", "train_2.png", "train_3.png"]
+    assert cv2.imread(str(tmp_path / "pred" / "train_3.png"), 0).shape == (72, 64)
+    assert out.strip().splitlines()[-1].startswith("mean")  # the labels beside the images are scored
