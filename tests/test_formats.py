@@ -9,6 +9,7 @@ import pytest
 import tifffile
 from PIL import Image
 
+from checkpoint import load_checkpoint
 from conftest import run_script, write_dataset
 from dataloader import DataError, SegmentationDataset, read_label, write_png
 from datasets import detect_format, find_samples, load_dataset, voc_palette
@@ -258,6 +259,7 @@ def test_dsb2018_trains_on_rgb_and_predicts_one_mask_per_id_at_each_images_size(
     out = run_script("TrainUnetDataSet.py", "--data-path", root, "--checkpoint-dir", "ck", "--log", "log.txt",
                      "--base", 4, "--epochs", 1, "--crop", 0, "--batch-size", 2, "--val-fraction", 0, cwd=tmp_path).stdout
     assert "images of 3 sizes: batches of random 32x32 crops" in out
+    assert load_checkpoint(str(tmp_path / "ck" / "last.npz"))[0]["args"]["weight_map"] is False  # nuclei: off
     test = write_dsb(tmp_path / "test", sizes=((36, 52), (60, 44)), masks=False, seed=1)
     run_script("predict_unet_test.py", "--checkpoint", "ck/best.npz", "--test-data-path", test, "--no-tta",
                "--save-res-path", "pred", "--overlay-path", "overlay", cwd=tmp_path)
