@@ -57,8 +57,15 @@ def format_table(scores):
     return "\n".join(lines)
 
 
+def _json_ready(value):
+    """NaN (a class in neither truth nor prediction has no IoU) as null: JSON has no NaN."""
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    return None if isinstance(value, float) and np.isnan(value) else value
+
+
 def write_json(path, scores):
-    atomic_write(path, lambda f: f.write(json.dumps(scores, indent=2).encode()))
+    atomic_write(path, lambda f: f.write(json.dumps(_json_ready(scores), indent=2, allow_nan=False).encode()))
 
 
 def read_labels(label_path, data_format="auto", split=None):

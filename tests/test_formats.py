@@ -228,6 +228,15 @@ def test_mean_iou_and_accuracy_follow_the_confusion_matrix():
     assert scores["mean_accuracy"] == pytest.approx((1 / 2 + 1 + 1 / 2) / 3)
 
 
+def test_a_class_absent_from_truth_and_prediction_has_no_iou_and_is_null_in_json(tmp_path):
+    from evaluate import score_multiclass, write_json
+    truth = np.array([[0, 0, 1, 1]])
+    scores = score_multiclass([("a.png", truth.copy(), truth)], classes=3)
+    assert np.isnan(scores["mean"]["iou_2"]) and scores["mean"]["mean_iou"] == 1.0
+    write_json(str(tmp_path / "s.json"), scores)
+    assert json.load(open(tmp_path / "s.json"))["mean"]["iou_2"] is None
+
+
 def test_auto_class_weights_are_median_frequency_over_frequency_ignoring_255():
     from TrainUnetDataSet import class_weights, parse_args
     labels = [np.array([[0] * 6 + [1] * 3 + [2] * 1 + [255] * 5], np.uint8)]
