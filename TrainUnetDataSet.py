@@ -132,8 +132,8 @@ def augment_probabilities(args):
     return {name: getattr(args, f"aug_{name}") for name in DEFAULT_PROBABILITIES}
 
 
-def read_data(path, label_path, args, split=None, **kwargs):
-    samples = find_samples(path, args.data_format, label_path, split)
+def read_data(path, label_path, args, data_format="auto", split=None, **kwargs):
+    samples = find_samples(path, data_format, label_path, split)
     return load_dataset(samples, args.classes, args.ignore_index, args.img_size,
                         instance_labels=args.instance_labels, **kwargs)
 
@@ -143,10 +143,11 @@ def split_data(args, rng):
     fmt = detect_format(args.data_path) if args.data_format == "auto" else args.data_format
     label_path = args.label_path or ("train_label" if fmt == "pairs" and not labels_beside(args.data_path) else None)
     voc_val = fmt == "voc" and voc_split_exists(args.data_path, "val") and not args.val_image_path
-    data = read_data(args.data_path, label_path, args, split="train", crop=args.crop or None,
+    data = read_data(args.data_path, label_path, args, fmt, split="train", crop=args.crop or None,
                      augment=augment_probabilities(args))
     if args.val_image_path or voc_val:
-        val = read_data(args.val_image_path or args.data_path, args.val_label_path or label_path, args,
+        val_format = args.data_format if args.val_image_path else fmt
+        val = read_data(args.val_image_path or args.data_path, args.val_label_path or label_path, args, val_format,
                         split="val", channels=data.channels)
         train = data
     else:

@@ -100,11 +100,6 @@ def read_image(path):
     return image_from_array(_read_file(path), path)
 
 
-def read_gray(path):
-    """An image file as float32 [0, 1] H x W, colour converted to grey."""
-    return match_channels(read_image(path), 1)
-
-
 def match_channels(image, channels):
     """`image` with 1 (H x W) or 3 (H x W x 3) channels: grey repeated, or RGB converted to grey."""
     if channels == 3 and image.ndim == 2:

@@ -226,6 +226,16 @@ def _tiff(volume, label_path, split):
     return samples
 
 
+def read_sample_label(sample, image_shape, classes=1, ignore_index=255, instance_labels=False):
+    """(class indices, raw values) of a sample's label, checked against the classes and its image's size."""
+    raw = sample.read_label()
+    label = label_to_classes(raw, sample.label_source, classes, ignore_index, instance_labels)
+    if label.shape != tuple(image_shape):
+        raise DataError(f"{sample.label_source}: label is {label.shape[1]}x{label.shape[0]} "
+                        f"but its image {sample.source} is {image_shape[1]}x{image_shape[0]}")
+    return label, raw
+
+
 def load_dataset(samples, classes=1, ignore_index=255, img_size=0, channels=None, instance_labels=False, **kwargs):
     """Read, check and convert labelled samples into a SegmentationDataset (kwargs: crop, augment).
 
@@ -237,11 +247,7 @@ def load_dataset(samples, classes=1, ignore_index=255, img_size=0, channels=None
         if sample.read_label is None:
             raise DataError(f"{sample.source}: has no label")
         image = sample.read_image()
-        raw = sample.read_label()
-        label = label_to_classes(raw, sample.label_source, classes, ignore_index, instance_labels)
-        if image.shape[:2] != label.shape:
-            raise DataError(f"{sample.label_source}: label is {label.shape[1]}x{label.shape[0]} "
-                            f"but its image {sample.source} is {image.shape[1]}x{image.shape[0]}")
+        label, raw = read_sample_label(sample, image.shape[:2], classes, ignore_index, instance_labels)
         numbered = raw.astype(np.int32) if instance_labels else (sample.read_instances() if sample.read_instances else None)
         if img_size:
             image, label = resize(image, (img_size, img_size)), resize(label, (img_size, img_size), nearest=True)

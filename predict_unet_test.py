@@ -20,8 +20,8 @@ import numpy as np
 import backend
 from backend import flow
 from checkpoint import CheckpointError, build_model
-from dataloader import DataError, label_to_classes, match_channels, resize, write_png
-from datasets import FORMATS, find_samples
+from dataloader import DataError, match_channels, resize, write_png
+from datasets import FORMATS, find_samples, read_sample_label
 from evaluate import format_table, score_binary, score_multiclass, write_json
 from unet import mirror_for_valid
 from visualize import class_colors, montage, overlay
@@ -160,9 +160,8 @@ def predict_dataset(checkpoint, data_path, outputs, data_format="auto", label_pa
 
     Returns (written mask paths, scores or None)."""
     model, meta = build_model(checkpoint, device)
-    classes = model.n_classes
-    ignore_index = meta.get("data", {}).get("ignore_index", 255)
-    instance_labels = meta.get("data", {}).get("instance_labels", False)
+    classes, data = model.n_classes, meta.get("data", {})
+    ignore_index = data.get("ignore_index", 255)
     written, montage_rows, scored = [], [], []
     for sample in find_samples(data_path, data_format, label_path, split):
         name = sample.name + ".png"
@@ -170,10 +169,8 @@ def predict_dataset(checkpoint, data_path, outputs, data_format="auto", label_pa
         prob = predict_sample(model, meta, image, device, tile, overlap, tta)
         truth = None
         if sample.read_label:
-            truth = label_to_classes(sample.read_label(), sample.label_source, classes, ignore_index, instance_labels)
-            if truth.shape != image.shape[:2]:
-                raise DataError(f"{sample.label_source}: label is {truth.shape[1]}x{truth.shape[0]}, "
-                                f"the image {image.shape[1]}x{image.shape[0]}")
+            truth = read_sample_label(sample, image.shape[:2], classes, ignore_index,
+                                      data.get("instance_labels", False))[0]
             scored.append((name, prob, truth))
         pred = write_outputs(name, image, prob, truth, outputs, threshold)
         if truth is not None and classes == 1 and len(montage_rows) < MONTAGE_ROWS:
