@@ -12,8 +12,10 @@ validation loss, pixel error, Dice and the ISBI challenge's V_rand (several clas
 accuracy and mean IoU), and the time. `python3 plot.py` draws the curves from that log.
 """
 import argparse
+import fcntl
 import math
 import os
+import signal
 import sys
 import time
 
@@ -22,15 +24,16 @@ from tqdm import tqdm
 
 import backend
 from backend import F, flow
+from cli import ArgumentParser, probability, ranged
 from checkpoint import (CheckpointError, build_model, load_checkpoint, load_weights, restore_optimizer,
                         save_checkpoint, update_meta)
 from augment import DEFAULT_PROBABILITIES
-from dataloader import DataError, SegmentationDataset, batches
+from dataloader import DataError, SegmentationDataset, make_batch
 from datasets import FORMATS, detect_format, find_samples, labels_beside, load_dataset, voc_split_exists
 from log import Logger
 from metrics import confusion_matrix, confusion_scores, isbi_scores, pixel_scores
 from predict_unet_test import predict_probability
-from unet import VALID_MARGIN, UNet, center_crop, mirror_for_valid, valid_input_size
+from unet import MIN_SIDE, VALID_MARGIN, UNet, center_crop, mirror_for_valid, smallest_side, valid_input_size
 from weightmap import weight_map
 
 # Chosen for the machine the run is on (BENCHMARKS.md has the measurements). CPU: a base-16 net
@@ -46,12 +49,8 @@ PRESETS = {
 WEIGHT_MAP_FORMATS = ("pairs", "tiff")
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the docstring's layout and shows every flag's default."""
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--data-path", "--data_path", default="train_image",
                    help="training images: a folder (labels in --label-path), a DSB 2018 stage1_train folder, "
                         "a VOC root or a TIFF volume")
@@ -62,57 +61,57 @@ def parse_args(argv=None):
                    help="layout of --data-path (datasets.py); auto: detected")
     p.add_argument("--val-image-path", help="validation data (any layout), instead of holding out --val-fraction")
     p.add_argument("--val-label-path", help="validation labels (with --val-image-path, for folders and TIFFs)")
-    p.add_argument("--val-fraction", type=float, default=0.1,
+    p.add_argument("--val-fraction", type=ranged(float, 0, below=1), default=0.1,
                    help="share of the training pairs held out for validation (0: none; VOC uses its val list)")
-    p.add_argument("--classes", type=int, default=1,
+    p.add_argument("--classes", type=ranged(int, 1, 255), default=1,
                    help="1: one class against background (sigmoid); N > 1: softmax over class indices 0..N-1")
     p.add_argument("--instance-labels", action="store_true",
                    help="labels number the objects 1, 2, ... (GlaS's *_anno.bmp): nonzero = object, and the "
                         "weight map separates the numbered objects")
-    p.add_argument("--ignore-index", type=int, default=255, help="label value left out of loss and scores (classes > 1)")
+    p.add_argument("--ignore-index", type=ranged(int, 0, 255), default=255, help="label value left out of loss and scores (classes > 1)")
     p.add_argument("--class-weights", help="classes > 1: cross-entropy weights, e.g. 1,2,2, or 'auto' "
                                            "(median frequency balancing on the training labels)")
-    p.add_argument("--img-size", type=int, default=0,
+    p.add_argument("--img-size", type=ranged(int, MIN_SIDE, also=(0,)), default=0,
                    help="resize every image to this square for training, and for prediction (0: keep sizes; "
                         "predictions come back at each image's own size)")
     p.add_argument("--preset", choices=["auto", "cpu", "gpu"], default="auto",
                    help="defaults for the flags below: auto = gpu on CUDA, else cpu; %s" % PRESETS)
-    p.add_argument("--epochs", type=int, help="passes over the training images")
-    p.add_argument("--batch-size", "--batch_size", type=int, help="images per step")
+    p.add_argument("--epochs", type=ranged(int, 1), help="passes over the training images")
+    p.add_argument("--batch-size", "--batch_size", type=ranged(int, 1), help="images per step")
     p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
                    help="Adam, or the paper's SGD with high momentum")
-    p.add_argument("--momentum", type=float, default=0.99, help="SGD momentum (the paper's 0.99)")
-    p.add_argument("--lr", type=float, help="learning rate at the start")
+    p.add_argument("--momentum", type=ranged(float, 0, below=1), default=0.99, help="SGD momentum (the paper's 0.99)")
+    p.add_argument("--lr", type=ranged(float, 0), help="learning rate at the start")
     p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
                    help="learning rate over the epochs: cosine decay to lr/100, or constant")
-    p.add_argument("--base", type=int, help="channels of the first level (64 = the paper's U-Net)")
-    p.add_argument("--crop", type=int, help="train on random crops of this size (0: whole images)")
+    p.add_argument("--base", type=ranged(int, 1, 1024), help="channels of the first level (64 = the paper's U-Net)")
+    p.add_argument("--crop", type=ranged(int, MIN_SIDE, also=(0,)), help="train on random crops of this size (0: whole images)")
     p.add_argument("--bilinear", action="store_true", help="bilinear upsampling instead of transposed convs")
     p.add_argument("--norm", choices=["batch", "instance"], help="normalization layers of the U-Net")
     p.add_argument("--padding", choices=["same", "valid"], default="same",
                    help="valid: the paper's unpadded U-Net (572 -> 388), trained on mirrored tiles")
-    p.add_argument("--dropout", type=float, default=0.0, help="dropout at the end of the contracting path")
-    p.add_argument("--dice-weight", type=float,
+    p.add_argument("--dropout", type=ranged(float, 0, below=1), default=0.0, help="dropout at the end of the contracting path")
+    p.add_argument("--dice-weight", type=ranged(float, 0),
                    help="weight of a soft-Dice term added to the cross-entropy (default 0 with one class, 1 with more)")
     p.add_argument("--weight-map", action=argparse.BooleanOptionalAction,
                    help="weight the loss per pixel as the U-Net paper does (weightmap.py), to separate cells; "
                         "default: on for one class in image folders and TIFFs (EM membranes), off otherwise")
     p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
                    help="after training, move the 0.5 decision to the threshold that fits the training images best")
-    p.add_argument("--w0", type=float, default=10.0, help="weight-map border weight")
-    p.add_argument("--sigma", type=float, default=5.0, help="weight-map border width, pixels")
-    for name, probability in DEFAULT_PROBABILITIES.items():
-        p.add_argument(f"--aug-{name}", type=float, default=probability,
+    p.add_argument("--w0", type=ranged(float, 0), default=10.0, help="weight-map border weight")
+    p.add_argument("--sigma", type=ranged(float, 0.1), default=5.0, help="weight-map border width, pixels")
+    for name, default in DEFAULT_PROBABILITIES.items():
+        p.add_argument(f"--aug-{name}", type=probability, default=default,
                        help=f"probability of the {name} augmentation (augment.py)")
     p.add_argument("--best-metric", default="auto",
                    choices=["auto", "val_v_rand", "val_dice", "val_pixel_error", "val_loss", "val_miou",
                             "val_pixel_accuracy"],
                    help="validation score that picks best.npz; auto: val_miou with classes > 1, val_dice for "
                         "DSB 2018 nuclei, else the ISBI V_rand (train_loss when there is no validation set)")
-    p.add_argument("--patience", type=int, default=0,
+    p.add_argument("--patience", type=ranged(int, 0), default=0,
                    help="stop after this many epochs without a better --best-metric (0: never)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
-    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same run")
+    p.add_argument("--seed", type=ranged(int, 0), default=0, help="the same seed gives the same run")
     p.add_argument("--checkpoint-dir", default="checkpoints", help="where best.npz and last.npz go")
     p.add_argument("--resume", action="store_true", help="continue from CHECKPOINT_DIR/last.npz")
     p.add_argument("--log", default="Unet_train.txt", help="training log read by plot.py")
@@ -277,7 +276,69 @@ def improves(value, best, metric):
     return value < best if metric.endswith(("loss", "error")) else value > best
 
 
-def train(args):
+class TrainingError(RuntimeError):
+    """Training cannot go on (a diverged loss, nothing left to do); the message says why."""
+
+
+class StopRequest:
+    """The first SIGINT or SIGTERM asks training to stop after the current step, with last.npz written;
+    a second one stops at once (the checkpoints on disk stay whole: they are written atomically)."""
+
+    def __init__(self):
+        self.signal = None
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, self._request)
+
+    def _request(self, number, frame):
+        self.signal = number
+        signal.signal(number, signal.default_int_handler if number == signal.SIGINT else signal.SIG_DFL)
+
+    def stop(self, where):
+        name = signal.Signals(self.signal).name
+        print(f"stopped by {name} {where}; continue with --resume")
+        sys.exit(128 + self.signal)
+
+
+def lock_checkpoint_dir(folder):
+    """Hold `folder` for this run (released when the process ends, however it ends) and delete the
+    temporary files a killed run left there; a second run into the same folder stops."""
+    os.makedirs(folder, exist_ok=True)
+    lock = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise TrainingError(f"{folder}: another training run is writing there; wait for it to end, "
+                            f"or give this one another --checkpoint-dir")
+    for name in os.listdir(folder):
+        if name.startswith(".tmp-"):
+            os.remove(os.path.join(folder, name))
+    return lock
+
+
+def keep_previous_run(folder):
+    """Move a previous run's best.npz and last.npz into folder/previous-<time>/ before this run writes."""
+    found = [name for name in ("best.npz", "last.npz") if os.path.exists(os.path.join(folder, name))]
+    if not found:
+        return
+    kept = os.path.join(folder, "previous-" + time.strftime("%Y%m%d-%H%M%S"))
+    while os.path.exists(kept):
+        kept += "+"
+    os.makedirs(kept)
+    for name in found:
+        os.replace(os.path.join(folder, name), os.path.join(kept, name))
+    print(f"kept the previous run's {' and '.join(found)} in {kept}/ (--resume continues a run instead)")
+
+
+def check_loss(loss, first_loss, epoch, step, lr):
+    """Stop on a loss that is not finite or has grown a thousandfold: the weights would be garbage."""
+    if math.isfinite(loss) and (first_loss is None or loss <= 1000 * max(first_loss, 1e-3)):
+        return
+    start = "" if first_loss is None else f" (first step: {first_loss:.4g})"
+    raise TrainingError(f"training loss {loss:.4g} at epoch {epoch + 1}, step {step + 1}{start}: training "
+                        f"diverged; try a lower --lr than {lr:g}. Checkpoints of finished epochs are kept as they were")
+
+
+def train(args, stop):
     device = backend.resolve_device(args.device)
     apply_preset(args, device)
     if args.padding == "valid" and args.crop:
@@ -285,6 +346,7 @@ def train(args):
         print(f"unpadded U-Net: training tiles of {args.crop} pixels give {args.crop - 2 * VALID_MARGIN}")
     if args.instance_labels and args.classes > 1:
         raise DataError("--instance-labels numbers objects of one class: it needs --classes 1")
+    lock = lock_checkpoint_dir(args.checkpoint_dir)  # noqa: F841  (held until the process ends)
     backend.seed_everything(args.seed)
     rng = np.random.default_rng(args.seed)
     data_format, train_set, val_set = split_data(args, rng)
@@ -292,6 +354,11 @@ def train(args):
           f"{'RGB' if train_set.channels == 3 else 'grey'}, {args.classes} class{'es' if args.classes > 1 else ''}), "
           f"{len(val_set) if val_set else 0} for validation")
     sizes = {image.shape[:2] for image in train_set.images}
+    small = [name for name, image in zip(train_set.names, train_set.images)
+             if args.padding == "same" and min(image.shape[:2]) < smallest_side(args.norm)]
+    if small:
+        raise DataError(f"{small[0]}: image smaller than {smallest_side(args.norm)} pixels a side, the least the "
+                        f"U-Net takes with {args.norm} norm: train with --img-size {MIN_SIDE} or more")
     if len(sizes) > 1 and not train_set.crop and args.batch_size > 1 and args.padding == "same":
         train_set.crop = min(min(size) for size in sizes) // 16 * 16
         print(f"images of {len(sizes)} sizes: batches of random {train_set.crop}x{train_set.crop} crops "
@@ -310,7 +377,7 @@ def train(args):
     last_path = os.path.join(args.checkpoint_dir, "last.npz")
     best_path = os.path.join(args.checkpoint_dir, "best.npz")
     metric = best_metric(args, data_format) if val_set is not None else "train_loss"
-    start_epoch, best, stale = 0, None, 0
+    start_epoch, best, stale, partial = 0, None, 0, None
     if args.resume:
         meta, weights, arrays = load_checkpoint(last_path)
         if meta["model"] != model.config():
@@ -318,19 +385,39 @@ def train(args):
         load_weights(model, weights, last_path)
         restore_optimizer(optimizer, meta, arrays, last_path)
         start_epoch, best, stale = meta["epoch"], meta["best"], meta.get("stale_epochs", 0)
+        partial = meta.get("partial")
         rng.bit_generator.state = meta["rng"]
-        print(f"resumed from {last_path} after epoch {start_epoch}")
+        if start_epoch >= args.epochs and not partial:
+            raise TrainingError(f"{last_path} has trained {start_epoch} epochs already: ask for more with --epochs")
+        print(f"resumed from {last_path} after epoch {start_epoch}"
+              + (f", step {partial['step']}" if partial else ""))
+    else:
+        keep_previous_run(args.checkpoint_dir)
+
+    def checkpoint_info(epoch, **more):
+        return dict(epoch=epoch, best=best, best_metric=metric, stale_epochs=stale, rng=rng.bit_generator.state,
+                    input_scale=1.0, args=vars(args), **more,
+                    data=dict(format=data_format, img_size=args.img_size, ignore_index=args.ignore_index,
+                              instance_labels=args.instance_labels))
 
     fit_set = mirrored_for_valid(train_set) if args.padding == "valid" else train_set
+    first_loss = None
     for epoch in range(start_epoch, args.epochs):
         begin = time.perf_counter()
+        lr = learning_rate(epoch, args)
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(epoch, args)
+            group["lr"] = lr
         model.train()
-        losses = []
-        steps = math.ceil(len(train_set) / args.batch_size)
-        for images, labels, weights in tqdm(batches(fit_set, args.batch_size, rng), total=steps, leave=False,
-                                            desc=f"epoch {epoch + 1}/{args.epochs}", file=sys.stderr):
+        if partial:  # an epoch stopped midway: the same order, from the next step on
+            order, first_step, losses = np.array(partial["order"]), partial["step"], partial["losses"]
+            partial = None
+        else:
+            order, first_step, losses = rng.permutation(len(fit_set)), 0, []
+        steps = math.ceil(len(order) / args.batch_size)
+        for step in tqdm(range(first_step, steps), total=steps, initial=first_step, leave=False,
+                         desc=f"epoch {epoch + 1}/{args.epochs}", file=sys.stderr):
+            images, labels, weights = make_batch(fit_set, order[step * args.batch_size:(step + 1) * args.batch_size],
+                                                 rng)
             logits = model(backend.to_tensor(images, device))
             crop = lambda a: center_crop(a, logits.shape[2], logits.shape[3])  # noqa: E731  (unpadded net)
             if args.classes > 1:
@@ -339,24 +426,29 @@ def train(args):
             else:
                 loss = loss_fn(logits, backend.to_tensor(crop(labels), device), args.dice_weight,
                                None if weights is None else backend.to_tensor(crop(weights), device))
+            check_loss(loss.item(), first_loss, epoch, step, lr)
+            first_loss = loss.item() if first_loss is None else first_loss
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
+            if stop.signal and step + 1 < steps:
+                save_checkpoint(last_path, model, optimizer, **checkpoint_info(
+                    epoch, partial=dict(step=step + 1, order=order.tolist(), losses=losses)))
+                stop.stop(f"in epoch {epoch + 1}, after step {step + 1} of {steps}: {last_path} holds that state")
         scores = dict(train_loss=float(np.mean(losses)))
         if val_set is not None:
             scores.update(evaluate(model, val_set, device, args.ignore_index))
         improved = improves(scores[metric], best, metric)
         best, stale = (scores[metric], 0) if improved else (best, stale + 1)
-        info = dict(epoch=epoch + 1, best=best, best_metric=metric, stale_epochs=stale, scores=scores,
-                    rng=rng.bit_generator.state, input_scale=1.0, args=vars(args),
-                    data=dict(format=data_format, img_size=args.img_size, ignore_index=args.ignore_index,
-                              instance_labels=args.instance_labels))
+        info = checkpoint_info(epoch + 1, scores=scores)
         save_checkpoint(last_path, model, optimizer, **info)
         if improved:
             save_checkpoint(best_path, model, **info)
         print(f"epoch {epoch + 1}/{args.epochs} " + " ".join(f"{k} {v:.4f}" for k, v in scores.items())
               + f" time {time.perf_counter() - begin:.1f}s" + (" *best" if improved else ""))
+        if stop.signal and epoch + 1 < args.epochs:
+            stop.stop(f"after epoch {epoch + 1}: {last_path} holds it")
         if args.patience and stale >= args.patience:
             print(f"early stop: {metric} has not improved for {stale} epochs")
             break
@@ -368,12 +460,15 @@ def train(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    logger = Logger(args.log, "a" if args.resume else "w")
-    sys.stdout = logger
+    stop = StopRequest()
+    logger = Logger(args.log)
+    logger.header(("resumed" if args.resume else "run") + ": " + " ".join(sys.argv))
     try:
-        train(args)
-    except (DataError, CheckpointError) as err:
-        sys.exit(f"error: {err}")
+        train(args, stop)
+    except (DataError, CheckpointError, TrainingError, OSError) as err:
+        logger.fail(f"error: {err}")
+    except KeyboardInterrupt:
+        logger.fail("error: interrupted; the checkpoints of finished epochs are kept as they were")
     finally:
         logger.close()
 

@@ -7,6 +7,7 @@ The original OneFlow example's checkpoint folder (`flow.save` format) is read by
 unpickler that builds nothing but tensors and plain containers.
 """
 import json
+import math
 import os
 import pickle
 import re
@@ -57,12 +58,20 @@ def _decode(obj, arrays):
 
 # ---- our .npz checkpoints -------------------------------------------------------------------
 
+def _first_non_finite(arrays):
+    return next((k for k, v in arrays.items() if v.dtype.kind in "fc" and not np.isfinite(v).all()), None)
+
+
 def save_checkpoint(path, model, optimizer=None, **info):
-    """Write weights, model config, optional optimizer state and `info` atomically to `path`."""
+    """Write weights, model config, optional optimizer state and `info` atomically to `path`;
+    weights or optimizer state that are not finite (a diverged run) are never written."""
     arrays = {f"model/{k}": backend.to_numpy(v) for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "backend": backend.NAME, "model": model.config(), **info}
     if optimizer is not None:
         meta["optimizer"] = _encode(optimizer.state_dict(), arrays, "optimizer")
+    bad = _first_non_finite(arrays)
+    if bad:
+        raise CheckpointError(f"{path}: not written: {bad} holds NaN or infinity (training diverged; lower --lr)")
     arrays["__meta__"] = np.array(json.dumps(meta))
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
@@ -77,12 +86,51 @@ def load_checkpoint(path):
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
         meta = json.loads(str(arrays.pop("__meta__")))
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, RecursionError) as err:
         raise CheckpointError(f"{path}: damaged or not a U-Net checkpoint ({type(err).__name__}: {err})")
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: unknown checkpoint format {meta.get('format')!r}")
+    check_meta(meta, path)
     weights = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}
     return meta, weights, arrays
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_whole(value, low, high):
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+MODEL_CHECKS = {
+    "n_channels": lambda v: v in (1, 3) and not isinstance(v, bool),
+    "n_classes": lambda v: _is_whole(v, 1, 255),
+    "bilinear": lambda v: isinstance(v, bool),
+    "base": lambda v: _is_whole(v, 1, 1024),
+    "norm": lambda v: v in ("batch", "instance"),
+    "padding": lambda v: v in ("same", "valid"),
+    "dropout": lambda v: _is_number(v) and 0 <= v < 1,
+}
+DATA_CHECKS = {
+    "img_size": lambda v: _is_whole(v, 0, 1 << 16),
+    "ignore_index": lambda v: _is_whole(v, 0, 255),
+    "instance_labels": lambda v: isinstance(v, bool),
+}
+
+
+def check_meta(meta, path):
+    """Stop with one line unless the metadata describes a network and its input the way ours do."""
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: unknown checkpoint format "
+                              f"{meta.get('format') if isinstance(meta, dict) else type(meta).__name__!r:.60}")
+    model, data = meta.get("model"), meta.get("data", {})
+    if not isinstance(model, dict) or set(model) != set(MODEL_CHECKS) or not all(
+            check(model[k]) for k, check in MODEL_CHECKS.items()):
+        raise CheckpointError(f"{path}: damaged model description {str(model)[:120]}")
+    if not isinstance(data, dict) or not all(check(data[k]) for k, check in DATA_CHECKS.items() if k in data):
+        raise CheckpointError(f"{path}: damaged data description {str(data)[:120]}")
+    for key in ("output_shift", "input_scale"):
+        if key in meta and not _is_number(meta[key]):
+            raise CheckpointError(f"{path}: damaged {key} {str(meta[key])[:60]}")
 
 
 def load_weights(model, weights, path):
@@ -102,7 +150,14 @@ def load_weights(model, weights, path):
             problems.append(f"{len(wrong)} of another shape (e.g. {k}: {tuple(weights[k].shape)} "
                             f"in the file, {expected[k]} in the model)")
         raise CheckpointError(f"{path}: does not fit the model: weights {'; '.join(problems)}")
-    model.load_state_dict({k: backend.to_tensor(v, dtype=None) for k, v in weights.items()})
+    kinds = {k: backend.to_numpy(v).dtype for k, v in model.state_dict().items()}
+    odd = next((k for k in expected if weights[k].dtype.kind not in "fiub"), None)
+    if odd:
+        raise CheckpointError(f"{path}: weight {odd} holds {weights[odd].dtype} values, not numbers")
+    bad = _first_non_finite(weights)
+    if bad:
+        raise CheckpointError(f"{path}: weight {bad} holds NaN or infinity: the run that wrote it diverged")
+    model.load_state_dict({k: backend.to_tensor(v.astype(kinds[k]), dtype=None) for k, v in weights.items()})
 
 
 def restore_optimizer(optimizer, meta, arrays, path):
@@ -125,6 +180,8 @@ def config_from_weights(weights, path):
                     padding="same", dropout=0.0)  # what the original example's network used
     except KeyError as err:
         raise CheckpointError(f"{path}: weights are not a U-Net's: no {err}")
+    except IndexError:
+        raise CheckpointError(f"{path}: weights are not a U-Net's: a convolution's weight is not 4-D")
 
 
 def build_model(path, device):
@@ -134,7 +191,7 @@ def build_model(path, device):
     probability 0.5 is its decision threshold; the stored weights stay as trained (for --resume)."""
     meta, weights, _ = load_checkpoint(path)
     model = UNet(**meta["model"])
-    if meta.get("output_shift"):
+    if meta.get("output_shift") and "outc.conv.bias" in weights:
         weights = {**weights, "outc.conv.bias": (weights["outc.conv.bias"] - meta["output_shift"]).astype(np.float32)}
     load_weights(model, weights, path)
     return model.to(device).eval(), meta
@@ -171,17 +228,25 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 def _read_oneflow_tensor(folder, ref):
-    sub = os.path.join(folder, str(ref.path))
-    if not ref.path or os.path.dirname(os.path.normpath(str(ref.path))) or not os.path.isdir(sub):
+    """A tensor's values from its sub-folder, which must be a plain name inside `folder`."""
+    name = str(ref.path) if isinstance(ref.path, (str, int)) else ""
+    sub = os.path.join(folder, name)
+    if (name in ("", ".", "..") or "/" in name or os.sep in name
+            or os.path.dirname(os.path.realpath(sub)) != os.path.realpath(folder)):
+        raise CheckpointError(f"{folder}: refusing tensor folder {ref.path!r}: not a folder inside the checkpoint")
+    if not os.path.isdir(sub):
         raise CheckpointError(f"{folder}: tensor folder {ref.path!r} missing")
-    with open(os.path.join(sub, "meta")) as f:
-        meta = f.read()
-    shape = tuple(int(d) for d in re.findall(r"dim:\s*(\d+)", meta))
-    dtype = _ONEFLOW_DTYPES.get((re.findall(r"data_type:\s*(\w+)", meta) or ["kFloat"])[0])
-    if dtype is None:
-        raise CheckpointError(f"{sub}: unsupported tensor type in {meta!r}")
-    data = np.fromfile(os.path.join(sub, "out"), dtype=dtype)
-    if data.size != int(np.prod(shape)):
+    try:
+        with open(os.path.join(sub, "meta"), errors="replace") as f:
+            meta = f.read(1 << 16)
+        shape = tuple(int(d) for d in re.findall(r"dim:\s*(\d+)", meta))
+        dtype = _ONEFLOW_DTYPES.get((re.findall(r"data_type:\s*(\w+)", meta) or ["kFloat"])[0])
+        if dtype is None:
+            raise CheckpointError(f"{sub}: unsupported tensor type in {meta[:80]!r}")
+        data = np.fromfile(os.path.join(sub, "out"), dtype=dtype)
+    except OSError as err:
+        raise CheckpointError(f"{sub}: unreadable tensor ({err.strerror or err})")
+    if data.size != math.prod(shape):
         raise CheckpointError(f"{sub}: holds {data.size} values, its meta says shape {shape}")
     return data.reshape(shape)
 

@@ -39,9 +39,11 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.errno is not None:  # a full disk, a read-only folder ...
+            raise OSError(f"{path}: could not be written ({err.strerror}); it is as it was before") from None
         raise
 
 
@@ -214,19 +216,17 @@ class SegmentationDataset:
                                    pick(self.weights), self.classes, pick(self.names), pick(self.instances))
 
 
-def batches(dataset, batch_size, rng, shuffle=True):
-    """Yield (images, labels, weights or None) for one epoch: images float32 N x C x H x W;
-    labels float32 N x 1 x H x W with one class, int64 N x H x W class indices with more."""
-    order = rng.permutation(len(dataset)) if shuffle else np.arange(len(dataset))
-    for start in range(0, len(order), batch_size):
-        samples = [dataset.sample(i, rng) for i in order[start:start + batch_size]]
-        sizes = sorted({s[0].shape[:2] for s in samples})
-        if len(sizes) > 1:
-            raise DataError(f"images of different sizes ({sizes[0][1]}x{sizes[0][0]} and {sizes[-1][1]}x"
-                            f"{sizes[-1][0]}) cannot share a batch: train with --crop, --img-size or --batch-size 1")
-        images = np.stack([s[0] for s in samples]).astype(np.float32)
-        images = images.transpose(0, 3, 1, 2) if images.ndim == 4 else images[:, None]
-        labels = np.stack([s[1] for s in samples])
-        labels = labels[:, None].astype(np.float32) if dataset.classes == 1 else labels.astype(np.int64)
-        weights = None if samples[0][2] is None else np.stack([s[2] for s in samples])[:, None].astype(np.float32)
-        yield np.ascontiguousarray(images), labels, weights
+def make_batch(dataset, indices, rng):
+    """(images, labels, weights or None) of the pairs `indices`, cropped and augmented: images float32
+    N x C x H x W; labels float32 N x 1 x H x W with one class, int64 N x H x W class indices with more."""
+    samples = [dataset.sample(i, rng) for i in indices]
+    sizes = sorted({s[0].shape[:2] for s in samples})
+    if len(sizes) > 1:
+        raise DataError(f"images of different sizes ({sizes[0][1]}x{sizes[0][0]} and {sizes[-1][1]}x"
+                        f"{sizes[-1][0]}) cannot share a batch: train with --crop, --img-size or --batch-size 1")
+    images = np.stack([s[0] for s in samples]).astype(np.float32)
+    images = images.transpose(0, 3, 1, 2) if images.ndim == 4 else images[:, None]
+    labels = np.stack([s[1] for s in samples])
+    labels = labels[:, None].astype(np.float32) if dataset.classes == 1 else labels.astype(np.int64)
+    weights = None if samples[0][2] is None else np.stack([s[2] for s in samples])[:, None].astype(np.float32)
+    return np.ascontiguousarray(images), labels, weights

@@ -1,13 +1,17 @@
 """Make sure the ISBI 2012 data is at hand, and fetch the original example's pretrained checkpoint.
 
-    python fetch_data.py                  # fill train_image/ train_label/ test_image/
+    python fetch_data.py                  # fill train_image/ train_label/ test_image/; print the data folder
+    python fetch_data.py --need test_image
     python fetch_data.py --pretrained     # download and unpack checkpoints.tar.gz into pretrained/
 
 Where the data comes from, first that works:
   1. the folders already hold images;
   2. a local copy named by ISBI_DATA_DIR (a folder with the same three sub-folders);
   3. the original example's archives, downloaded (from ISBI_BASE_URL where set);
-  4. offline with nothing at hand: a synthetic EM-like dataset, loudly marked as such.
+  4. offline, and only when all three folders are empty: a synthetic EM-like dataset in its own
+     folder, synthetic_isbi/, loudly marked as such.
+Only folders without images are filled: a user's own images are never written over. The folder
+that holds the data to use (`.` or synthetic_isbi) is printed on stdout, everything else on stderr.
 """
 import argparse
 import http.client
@@ -15,6 +19,7 @@ import os
 import shutil
 import sys
 import tarfile
+import tempfile
 import urllib.error
 import urllib.request
 
@@ -30,8 +35,15 @@ ORIGINAL_URL = "https://oneflow-static.oss-cn-beijing.aliyuncs.com/Dataset/Seg/I
 def base_url():
     """Where the archives are downloaded from: ISBI_BASE_URL, else the original example's address."""
     return os.environ.get("ISBI_BASE_URL") or ORIGINAL_URL
+
+
 FOLDERS = ("train_image", "train_label", "test_image")
+SYNTHETIC_DIR = "synthetic_isbi"
 SYNTHETIC_MARK = "SYNTHETIC_DATA.txt"
+MiB = 1 << 20
+# What an archive may unpack to at most: 30 slices of 512x512 are 8 MiB; the checkpoint ~125 MiB.
+UNPACKED_LIMIT = {"train_image": 128 * MiB, "train_label": 128 * MiB, "test_image": 128 * MiB,
+                  "checkpoints": 1024 * MiB}
 
 HOW_TO_GET_DATA = """\
 The ISBI 2012 data could not be found or downloaded ({reason}).
@@ -45,6 +57,10 @@ To train on the real data, do one of these and run again:
 
 class FetchError(OSError):
     """A download or an archive that failed; the message says which and why."""
+
+
+def say(message):
+    print(message, file=sys.stderr)
 
 
 def has_images(folder):
@@ -67,12 +83,13 @@ def download(url, dest, timeout=60):
     except urllib.error.HTTPError as err:
         raise FetchError(f"could not download {url}: HTTP {err.code} {err.reason}")
     except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
-        raise FetchError(f"could not download {url}: {getattr(err, 'reason', None) or repr(err)}")
+        raise FetchError(f"could not download {url}: {getattr(err, 'reason', None) or err}")
     return dest
 
 
-def safe_extract(archive, dest):
-    """Unpack a tar archive into `dest`, refusing members that would land outside it or are links."""
+def safe_extract(archive, dest, max_bytes=1024 * MiB):
+    """Unpack a tar archive into `dest`, refusing members that would land outside it or are links,
+    and archives that would unpack to more than `max_bytes`."""
     root = os.path.realpath(dest)
     try:
         with tarfile.open(archive) as tar:
@@ -83,32 +100,60 @@ def safe_extract(archive, dest):
                     raise FetchError(f"{archive}: refusing {m.name!r}: not a plain file or folder")
                 if os.path.commonpath([root, target]) != root:
                     raise FetchError(f"{archive}: refusing {m.name!r}: it would be written outside {dest}")
+            total = sum(m.size for m in members)
+            if total > max_bytes:
+                raise FetchError(f"{archive}: refusing to unpack {total / MiB:.0f} MiB, more than the "
+                                 f"{max_bytes / MiB:.0f} MiB it should hold")
             for m in members:
                 tar.extract(m, root, set_attrs=False)
     except (tarfile.TarError, EOFError) as err:
         raise FetchError(f"{archive}: damaged archive ({err})")
+    except OSError as err:
+        if isinstance(err, FetchError):
+            raise
+        raise FetchError(f"{archive}: could not unpack ({err})")
 
 
-def copy_from_mirror(mirror, root):
-    for name in FOLDERS:
+def fetch_archive(url, name, staging):
+    """Download `url` into the folder `staging` and unpack it there; returns the unpacked folder."""
+    archive = download(url, os.path.join(staging, os.path.basename(url)))
+    unpacked = os.path.join(staging, "unpacked")
+    os.makedirs(unpacked)
+    safe_extract(archive, unpacked, UNPACKED_LIMIT[name])
+    return unpacked
+
+
+def move_images(source, target):
+    """Move the files of `source` into `target`, which holds no images (so nothing is replaced)."""
+    os.makedirs(target, exist_ok=True)
+    for name in os.listdir(source):
+        if not os.path.exists(os.path.join(target, name)):
+            os.replace(os.path.join(source, name), os.path.join(target, name))
+
+
+def copy_from_mirror(mirror, root, names):
+    for name in names:
         if not has_images(os.path.join(mirror, name)):
             raise FetchError(f"{mirror}: ISBI_DATA_DIR has no images in {name}/")
-    for name in FOLDERS:
-        target = os.path.join(root, name)
-        if not has_images(target):
-            shutil.copytree(os.path.join(mirror, name), target, dirs_exist_ok=True)
+    for name in names:
+        for file in os.listdir(os.path.join(mirror, name)):
+            if not os.path.exists(os.path.join(root, name, file)):
+                os.makedirs(os.path.join(root, name), exist_ok=True)
+                shutil.copy2(os.path.join(mirror, name, file), os.path.join(root, name, file))
 
 
-def download_isbi(root, url):
-    for name in FOLDERS:
-        target = os.path.join(root, name)
-        if has_images(target):
-            continue
-        archive = download(url + name + ".tar.gz", os.path.join(root, name + ".tar.gz"))
-        safe_extract(archive, root)
-        os.remove(archive)
-        if not has_images(target):
-            raise FetchError(f"{archive}: unpacked, but it held no images in {name}/")
+def download_isbi(root, url, names):
+    """Download and unpack each archive in a staging folder of its own, removed afterwards, then
+    move its images into the (image-less) folder; a failure leaves every folder as it was."""
+    for name in names:
+        staging = tempfile.mkdtemp(dir=root, prefix=".fetch-")
+        try:
+            unpacked = fetch_archive(url + name + ".tar.gz", name, staging)
+            if not has_images(os.path.join(unpacked, name)):
+                raise FetchError(f"{url}{name}.tar.gz: unpacked, but it held no images in {name}/")
+            move_images(os.path.join(unpacked, name), os.path.join(root, name))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def synthetic_em_slice(size, rng, cell_size=40):
@@ -141,63 +186,85 @@ def write_synthetic(root, n_train=30, n_test=30, size=512, seed=0):
     for i in range(n_test):
         write_png(os.path.join(root, "test_image", f"{i}.png"), synthetic_em_slice(size, rng)[0])
     with open(os.path.join(root, SYNTHETIC_MARK), "w") as f:
-        f.write("train_image/ train_label/ test_image/ hold SYNTHETIC data made by fetch_data.py, "
-                "not ISBI 2012. Delete them and this file to fetch the real data.\n")
+        f.write("This folder holds SYNTHETIC data made by fetch_data.py, not ISBI 2012. It is used only while "
+                "train_image/ train_label/ test_image/ beside it are all empty.\n")
 
 
-def ensure_isbi_data(root=".", mirror=None):
-    """Fill root/train_image, train_label, test_image; returns where the data came from."""
+def synthetic_fallback(root):
+    """root/synthetic_isbi, written once: the data of the last resort."""
+    folder = os.path.join(root, SYNTHETIC_DIR)
+    if not all(has_images(os.path.join(folder, name)) for name in FOLDERS):
+        write_synthetic(folder)
+    say("=" * 78 + f"\nWARNING: running on a SYNTHETIC EM-like dataset (Voronoi cells) in {folder}/, NOT ISBI "
+        "2012.\nIts scores say the pipeline works, nothing about real membranes.\n" + "=" * 78)
+    return folder
+
+
+def ensure_isbi_data(root=".", mirror=None, needed=FOLDERS):
+    """Fill those of root/train_image, train_label, test_image in `needed` that hold no images.
+
+    Returns (the folder holding the data to use: `root`, or root/synthetic_isbi; where it came from:
+    present, mirror, download or synthetic)."""
     url = base_url()
-    if all(has_images(os.path.join(root, name)) for name in FOLDERS):
-        if os.path.exists(os.path.join(root, SYNTHETIC_MARK)):
-            print(f"WARNING: using SYNTHETIC data (see {SYNTHETIC_MARK}), not ISBI 2012", file=sys.stderr)
-            return "synthetic"
-        return "present"
+    missing = [name for name in needed if not has_images(os.path.join(root, name))]
+    if not missing:
+        if os.path.exists(os.path.join(root, SYNTHETIC_MARK)):  # written there by versions before synthetic_isbi/
+            say(f"WARNING: using SYNTHETIC data (see {SYNTHETIC_MARK}), not ISBI 2012")
+        return root, "present"
     if mirror:
-        copy_from_mirror(mirror, root)
-        print(f"data: copied ISBI 2012 from {mirror}")
-        return "mirror"
+        copy_from_mirror(mirror, root, missing)
+        say(f"data: copied ISBI 2012 from {mirror}")
+        return root, "mirror"
     try:
-        download_isbi(root, url)
-        print(f"data: downloaded ISBI 2012 from {url}")
-        return "download"
+        download_isbi(root, url, missing)
+        say(f"data: downloaded ISBI 2012 from {url}")
+        return root, "download"
     except FetchError as err:
-        print(HOW_TO_GET_DATA.format(reason=err, url=url), file=sys.stderr)
-    print("=" * 78 + "\nWARNING: running on a SYNTHETIC EM-like dataset (Voronoi cells), NOT ISBI 2012.\n"
-          "Its scores say the pipeline works, nothing about real membranes.\n" + "=" * 78, file=sys.stderr)
-    write_synthetic(root)
-    return "synthetic"
+        how_to = HOW_TO_GET_DATA.format(reason=err, url=url)
+        if any(has_images(os.path.join(root, name)) for name in FOLDERS):
+            empty = [name for name in missing if not has_images(os.path.join(root, name))]
+            raise FetchError(f"{os.path.join(root, empty[0])}/ holds no images and {err}; put the images "
+                             f"there, or set ISBI_DATA_DIR")
+        say(how_to)
+    return synthetic_fallback(root), "synthetic"
 
 
 def fetch_pretrained(dest="pretrained"):
     """The original example's OneFlow checkpoint folder, downloaded and unpacked once."""
-    for folder, _, files in os.walk(dest):
-        if "pickled_data" in files:
-            return folder
+    def checkpoint_in(folder):
+        return next((sub for sub, _, files in os.walk(folder) if "pickled_data" in files), None)
+
+    if checkpoint_in(dest):
+        return checkpoint_in(dest)
     url = base_url() + "checkpoints.tar.gz"
+    parent = os.path.dirname(os.path.abspath(dest))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=parent, prefix=".fetch-")
     try:
-        archive = download(url, os.path.join(dest, "checkpoints.tar.gz"))
-    except FetchError as err:
-        raise FetchError(f"{err}. The pretrained checkpoint needs the internet once; or unpack "
-                         f"checkpoints.tar.gz into {dest}/ by hand")
-    safe_extract(archive, dest)
-    os.remove(archive)
-    for folder, _, files in os.walk(dest):
-        if "pickled_data" in files:
-            return folder
-    raise FetchError(f"{url}: unpacked, but it held no OneFlow checkpoint (no pickled_data)")
+        try:
+            unpacked = fetch_archive(url, "checkpoints", staging)
+        except FetchError as err:
+            raise FetchError(f"{err}. The pretrained checkpoint needs the internet once; or unpack "
+                             f"checkpoints.tar.gz into {dest}/ by hand")
+        if not checkpoint_in(unpacked):
+            raise FetchError(f"{url}: unpacked, but it held no OneFlow checkpoint (no pickled_data)")
+        move_images(unpacked, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return checkpoint_in(dest)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default=".", help="folder that gets train_image/ train_label/ test_image/")
+    p.add_argument("--need", nargs="+", choices=FOLDERS, default=list(FOLDERS), help="the folders to fill")
     p.add_argument("--pretrained", action="store_true", help="fetch the pretrained checkpoint instead")
     args = p.parse_args(argv)
     try:
         if args.pretrained:
             print(fetch_pretrained(os.path.join(args.root, "pretrained")))
         else:
-            ensure_isbi_data(args.root, os.environ.get("ISBI_DATA_DIR") or None)
+            print(ensure_isbi_data(args.root, os.environ.get("ISBI_DATA_DIR") or None, args.need)[0])
     except FetchError as err:
         sys.exit(f"error: {err}")
 

@@ -26,20 +26,26 @@ except ImportError:
     sys.exit("error: matplotlib is not installed: run `bash train.sh` once (it sets up .venv)")
 
 EPOCH_LINE = re.compile(r"^epoch (\d+)/\d+ (.*)$")
+NEW_RUN_LINE = re.compile(r"^== \S+ \S+ run: ")  # a header of log.py; "resumed:" goes on with the run
 PAIR = re.compile(r"([a-z_]+) (-?[\d.]+(?:e-?\d+)?|nan|inf)")
 
 
 def read_log(path):
-    """{curve name: [values per epoch]} from a training log."""
-    curves = {}
+    """{curve name: [values per epoch]} of the last run in a training log (a resumed run goes on
+    with the run it resumes; an epoch logged twice keeps its later values)."""
+    epochs = {}
     with open(path) as f:
         lines = [line.strip() for line in f if line.strip()]
     for line in lines:
+        if NEW_RUN_LINE.match(line):
+            epochs = {}
         match = EPOCH_LINE.match(line)
         if match:
-            for key, value in PAIR.findall(match.group(2)):
-                if key != "time":
-                    curves.setdefault(key, []).append(float(value))
+            epochs[int(match.group(1))] = [(k, float(v)) for k, v in PAIR.findall(match.group(2)) if k != "time"]
+    curves = {}
+    for epoch in sorted(epochs):
+        for key, value in epochs[epoch]:
+            curves.setdefault(key, []).append(value)
     if not curves:  # the original's format: one loss per line
         try:
             curves = {"train_loss": [float(line) for line in lines]}

@@ -19,22 +19,19 @@ import numpy as np
 
 import backend
 from backend import flow
+from cli import ArgumentParser, probability, ranged
 from checkpoint import CheckpointError, build_model
 from dataloader import DataError, match_channels, resize, write_png
 from datasets import FORMATS, find_samples, read_sample_label
 from evaluate import format_table, score_binary, score_multiclass, write_json
-from unet import mirror_for_valid
+from unet import MIN_SIDE, mirror_for_valid, smallest_side
 from visualize import class_colors, montage, overlay
 
 MONTAGE_ROWS = 4
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the docstring's layout and shows every flag's default."""
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--checkpoint", default="checkpoints/best.npz",
                    help="our .npz checkpoint, or the original example's OneFlow checkpoint folder")
     p.add_argument("--pretrained", action="store_true",
@@ -44,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--data-format", choices=("auto",) + FORMATS, default="auto", help="layout of --test-data-path")
     p.add_argument("--split", default="val", help="VOC: the ImageSets/Segmentation list to predict")
     p.add_argument("--save-res-path", "--save_res_path", default="predict_image/", help="output folder")
-    p.add_argument("--threshold", type=float, default=0.5, help="cell probability above which a pixel is cell")
+    p.add_argument("--threshold", type=probability, default=0.5, help="cell probability above which a pixel is cell")
     p.add_argument("--save-prob", action="store_true",
                    help="also write cell-probability maps (what the ISBI scores and evaluate.py want)")
     p.add_argument("--prob-path", default="predict_prob/", help="folder for --save-prob")
@@ -55,9 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--scores-json", help="with labels: write every score, per image and mean, to this JSON file")
     p.add_argument("--color-path", default="predict_color/",
                    help="with several classes: colour pictures of the class-index masks (VOC palette)")
-    p.add_argument("--tile", type=int, default=1024,
+    p.add_argument("--tile", type=ranged(int, MIN_SIDE, also=(0,)), default=1024,
                    help="predict larger images in overlapping tiles of this size, blended (0: whole image)")
-    p.add_argument("--overlap", type=int, default=128, help="overlap of neighbouring tiles, in pixels")
+    p.add_argument("--overlap", type=ranged(int, 0), default=128, help="overlap of neighbouring tiles, in pixels")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                    help="average the 8 flips/90-degree rotations of each image (8x the time; --no-tta: once)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda ...")
@@ -69,6 +66,9 @@ def _forward(model, image, device, input_scale):
     height, width = image.shape[:2]
     if model.padding == "valid":
         image = mirror_for_valid(image)
+    else:  # images smaller than the network takes are mirrored up to its smallest input
+        grow = [(0, max(0, smallest_side(model.norm) - side)) for side in (height, width)]
+        image = np.pad(image, grow + [(0, 0)] * (image.ndim - 2), mode="symmetric")
     planes = image.transpose(2, 0, 1) if image.ndim == 3 else image[None]
     with flow.no_grad():
         logits = model(backend.to_tensor(np.ascontiguousarray(planes[None]) * input_scale, device))

@@ -22,7 +22,8 @@ PROB_PATH=${PROB_PATH:-predict_prob/}
 OVERLAY_PATH=${OVERLAY_PATH:-predict_overlay/}
 TEST_LABEL_PATH=${TEST_LABEL_PATH:-}
 if [ "${TEST_DATA_PATH%/}" = test_image ] && ! wants_help "$@"; then
-    "$PYTHON" fetch_data.py
+    # Fills test_image/ only when it is empty; prints where the data is (see train.sh).
+    TEST_DATA_PATH=$("$PYTHON" fetch_data.py --need test_image)/test_image/
 fi
 if [ "${PRETRAINED:-0}" = 1 ]; then
     set -- --pretrained "$@"

@@ -17,7 +17,9 @@ ensure_env
 DATA_PATH=${DATA_PATH:-train_image}
 LABEL_PATH=${LABEL_PATH:-}
 if [ "${DATA_PATH%/}" = train_image ] && [ -z "$LABEL_PATH" ] && ! wants_help "$@"; then
-    "$PYTHON" fetch_data.py
+    # Fills empty folders only; prints where the data is (synthetic_isbi when all were empty, offline).
+    DATA_ROOT=$("$PYTHON" fetch_data.py --need train_image train_label)
+    DATA_PATH=$DATA_ROOT/train_image LABEL_PATH=$DATA_ROOT/train_label
 fi
 
 exec "$PYTHON" TrainUnetDataSet.py \

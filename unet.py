@@ -33,6 +33,14 @@ def valid_input_size(output_size):
     return 16 * bottom + 124
 
 
+MIN_SIDE = 32  # the smallest side any padded U-Net takes (instance norm's; batch norm's is 16)
+
+
+def smallest_side(norm):
+    """Four halvings need 16 pixels; instance norm needs more than one pixel per channel at the bottom."""
+    return MIN_SIDE if norm == "instance" else 16
+
+
 VALID_MARGIN = 92  # (16 b + 124 - (16 b - 60)) / 2: input pixels lost on each side
 
 
@@ -154,11 +162,9 @@ class UNet(nn.Module):
             if any(side < 188 or (side - 124) % 16 for side in (height, width)):
                 raise ValueError(f"the unpadded U-Net needs sides of 16 b + 124 pixels (188, 204, ..., 572, ...), "
                                  f"got {height}x{width}")
-        elif min(height, width) < (32 if self.norm == "instance" else 16):
-            # Instance norm needs more than one pixel per channel at the bottom level.
-            smallest = 32 if self.norm == "instance" else 16
-            raise ValueError(f"U-Net input must be at least {smallest}x{smallest} pixels with {self.norm} norm, "
-                             f"got {tuple(x.shape[2:])}")
+        elif min(height, width) < smallest_side(self.norm):
+            raise ValueError(f"U-Net input must be at least {smallest_side(self.norm)} pixels a side with "
+                             f"{self.norm} norm, got {tuple(x.shape[2:])}")
         x1 = self.inc(x)
         x2 = self.down1(x1)
         x3 = self.down2(x2)

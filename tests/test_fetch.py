@@ -8,8 +8,8 @@ import threading
 import pytest
 
 from conftest import write_dataset
-from fetch_data import (SYNTHETIC_MARK, FetchError, download, ensure_isbi_data, fetch_pretrained,
-                        has_images, safe_extract)
+from fetch_data import (SYNTHETIC_DIR, SYNTHETIC_MARK, FetchError, download, download_isbi, ensure_isbi_data,
+                        fetch_pretrained, has_images, safe_extract)
 
 FOLDERS = ("train_image", "train_label", "test_image")
 
@@ -44,13 +44,13 @@ def isbi_archives(www, source):
 
 def test_folders_that_already_hold_images_are_used_as_they_are(dataset, monkeypatch):
     monkeypatch.setenv("ISBI_BASE_URL", "http://127.0.0.1:9/")
-    assert ensure_isbi_data(dataset) == "present"
+    assert ensure_isbi_data(dataset) == (dataset, "present")
 
 
 def test_data_is_copied_from_a_local_mirror(dataset, tmp_path):
     target = tmp_path / "project"
     target.mkdir()
-    assert ensure_isbi_data(str(target), mirror=dataset) == "mirror"
+    assert ensure_isbi_data(str(target), mirror=dataset) == (str(target), "mirror")
     for name in FOLDERS:
         assert sorted(os.listdir(target / name)) == sorted(os.listdir(os.path.join(dataset, name)))
 
@@ -60,20 +60,69 @@ def test_data_is_downloaded_and_unpacked_when_nothing_is_at_hand(dataset, tmp_pa
     monkeypatch.setenv("ISBI_BASE_URL", server)
     target = tmp_path / "project"
     target.mkdir()
-    assert ensure_isbi_data(str(target)) == "download"
+    assert ensure_isbi_data(str(target)) == (str(target), "download")
     assert all(has_images(target / name) for name in FOLDERS)
     assert not any(name.endswith(".tar.gz") for name in os.listdir(target))
 
 
-def test_offline_with_nothing_at_hand_explains_and_falls_back_to_marked_synthetic_data(tmp_path, monkeypatch, capsys):
+def test_offline_with_all_three_folders_empty_explains_and_falls_back_to_synthetic_data_in_its_own_folder(
+        tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ISBI_BASE_URL", "http://127.0.0.1:9/")
-    assert ensure_isbi_data(str(tmp_path)) == "synthetic"
+    for name in FOLDERS:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / ".gitkeep").write_text("")
+    synthetic = str(tmp_path / SYNTHETIC_DIR)
+    assert ensure_isbi_data(str(tmp_path)) == (synthetic, "synthetic")
     err = capsys.readouterr().err
     assert "could not download http://127.0.0.1:9/train_image.tar.gz" in err
     assert "ISBI_DATA_DIR" in err and "SYNTHETIC" in err
-    assert (tmp_path / SYNTHETIC_MARK).exists()
-    assert len(os.listdir(tmp_path / "train_image")) == len(os.listdir(tmp_path / "train_label")) == 30
-    assert ensure_isbi_data(str(tmp_path)) == "synthetic"  # and it keeps saying so on later runs
+    assert (tmp_path / SYNTHETIC_DIR / SYNTHETIC_MARK).exists()
+    assert len(os.listdir(tmp_path / SYNTHETIC_DIR / "train_image")) == 30
+    assert all(os.listdir(tmp_path / name) == [".gitkeep"] for name in FOLDERS)
+    assert ensure_isbi_data(str(tmp_path)) == (synthetic, "synthetic")  # and it keeps saying so on later runs
+    assert "SYNTHETIC" in capsys.readouterr().err
+
+
+def test_offline_a_users_own_images_are_never_written_over_and_the_gap_is_named(dataset, monkeypatch):
+    monkeypatch.setenv("ISBI_BASE_URL", "http://127.0.0.1:9/")
+    for name in os.listdir(f"{dataset}/test_image"):
+        os.remove(f"{dataset}/test_image/{name}")
+    before = {name: sorted(os.listdir(f"{dataset}/{name}")) for name in FOLDERS}
+    content = open(f"{dataset}/train_image/0.png", "rb").read()
+    with pytest.raises(FetchError, match=r"test_image/ holds no images and could not download"):
+        ensure_isbi_data(dataset)
+    assert {name: sorted(os.listdir(f"{dataset}/{name}")) for name in FOLDERS} == before
+    assert open(f"{dataset}/train_image/0.png", "rb").read() == content
+    assert not os.path.exists(f"{dataset}/{SYNTHETIC_DIR}")
+    # What a folder holds is enough for the run that needs only it: training needs no test images.
+    assert ensure_isbi_data(dataset, needed=("train_image", "train_label")) == (dataset, "present")
+
+
+def test_a_partial_download_keeps_what_arrived_and_refills_only_the_empty_folder(dataset, tmp_path, server,
+                                                                                  monkeypatch):
+    isbi_archives(tmp_path / "www", dataset)
+    os.remove(tmp_path / "www" / "train_label.tar.gz")
+    monkeypatch.setenv("ISBI_BASE_URL", server)
+    target = tmp_path / "project"
+    target.mkdir()
+    with pytest.raises(FetchError, match=r"train_label/ holds no images and could not download .*HTTP 404"):
+        ensure_isbi_data(str(target))
+    assert has_images(target / "train_image") and not has_images(target / "train_label")
+    assert sorted(os.listdir(target)) == ["train_image"]  # no archive, no staging folder left
+    kept = {name: os.path.getmtime(target / "train_image" / name) for name in os.listdir(target / "train_image")}
+    isbi_archives(tmp_path / "www", dataset)
+    assert ensure_isbi_data(str(target)) == (str(target), "download")
+    assert {name: os.path.getmtime(target / "train_image" / name) for name in kept} == kept
+
+
+def test_an_archive_that_would_unpack_to_more_than_it_should_is_refused_and_removed(tmp_path, server, monkeypatch):
+    make_tar(tmp_path / "www" / "train_image.tar.gz", {"train_image/0.png": bytes(129 << 20)})
+    monkeypatch.setenv("ISBI_BASE_URL", server)
+    target = tmp_path / "project"
+    target.mkdir()
+    with pytest.raises(FetchError, match=r"refusing to unpack 129 MiB, more than the 128 MiB"):
+        download_isbi(str(target), server, ["train_image"])
+    assert os.listdir(target) == []
 
 
 @pytest.mark.parametrize("member", ["../escaped.txt", "/tmp/absolute-escape.txt", "a/../../escaped.txt"])

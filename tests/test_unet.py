@@ -33,9 +33,9 @@ def test_the_network_has_the_papers_23_convolutional_layers():
 
 
 def test_an_input_smaller_than_16_pixels_is_refused_clearly():
-    with pytest.raises(ValueError, match="at least 16x16"):
+    with pytest.raises(ValueError, match="at least 16 pixels a side with batch norm"):
         UNet(base=4)(backend.to_tensor(np.zeros((1, 1, 8, 32))))
-    with pytest.raises(ValueError, match="at least 32x32 pixels with instance norm"):
+    with pytest.raises(ValueError, match="at least 32 pixels a side with instance norm"):
         UNet(base=4, norm="instance")(backend.to_tensor(np.zeros((1, 1, 16, 32))))
 
 

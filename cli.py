@@ -1,0 +1,46 @@
+"""Command-line plumbing shared by the scripts: help that shows every default, errors in one
+line, and numeric flags checked against their range when they are parsed."""
+import argparse
+import math
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the docstring's layout and shows every flag's default."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes end in one line (`error: argument --crop: ...`), exit status 2."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=HelpFormatter, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def ranged(kind, low=None, high=None, below=None, also=()):
+    """An argparse type: a finite `kind` (int or float) with low <= value <= high and value < below
+    (each bound optional), or one of the values in `also` (e.g. 0 for "off")."""
+    bounds = [f">= {low}" if low is not None else "", f"<= {high}" if high is not None else "",
+              f"< {below}" if below is not None else ""]
+    rule = " and ".join(b for b in bounds if b)
+    if also:
+        rule = " or ".join([str(v) for v in also] + [rule])
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}")
+        if value in also:
+            return value
+        if (not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high)
+                or (below is not None and value >= below)):
+            raise argparse.ArgumentTypeError(f"{text} is out of range (must be {rule})")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def probability(text):
+    return ranged(float, 0, 1)(text)
