@@ -382,11 +382,17 @@ def train(args, stop):
         meta, weights, arrays = load_checkpoint(last_path)
         if meta["model"] != model.config():
             raise CheckpointError(f"{last_path}: model {meta['model']} differs from the flags' {model.config()}")
+        written_with = meta.get("args", {}).get("optimizer", "adam") if isinstance(meta.get("args"), dict) else None
+        if written_with != args.optimizer:
+            raise CheckpointError(f"{last_path}: written with --optimizer {written_with}; resume with the same")
         load_weights(model, weights, last_path)
         restore_optimizer(optimizer, meta, arrays, last_path)
-        start_epoch, best, stale = meta["epoch"], meta["best"], meta.get("stale_epochs", 0)
-        partial = meta.get("partial")
-        rng.bit_generator.state = meta["rng"]
+        try:
+            start_epoch, best, stale = int(meta["epoch"]), meta["best"], int(meta.get("stale_epochs", 0))
+            partial = meta.get("partial")
+            rng.bit_generator.state = meta["rng"]
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{last_path}: holds no usable training state to resume ({type(err).__name__})")
         if start_epoch >= args.epochs and not partial:
             raise TrainingError(f"{last_path} has trained {start_epoch} epochs already: ask for more with --epochs")
         print(f"resumed from {last_path} after epoch {start_epoch}"
@@ -426,7 +432,7 @@ def train(args, stop):
             else:
                 loss = loss_fn(logits, backend.to_tensor(crop(labels), device), args.dice_weight,
                                None if weights is None else backend.to_tensor(crop(weights), device))
-            check_loss(loss.item(), first_loss, epoch, step, lr)
+            check_loss(loss.item(), first_loss, epoch, step, args.lr)
             first_loss = loss.item() if first_loss is None else first_loss
             optimizer.zero_grad()
             loss.backward()

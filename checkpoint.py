@@ -166,7 +166,10 @@ def restore_optimizer(optimizer, meta, arrays, path):
                               f"resume with UNET_BACKEND={meta.get('backend')}")
     if "optimizer" not in meta:
         raise CheckpointError(f"{path}: holds no optimizer state to resume from")
-    optimizer.load_state_dict(_decode(meta["optimizer"], arrays))
+    try:
+        optimizer.load_state_dict(_decode(meta["optimizer"], arrays))
+    except (KeyError, TypeError, ValueError, IndexError) as err:
+        raise CheckpointError(f"{path}: its optimizer state does not fit this optimizer ({type(err).__name__}: {err})")
 
 
 def config_from_weights(weights, path):

@@ -1,0 +1,298 @@
+"""The fault catalogue of RELIABILITY.md: bad flags, diverging runs, crashes, full disks, crafted
+checkpoints, runs that meet earlier runs. Whatever goes wrong ends in one line naming the file or
+flag, and nothing already written is lost."""
+import errno
+import fcntl
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import backend
+import predict_unet_test
+import TrainUnetDataSet
+from checkpoint import CheckpointError, build_model, load_checkpoint, save_checkpoint
+from conftest import ROOT, run_script, train_small, write_dataset
+from dataloader import atomic_write
+from predict_unet_test import predict_sample
+from unet import UNet
+
+
+def last_line(result):
+    return result.stderr.strip().splitlines()[-1]
+
+
+# ---- flags -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "argument --epochs: 0 is out of range (must be >= 1)"),
+    (["--batch-size", "-2"], "argument --batch-size/--batch_size: -2 is out of range (must be >= 1)"),
+    (["--batch-size", "0"], "argument --batch-size/--batch_size: 0 is out of range (must be >= 1)"),
+    (["--crop", "7"], "argument --crop: 7 is out of range (must be 0 or >= 32)"),
+    (["--crop", "-5"], "argument --crop: -5 is out of range (must be 0 or >= 32)"),
+    (["--lr", "nan"], "argument --lr: nan is out of range (must be >= 0)"),
+    (["--lr", "fast"], "argument --lr: 'fast' is not a number"),
+    (["--val-fraction", "1"], "argument --val-fraction: 1 is out of range (must be >= 0 and < 1)"),
+    (["--classes", "0"], "argument --classes: 0 is out of range (must be >= 1 and <= 255)"),
+    (["--aug-flip", "1.5"], "argument --aug-flip: 1.5 is out of range (must be >= 0 and <= 1)"),
+    (["--dropout", "1"], "argument --dropout: 1 is out of range (must be >= 0 and < 1)"),
+    (["--img-size", "8"], "argument --img-size: 8 is out of range (must be 0 or >= 32)"),
+    (["--patience", "-1"], "argument --patience: -1 is out of range (must be >= 0)"),
+    (["--sigma", "0"], "argument --sigma: 0 is out of range (must be >= 0.1)"),
+])
+def test_a_training_flag_out_of_range_stops_at_parse_time_with_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        TrainUnetDataSet.parse_args(flags)
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == f"error: {message} (see --help)\n"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--threshold", "2"], "argument --threshold: 2 is out of range (must be >= 0 and <= 1)"),
+    (["--tile", "10"], "argument --tile: 10 is out of range (must be 0 or >= 32)"),
+    (["--overlap", "-1"], "argument --overlap: -1 is out of range (must be >= 0)"),
+])
+def test_a_prediction_flag_out_of_range_stops_at_parse_time_with_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        predict_unet_test.parse_args(flags)
+    assert capsys.readouterr().err == f"error: {message} (see --help)\n"
+
+
+# ---- training runs meeting earlier runs --------------------------------------------------------
+
+def test_runs_into_one_folder_keep_the_previous_checkpoints_append_to_the_log_and_clear_stale_temporaries(
+        dataset, tmp_path):
+    train_small(dataset, tmp_path, "--epochs", 1)
+    checkpoints = tmp_path / "checkpoints"
+    first = {name: (checkpoints / name).read_bytes() for name in ("best.npz", "last.npz")}
+    (checkpoints / ".tmp-abc123-last.npz").write_bytes(b"half written by a killed run")
+    log_before = (tmp_path / "log.txt").read_text()
+
+    result = train_small(dataset, tmp_path, "--epochs", 1, "--seed", 1)
+    kept = [name for name in os.listdir(checkpoints) if name.startswith("previous-")]
+    assert len(kept) == 1 and f"kept the previous run's best.npz and last.npz in {checkpoints}/{kept[0]}/" in result.stdout
+    assert {name: (checkpoints / kept[0] / name).read_bytes() for name in first} == first
+    assert sorted(os.listdir(checkpoints)) == ["best.npz", "last.npz", kept[0]]  # the temporary is gone
+
+    os.remove(f"{dataset}/train_label/1.png")
+    failed = train_small(dataset, tmp_path, "--epochs", 1, check=False)
+    assert failed.returncode == 1 and last_line(failed).startswith("error: ")
+    log = (tmp_path / "log.txt").read_text()
+    assert log.startswith(log_before)
+    assert [line.split()[3] for line in log.splitlines() if line.startswith("== ")] == ["run:"] * 3
+    assert log.rstrip().endswith(last_line(failed))
+    assert len([n for n in os.listdir(checkpoints) if n.startswith("previous-")]) == 1  # a failed run moves nothing
+
+
+def test_a_second_run_into_a_folder_in_use_stops_and_touches_nothing(dataset, tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    held = os.open(folder, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)  # as a running training run holds it
+    try:
+        result = train_small(dataset, tmp_path, check=False)
+    finally:
+        os.close(held)
+    assert result.returncode == 1
+    assert last_line(result) == f"error: {folder}: another training run is writing there; wait for it to end, " \
+                                f"or give this one another --checkpoint-dir"
+    assert os.listdir(folder) == []
+
+
+# ---- a diverging run ---------------------------------------------------------------------------
+
+def test_a_diverging_run_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(dataset, tmp_path):
+    train_small(dataset, tmp_path, "--epochs", 1, "--optimizer", "sgd", "--lr", 0.01)
+    good = {name: (tmp_path / "checkpoints" / name).read_bytes() for name in ("best.npz", "last.npz")}
+    result = train_small(dataset, tmp_path, "--epochs", 3, "--resume", "--optimizer", "sgd", "--lr", 1e30,
+                         check=False)
+    assert result.returncode == 1, result.stdout
+    assert "training diverged; try a lower --lr than 1e+30" in last_line(result)
+    assert {name: (tmp_path / "checkpoints" / name).read_bytes() for name in good} == good
+    done = train_small(dataset, tmp_path, "--epochs", 1, "--resume", "--optimizer", "sgd", check=False)
+    assert last_line(done) == f"error: {tmp_path}/checkpoints/last.npz has trained 1 epochs already: " \
+                              f"ask for more with --epochs"
+    other = train_small(dataset, tmp_path, "--epochs", 2, "--resume", "--optimizer", "adam", check=False)
+    assert last_line(other) == f"error: {tmp_path}/checkpoints/last.npz: written with --optimizer sgd; " \
+                               f"resume with the same"
+
+    os.makedirs(tmp_path / "adam")  # Adam's steps are bounded by lr: the loss grows instead of overflowing
+    result = train_small(dataset, tmp_path / "adam", "--epochs", 2, "--lr", 1e10, check=False)
+    assert "training diverged; try a lower --lr than 1e+10" in last_line(result)
+    assert os.listdir(tmp_path / "adam" / "checkpoints") == []
+
+
+def test_weights_that_are_not_finite_are_never_written_and_never_used(tmp_path):
+    model = UNet(base=4)
+    path = str(tmp_path / "model.npz")
+    save_checkpoint(path, model)
+    meta, weights, _ = load_checkpoint(path)
+    with backend.flow.no_grad():
+        model.outc.conv.bias.fill_(float("nan"))
+    with pytest.raises(CheckpointError, match=r"not written: model/outc\.conv\.bias holds NaN"):
+        save_checkpoint(path, model)
+    weights["outc.conv.weight"][0, 0, 0, 0] = np.inf
+    crafted = str(tmp_path / "diverged.npz")
+    np.savez(crafted, __meta__=np.array(json.dumps(meta)), **{f"model/{k}": v for k, v in weights.items()})
+    with pytest.raises(CheckpointError, match=r"diverged\.npz: weight outc\.conv\.weight holds NaN or infinity"):
+        build_model(crafted, "cpu")
+
+
+# ---- interrupted runs ----------------------------------------------------------------------------
+
+def test_sigterm_writes_last_npz_and_resume_continues_exactly(tmp_path):
+    data = write_dataset(tmp_path / "data", n_train=6, n_test=0)
+    flags = ["--val-fraction", 0, "--schedule", "constant", "--epochs", 2]
+    os.makedirs(tmp_path / "straight")
+    train_small(data, tmp_path / "straight", *flags)
+
+    run = tmp_path / "stopped"
+    os.makedirs(run)
+    command = [sys.executable, os.path.join(ROOT, "TrainUnetDataSet.py"), "--data-path", f"{data}/train_image",
+               "--label-path", f"{data}/train_label", "--checkpoint-dir", f"{run}/checkpoints", "--log",
+               f"{run}/log.txt", "--base", 4, "--crop", 32, *flags]
+    process = subprocess.Popen([str(c) for c in command], cwd=run, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.time() + 120
+    while not (run / "log.txt").exists() and time.time() < deadline:  # the log's header: signals are handled
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM, out + err
+    assert "stopped by SIGTERM in epoch 1, after step 1 of 6" in out and "continue with --resume" in out
+    assert load_checkpoint(f"{run}/checkpoints/last.npz")[0]["partial"]["step"] == 1
+
+    resumed = train_small(data, run, *flags, "--resume")
+    assert "resumed from" in resumed.stdout and "after epoch 0, step 1" in resumed.stdout
+    straight = load_checkpoint(str(tmp_path / "straight" / "checkpoints" / "last.npz"))[1]
+    after = load_checkpoint(f"{run}/checkpoints/last.npz")[1]
+    for name in straight:
+        np.testing.assert_allclose(after[name], straight[name], atol=1e-6, err_msg=name)
+
+
+# ---- images the network is too big for --------------------------------------------------------------
+
+@pytest.mark.parametrize("config", [dict(norm="batch"), dict(norm="instance"), dict(norm="batch", padding="valid")])
+@pytest.mark.parametrize("size", [(1, 1), (20, 20), (5, 40)])
+def test_images_smaller_than_the_network_takes_are_predicted_at_their_own_size(config, size):
+    backend.seed_everything(0)
+    model = UNet(base=4, **config).eval()
+    image = np.random.default_rng(0).random(size).astype(np.float32)
+    prob = predict_sample(model, {}, image, "cpu")
+    assert prob.shape == size and np.isfinite(prob).all()
+
+
+def test_training_images_smaller_than_the_network_takes_stop_with_the_file_named(tmp_path):
+    data = write_dataset(tmp_path / "data", n_train=3, n_test=0, size=20)
+    result = train_small(data, tmp_path, "--crop", 0, check=False)
+    assert result.returncode == 1
+    assert last_line(result).startswith("error: ") and "image smaller than 32 pixels a side" in last_line(result)
+    assert "--img-size 32" in last_line(result)
+
+
+# ---- a full disk -------------------------------------------------------------------------------------
+
+def test_a_full_disk_gives_one_line_and_leaves_the_previous_file_whole(tmp_path):
+    path = tmp_path / "last.npz"
+    path.write_bytes(b"the previous checkpoint")
+
+    def disk_full(f):
+        f.write(b"half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(OSError) as raised:
+        atomic_write(str(path), disk_full)
+    assert str(raised.value) == f"{path}: could not be written (No space left on device); it is as it was before"
+    assert raised.value.__suppress_context__
+    assert path.read_bytes() == b"the previous checkpoint" and os.listdir(tmp_path) == ["last.npz"]
+
+
+# ---- crafted checkpoints ---------------------------------------------------------------------------
+
+def crafted_checkpoint(tmp_path, **changes):
+    path = str(tmp_path / "model.npz")
+    save_checkpoint(path, UNet(base=4))
+    meta, weights, _ = load_checkpoint(path)
+    meta.update(changes)
+    np.savez(path, __meta__=np.array(json.dumps(meta)), **{f"model/{k}": v for k, v in weights.items()})
+    return path
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(model=None), "damaged model description None"),
+    (dict(model=[1, 2]), "damaged model description"),
+    (dict(model=dict(n_channels=1)), "damaged model description"),
+    (dict(model=dict(n_channels=2, n_classes=1, bilinear=False, base=4, norm="batch", padding="same", dropout=0)),
+     "damaged model description"),
+    (dict(model=dict(n_channels=1, n_classes=1, bilinear=False, base="4", norm="batch", padding="same",
+                     dropout=0)), "damaged model description"),
+    (dict(data=[]), "damaged data description"),
+    (dict(data=dict(img_size=-3)), "damaged data description"),
+    (dict(output_shift="left"), "damaged output_shift left"),
+    (dict(input_scale=float("nan")), "damaged input_scale nan"),
+    (dict(format="unet-npz/9"), "unknown checkpoint format 'unet-npz/9'"),
+])
+def test_crafted_checkpoint_metadata_stops_with_one_line(tmp_path, changes, message):
+    path = crafted_checkpoint(tmp_path, **changes)
+    with pytest.raises(CheckpointError, match=f"model.npz: {message}"):
+        build_model(path, "cpu")
+
+
+def test_a_checkpoint_whose_metadata_is_not_an_object_is_refused(tmp_path):
+    path = str(tmp_path / "model.npz")
+    np.savez(path, __meta__=np.array("[1, 2, 3]"))
+    with pytest.raises(CheckpointError, match="model.npz: unknown checkpoint format 'list'"):
+        load_checkpoint(path)
+
+
+class _TensorStandIn:
+    """Pickles as the original format's tensors do: a oneflow.Tensor whose state names its folder."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (_TensorStandIn, (), {"path": self.path})
+
+
+def oneflow_folder(folder, tensors):
+    """An original-format checkpoint folder: `tensors` maps state-dict names to (sub-folder, array)."""
+    os.makedirs(folder)
+    state = {}
+    for name, (sub, array) in tensors.items():
+        state[name] = _TensorStandIn(sub)
+        os.makedirs(os.path.join(folder, sub), exist_ok=True)
+        dims = "".join(f"dim: {d}\n" for d in array.shape)
+        open(os.path.join(folder, sub, "meta"), "w").write(f"shape {{ {dims} }}\ndata_type: kFloat\n")
+        array.astype(np.float32).tofile(os.path.join(folder, sub, "out"))
+    pickled = pickle.dumps({"protocol_version": 1, "data": state}, protocol=2)
+    here = f"c{__name__}\n_TensorStandIn\n".encode()
+    assert here in pickled
+    open(os.path.join(folder, "pickled_data"), "wb").write(pickled.replace(here, b"coneflow\nTensor\n"))
+    return str(folder)
+
+
+def test_a_oneflow_checkpoint_with_a_1d_convolution_weight_stops_with_one_line(tmp_path):
+    folder = oneflow_folder(tmp_path / "ck", {"inc.double_conv.0.weight": ("t1", np.zeros(4)),
+                                              "outc.conv.weight": ("t2", np.zeros((1, 4, 1, 1)))})
+    with pytest.raises(CheckpointError, match="ck: weights are not a U-Net's: a convolution's weight is not 4-D"):
+        build_model(folder, "cpu")
+
+
+@pytest.mark.parametrize("sub", ["..", ".", "a/../..", "/etc"])
+def test_a_oneflow_checkpoint_cannot_read_files_outside_its_folder(tmp_path, sub):
+    folder = oneflow_folder(tmp_path / "ck", {"inc.double_conv.0.weight": ("t1", np.zeros((4, 1, 3, 3)))})
+    meta = open(os.path.join(folder, "t1", "meta")).read()
+    open(tmp_path / "meta", "w").write(meta)  # what `..` would find
+    np.zeros(36, np.float32).tofile(tmp_path / "out")
+    pickled = open(os.path.join(folder, "pickled_data"), "rb").read()
+    pickled = pickled.replace(b"\x58\x02\x00\x00\x00t1", b"\x58" + len(sub).to_bytes(4, "little") + sub.encode())
+    open(os.path.join(folder, "pickled_data"), "wb").write(pickled)
+    with pytest.raises(CheckpointError, match=f"refusing tensor folder '{sub}': not a folder inside the checkpoint"):
+        build_model(folder, "cpu")
