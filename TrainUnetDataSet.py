@@ -286,8 +286,11 @@ class StopRequest:
 
     def __init__(self):
         self.signal = None
-        for number in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(number, self._request)
+        self.handlers = {number: signal.signal(number, self._request) for number in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore(self):
+        for number, handler in self.handlers.items():
+            signal.signal(number, handler)
 
     def _request(self, number, frame):
         self.signal = number
@@ -300,13 +303,14 @@ class StopRequest:
 
 
 def lock_checkpoint_dir(folder):
-    """Hold `folder` for this run (released when the process ends, however it ends) and delete the
-    temporary files a killed run left there; a second run into the same folder stops."""
+    """Hold `folder` for this run (until the returned descriptor is closed or the process ends, however
+    it ends) and delete the temporary files a killed run left there; a second run into it stops."""
     os.makedirs(folder, exist_ok=True)
     lock = os.open(folder, os.O_RDONLY)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        os.close(lock)
         raise TrainingError(f"{folder}: another training run is writing there; wait for it to end, "
                             f"or give this one another --checkpoint-dir")
     for name in os.listdir(folder):
@@ -346,7 +350,6 @@ def train(args, stop):
         print(f"unpadded U-Net: training tiles of {args.crop} pixels give {args.crop - 2 * VALID_MARGIN}")
     if args.instance_labels and args.classes > 1:
         raise DataError("--instance-labels numbers objects of one class: it needs --classes 1")
-    lock = lock_checkpoint_dir(args.checkpoint_dir)  # noqa: F841  (held until the process ends)
     backend.seed_everything(args.seed)
     rng = np.random.default_rng(args.seed)
     data_format, train_set, val_set = split_data(args, rng)
@@ -469,7 +472,9 @@ def main(argv=None):
     stop = StopRequest()
     logger = Logger(args.log)
     logger.header(("resumed" if args.resume else "run") + ": " + " ".join(sys.argv))
+    lock = None
     try:
+        lock = lock_checkpoint_dir(args.checkpoint_dir)
         train(args, stop)
     except (DataError, CheckpointError, TrainingError, OSError) as err:
         logger.fail(f"error: {err}")
@@ -477,6 +482,9 @@ def main(argv=None):
         logger.fail("error: interrupted; the checkpoints of finished epochs are kept as they were")
     finally:
         logger.close()
+        stop.restore()
+        if lock is not None:
+            os.close(lock)
 
 
 if __name__ == "__main__":

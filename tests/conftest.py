@@ -1,4 +1,6 @@
 """Shared fixtures: small synthetic EM-like data written by the tests themselves."""
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -39,9 +41,28 @@ def run_script(script, *args, cwd, env=None, check=True):
     return result
 
 
+def train_in_process(*args, check=True):
+    """`python TrainUnetDataSet.py ARGS` run inside this process, which spares the interpreter's and
+    the framework's start-up (seconds each on PyTorch); returns a CompletedProcess as run_script does."""
+    import TrainUnetDataSet
+    args = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            TrainUnetDataSet.main(args)
+            status = 0
+        except SystemExit as stop:
+            status = stop.code if isinstance(stop.code, int) or stop.code is None else 1
+            if isinstance(stop.code, str):
+                print(stop.code, file=sys.stderr)
+    result = subprocess.CompletedProcess(args, status or 0, out.getvalue(), err.getvalue())
+    if check and result.returncode != 0:
+        raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
 def train_small(data, out, *extra, check=True):
     """A few quick epochs of a tiny U-Net on `data`, checkpoints and log under `out`."""
-    return run_script("TrainUnetDataSet.py", "--data-path", f"{data}/train_image",
-                      "--label-path", f"{data}/train_label", "--checkpoint-dir", f"{out}/checkpoints",
-                      "--log", f"{out}/log.txt", "--base", 4, "--crop", 32, "--epochs", 2, *extra,
-                      cwd=out, check=check)
+    return train_in_process("--data-path", f"{data}/train_image", "--label-path", f"{data}/train_label",
+                            "--checkpoint-dir", f"{out}/checkpoints", "--log", f"{out}/log.txt", "--base", 4,
+                            "--crop", 32, "--epochs", 2, *extra, check=check)
