@@ -11,7 +11,6 @@ import math
 import os
 import pickle
 import re
-import zipfile
 from collections import OrderedDict
 
 import numpy as np
@@ -86,7 +85,7 @@ def load_checkpoint(path):
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
         meta = json.loads(str(arrays.pop("__meta__")))
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, RecursionError) as err:
+    except Exception as err:  # zipfile and zlib raise many kinds on damaged files (even NotImplementedError)
         raise CheckpointError(f"{path}: damaged or not a U-Net checkpoint ({type(err).__name__}: {err})")
     check_meta(meta, path)
     weights = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}

@@ -74,7 +74,10 @@ def list_images(folder):
 def _read_file(path):
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
-    array = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    try:
+        array = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    except (cv2.error, MemoryError) as err:  # e.g. a header claiming more pixels than OpenCV allows
+        raise DataError(f"{path}: not a readable image ({str(err).strip().splitlines()[-1][:120]})")
     if array is None or array.size == 0:
         raise DataError(f"{path}: not a readable image (corrupt or unsupported format)")
     if array.ndim == 3:

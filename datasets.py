@@ -201,6 +201,8 @@ def read_tiff_stack(path):
     except Exception as err:  # tifffile raises many kinds on damaged files
         raise DataError(f"{path}: not a readable TIFF ({type(err).__name__}: {err})")
     page_dims = 3 if axes.endswith("S") else 2
+    if array.size == 0 or array.ndim < page_dims:
+        raise DataError(f"{path}: TIFF holds no image pages (shape {array.shape})")
     return array.reshape(-1, *array.shape[-page_dims:])
 
 
