@@ -223,7 +223,7 @@ def ensure_isbi_data(root=".", mirror=None, needed=FOLDERS):
         how_to = HOW_TO_GET_DATA.format(reason=err, url=url)
         if any(has_images(os.path.join(root, name)) for name in FOLDERS):
             empty = [name for name in missing if not has_images(os.path.join(root, name))]
-            raise FetchError(f"{os.path.join(root, empty[0])}/ holds no images and {err}; put the images "
+            raise FetchError(f"{os.path.normpath(os.path.join(root, empty[0]))}/ holds no images and {err}; put the images "
                              f"there, or set ISBI_DATA_DIR")
         say(how_to)
     return synthetic_fallback(root), "synthetic"

@@ -1,12 +1,13 @@
 """train.sh and test.sh honour the variables the README documents."""
 import json
 import os
+import shutil
 import subprocess
 
 import cv2
 import numpy as np
 
-from conftest import ROOT
+from conftest import ROOT, write_dataset
 
 
 def bash(script, *args, env):
@@ -43,3 +44,33 @@ def test_test_sh_scores_the_predictions_when_test_labels_are_given(dataset, tmp_
     assert "v_rand" in out and out.strip().splitlines()[-1].startswith("mean")
     assert "montage.png" in os.listdir(tmp_path / "overlay")
     assert json.load(open(tmp_path / "s.json"))["mean"]["pixel_error"] >= 0
+
+
+def project_copy(folder):
+    """The project's scripts in `folder`, sharing this checkout's environments."""
+    os.makedirs(folder)
+    for name in os.listdir(ROOT):
+        if name.endswith((".py", ".sh", ".txt")) and os.path.isfile(os.path.join(ROOT, name)):
+            shutil.copy(os.path.join(ROOT, name), folder)
+    for venv in (".venv", ".venv-torch"):
+        if os.path.isdir(os.path.join(ROOT, venv)):
+            os.symlink(os.path.join(ROOT, venv), os.path.join(folder, venv))
+    return folder
+
+
+def test_offline_train_sh_trains_on_the_users_images_and_test_sh_names_the_empty_folder(tmp_path):
+    project = project_copy(tmp_path / "project")
+    write_dataset(project, n_train=4, n_test=0)
+    os.makedirs(project / "test_image")
+    before = {name: sorted(os.listdir(project / name)) for name in ("train_image", "train_label", "test_image")}
+    env = {**os.environ, "ISBI_BASE_URL": "http://127.0.0.1:9/", "EPOCHS": "1"}
+    trained = subprocess.run(["bash", "train.sh", "--base", "4", "--crop", "32"], cwd=project, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    assert "data: 3 training pairs from ./train_image" in trained.stdout and "SYNTHETIC" not in trained.stderr
+    tested = subprocess.run(["bash", "test.sh"], cwd=project, env=env, capture_output=True, text=True, timeout=600)
+    assert tested.returncode == 1
+    assert tested.stderr.strip().splitlines()[-1].startswith(
+        "error: test_image/ holds no images and could not download http://127.0.0.1:9/test_image.tar.gz")
+    assert {name: sorted(os.listdir(project / name)) for name in before} == before
+    assert not os.path.exists(project / "synthetic_isbi")
