@@ -176,6 +176,57 @@ def test_sigterm_writes_last_npz_and_resume_continues_exactly(tmp_path):
         np.testing.assert_allclose(after[name], straight[name], atol=1e-6, err_msg=name)
 
 
+def test_kill_9_midway_then_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path):
+    data = write_dataset(tmp_path / "data", n_train=6, n_test=0)
+    flags = ["--val-fraction", 0, "--schedule", "constant", "--epochs", 3]
+    os.makedirs(tmp_path / "straight")
+    train_small(data, tmp_path / "straight", *flags)
+
+    run = tmp_path / "killed"
+    os.makedirs(run)
+    command = [sys.executable, os.path.join(ROOT, "TrainUnetDataSet.py"), "--data-path", f"{data}/train_image",
+               "--label-path", f"{data}/train_label", "--checkpoint-dir", f"{run}/checkpoints", "--log",
+               f"{run}/log.txt", "--base", 4, "--crop", 32, *flags]
+    process = subprocess.Popen([str(c) for c in command], cwd=run, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while "epoch 1/3" not in ((run / "log.txt").read_text() if (run / "log.txt").exists() else ""):
+        assert time.time() < deadline and process.poll() is None
+        time.sleep(0.02)
+    process.kill()
+    process.wait()
+    train_small(data, run, *flags, "--resume")
+    straight = load_checkpoint(str(tmp_path / "straight" / "checkpoints" / "last.npz"))[1]
+    after = load_checkpoint(f"{run}/checkpoints/last.npz")[1]
+    for name in straight:
+        np.testing.assert_allclose(after[name], straight[name], atol=1e-6, err_msg=name)
+    assert not [name for name in os.listdir(run / "checkpoints") if name.startswith(".tmp-")]
+
+
+def test_paths_with_spaces_and_unicode_train_and_predict(tmp_path):
+    data = write_dataset(tmp_path / "my data ünïcødé", n_train=3, n_test=1)
+    out = tmp_path / "out put ✓"
+    os.makedirs(out)
+    train_small(data, out, "--epochs", 1)
+    written, _ = predict_unet_test.predict_dataset(str(out / "checkpoints" / "best.npz"), f"{data}/test_image",
+                                                   dict(masks=str(out / "masks é")))
+    assert [os.path.basename(path) for path in written] == ["0.png"] and os.path.exists(written[0])
+
+
+def test_a_pickled_object_inside_an_npz_checkpoint_is_refused_without_running_it(tmp_path):
+    path = str(tmp_path / "evil.npz")
+    marker = tmp_path / "pwned"
+
+    class RunsACommand:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    np.savez(path, __meta__=np.array(json.dumps({"format": "unet-npz/1"})), payload=np.array([RunsACommand()]))
+    with pytest.raises(CheckpointError, match=r"evil\.npz: damaged or not a U-Net checkpoint .*allow_pickle=False"):
+        build_model(path, "cpu")
+    assert not marker.exists()
+
+
 # ---- images the network is too big for --------------------------------------------------------------
 
 @pytest.mark.parametrize("config", [dict(norm="batch"), dict(norm="instance"), dict(norm="batch", padding="valid")])
