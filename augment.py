@@ -11,10 +11,11 @@ Each augmentation happens with its own probability (TrainUnetDataSet.py's --aug-
   noise      Gaussian, sigma up to 0.05
   blur       Gaussian, sigma 0.5-1.5 px
 """
-import argparse
 
 import cv2
 import numpy as np
+
+from cli import ArgumentParser, ranged
 
 DEFAULT_PROBABILITIES = dict(flip=1.0, affine=0.0, elastic=0.0, intensity=0.0, noise=0.0, blur=0.0)
 
@@ -100,12 +101,12 @@ def augment(image, label, weights, rng, probabilities):
 def main(argv=None):
     from dataloader import read_image, read_label, write_png
     from visualize import overlay
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("image")
     p.add_argument("label")
     p.add_argument("--out", default="augmented.png", help="montage to write")
-    p.add_argument("--samples", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=ranged(int, 1, 64), default=8)
+    p.add_argument("--seed", type=ranged(int, 0), default=0)
     args = p.parse_args(argv)
     image, label = read_image(args.image), read_label(args.label)
     rng = np.random.default_rng(args.seed)

@@ -14,6 +14,8 @@ import subprocess
 import sys
 import time
 
+from cli import ArgumentParser, ranged
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 PYTHONS = {"oneflow": os.path.join(HERE, ".venv", "bin", "python"),
            "torch": os.path.join(HERE, ".venv-torch", "bin", "python")}
@@ -72,12 +74,12 @@ def time_scoring(repeats=5):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bases", type=int, nargs="+", default=[16, 64])
-    p.add_argument("--sizes", type=int, nargs="+", default=[256])
-    p.add_argument("--batch", type=int, default=1)
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--bases", type=ranged(int, 1, 1024), nargs="+", default=[16, 64])
+    p.add_argument("--sizes", type=ranged(int, 32, 8192), nargs="+", default=[256])
+    p.add_argument("--batch", type=ranged(int, 1), default=1)
     p.add_argument("--norms", nargs="+", default=["batch", "instance"], choices=["batch", "instance"])
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=ranged(int, 1), default=3)
     p.add_argument("--backends", nargs="+", default=["oneflow", "torch"], choices=list(PYTHONS))
     p.add_argument("--skip-scoring", action="store_true", help="leave out the timing of the metrics")
     p.add_argument("--worker", nargs=4, metavar=("BASE", "SIZE", "BATCH", "NORM"), help=argparse.SUPPRESS)

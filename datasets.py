@@ -13,7 +13,6 @@
 `find_samples` detects the layout when not given and lists Samples, read only when asked for;
 `load_dataset` reads and checks them into a SegmentationDataset.
 """
-import argparse
 import functools
 import os
 import sys
@@ -22,6 +21,7 @@ from collections import namedtuple
 import numpy as np
 import tifffile
 
+from cli import ArgumentParser
 from dataloader import (DataError, SegmentationDataset, image_from_array, label_to_classes,
                         list_images, match_channels, read_image, read_label_array, resize)
 
@@ -267,7 +267,7 @@ def load_dataset(samples, classes=1, ignore_index=255, img_size=0, channels=None
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("path", help="image folder, DSB 2018 folder, VOC root or TIFF volume")
     p.add_argument("--label-path", help="label folder or TIFF (pairs, tiff)")
     p.add_argument("--data-format", choices=("auto",) + FORMATS, default="auto")

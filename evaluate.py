@@ -10,13 +10,13 @@ so they reward probability maps; pixel scores and scikit-image's adapted Rand er
 Several classes: predictions are class-index PNGs; the mean row comes from the confusion matrix
 summed over all images (as VOC scores), with IoU and accuracy per class.
 """
-import argparse
 import json
 import os
 import sys
 
 import numpy as np
 
+from cli import ArgumentParser, ranged
 from dataloader import DataError, atomic_write, label_to_classes, list_images, read_image, read_label_array
 from datasets import FORMATS, detect_format, find_samples, label_files
 from metrics import all_scores, confusion_matrix, confusion_scores
@@ -98,14 +98,14 @@ def score_folder(pred_dir, label_path, classes=1, ignore_index=255, data_format=
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("pred_dir", help="folder of predicted masks, probability maps or class-index PNGs")
     p.add_argument("labels", help="label folder with the same file names (255 = cell), or a DSB 2018, VOC or "
                                   "TIFF dataset")
     p.add_argument("--data-format", choices=("auto",) + FORMATS, default="auto", help="layout of LABELS")
     p.add_argument("--split", default="val", help="VOC: the ImageSets/Segmentation list")
-    p.add_argument("--classes", type=int, default=1, help="classes the network predicts (1: binary)")
-    p.add_argument("--ignore-index", type=int, default=255, help="label value left out of the scores")
+    p.add_argument("--classes", type=ranged(int, 1, 255), default=1, help="classes the network predicts (1: binary)")
+    p.add_argument("--ignore-index", type=ranged(int, 0, 255), default=255, help="label value left out of the scores")
     p.add_argument("--instance-labels", action="store_true", help="labels number objects: nonzero = object")
     p.add_argument("--json", help="also write every score, per image and mean, to this JSON file")
     args = p.parse_args(argv)

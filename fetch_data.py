@@ -13,7 +13,6 @@ Where the data comes from, first that works:
 Only folders without images are filled: a user's own images are never written over. The folder
 that holds the data to use (`.` or synthetic_isbi) is printed on stdout, everything else on stderr.
 """
-import argparse
 import http.client
 import os
 import shutil
@@ -27,6 +26,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
+from cli import ArgumentParser
 from dataloader import IMAGE_SUFFIXES, atomic_write, write_png
 
 ORIGINAL_URL = "https://oneflow-static.oss-cn-beijing.aliyuncs.com/Dataset/Seg/ISBI_Challenge_cell_segmentation/"
@@ -255,7 +255,7 @@ def fetch_pretrained(dest="pretrained"):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--root", default=".", help="folder that gets train_image/ train_label/ test_image/")
     p.add_argument("--need", nargs="+", choices=FOLDERS, default=list(FOLDERS), help="the folders to fill")
     p.add_argument("--pretrained", action="store_true", help="fetch the pretrained checkpoint instead")

@@ -9,7 +9,6 @@ class_names.txt. Classes are numbered in --labels order (default: background, th
 found, sorted); shapes are painted in file order, so later shapes cover earlier ones. A shape
 whose label is not in --labels stops the conversion; "__ignore__" paints 255 (ignored in training).
 """
-import argparse
 import base64
 import json
 import os
@@ -19,6 +18,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from cli import ArgumentParser, ranged
 from dataloader import DataError, atomic_write
 from datasets import voc_palette
 
@@ -120,13 +120,13 @@ def convert(json_dir, out_dir, labels=None, val_fraction=0.2, seed=0):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("json_dir", help="folder of labelme .json files (images beside them or embedded)")
     p.add_argument("out_dir", help="VOC-layout folder to write")
     p.add_argument("--labels", help="class names in index order, comma-separated (first = background), "
                                     "or a file with one per line")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="share of the images listed in val.txt")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=ranged(float, 0, below=1), default=0.2, help="share of the images listed in val.txt")
+    p.add_argument("--seed", type=ranged(int, 0), default=0)
     args = p.parse_args(argv)
     labels = None
     if args.labels:

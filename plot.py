@@ -8,10 +8,11 @@ and draws every curve they hold (losses together, each validation score in its o
 reads the original example's format: one loss value per line.
 Runs with the machine's own python3: without matplotlib it re-runs itself in the project's .venv.
 """
-import argparse
 import os
 import re
 import sys
+
+from cli import ArgumentParser
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -87,7 +88,7 @@ def plot_curves(curves, out):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("log", nargs="?", default="Unet_train.txt", help="training log")
     p.add_argument("--out", default="training_curves.png", help="PNG to write")
     args = p.parse_args(argv)

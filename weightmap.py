@@ -5,12 +5,12 @@
 w_c balances the class frequencies; d1 and d2 are the distances to the nearest and the second
 nearest cell. Picture of one:  python weightmap.py train_label/0.png --out weight_map.png
 """
-import argparse
 
 import cv2
 import numpy as np
 from scipy import ndimage
 
+from cli import ArgumentParser, ranged
 from metrics import cells
 
 
@@ -61,11 +61,11 @@ def weight_picture(weights):
 
 def main(argv=None):
     from dataloader import read_label, write_png
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("label", help="a label image (255 = cell, 0 = membrane)")
     p.add_argument("--out", default="weight_map.png", help="picture to write")
-    p.add_argument("--w0", type=float, default=10.0)
-    p.add_argument("--sigma", type=float, default=5.0)
+    p.add_argument("--w0", type=ranged(float, 0), default=10.0)
+    p.add_argument("--sigma", type=ranged(float, 0.1), default=5.0)
     args = p.parse_args(argv)
     weights = weight_map(read_label(args.label), args.w0, args.sigma)
     write_png(args.out, weight_picture(weights))
