@@ -34,7 +34,7 @@ def _png():
 
 def _tiff():
     buffer = io.BytesIO()
-    tifffile.imwrite(buffer, np.arange(3 * 16 * 12, dtype=np.uint8).reshape(3, 16, 12))
+    tifffile.imwrite(buffer, np.arange(3 * 16 * 12, dtype=np.uint8).reshape(3, 16, 12), photometric="minisblack")
     return buffer.getvalue()
 
 

@@ -40,3 +40,14 @@ def test_plot_runs_with_a_python_that_lacks_matplotlib_by_rerunning_in_the_venv(
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "training_curves.png").exists()
+
+
+def test_plot_draws_the_last_run_of_an_appended_log_with_what_resumed_it(tmp_path):
+    (tmp_path / "log.txt").write_text(
+        "== 2026-01-01 10:00:00 run: TrainUnetDataSet.py\n"
+        "epoch 1/3 train_loss 0.9 time 1.0s\nepoch 2/3 train_loss 0.8 time 1.0s\nepoch 3/3 train_loss 0.7 time 1.0s\n"
+        "== 2026-01-02 10:00:00 run: TrainUnetDataSet.py --lr 0.01\n"
+        "epoch 1/3 train_loss 0.5 time 1.0s\nstopped by SIGTERM in epoch 2, after step 1 of 6\n"
+        "== 2026-01-02 11:00:00 resumed: TrainUnetDataSet.py --lr 0.01 --resume\n"
+        "epoch 2/3 train_loss 0.4 time 1.0s\nepoch 3/3 train_loss 0.3 time 1.0s\nerror: something after the last epoch\n")
+    assert read_log(str(tmp_path / "log.txt")) == {"train_loss": [0.5, 0.4, 0.3]}
