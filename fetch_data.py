@@ -132,14 +132,13 @@ def move_images(source, target):
 
 
 def copy_from_mirror(mirror, root, names):
+    """Copy the mirror's folders `names` that hold images; returns those it had none for."""
     for name in names:
-        if not has_images(os.path.join(mirror, name)):
-            raise FetchError(f"{mirror}: ISBI_DATA_DIR has no images in {name}/")
-    for name in names:
-        for file in os.listdir(os.path.join(mirror, name)):
+        for file in os.listdir(os.path.join(mirror, name)) if has_images(os.path.join(mirror, name)) else []:
             if not os.path.exists(os.path.join(root, name, file)):
                 os.makedirs(os.path.join(root, name), exist_ok=True)
                 shutil.copy2(os.path.join(mirror, name, file), os.path.join(root, name, file))
+    return [name for name in names if not has_images(os.path.join(mirror, name))]
 
 
 def download_isbi(root, url, names):
@@ -201,31 +200,36 @@ def synthetic_fallback(root):
 
 
 def ensure_isbi_data(root=".", mirror=None, needed=FOLDERS):
-    """Fill those of root/train_image, train_label, test_image in `needed` that hold no images.
+    """Make sure root/<name> holds images for every folder in `needed` (train.sh needs the training
+    folders, test.sh the test folder). When one does not, every image-less folder of the three is
+    filled, so that the other script finds its data too; folders holding images are never touched.
 
     Returns (the folder holding the data to use: `root`, or root/synthetic_isbi; where it came from:
     present, mirror, download or synthetic)."""
     url = base_url()
-    missing = [name for name in needed if not has_images(os.path.join(root, name))]
-    if not missing:
+    empty = lambda names: [n for n in names if not has_images(os.path.join(root, n))]  # noqa: E731
+    if not empty(needed):
         if os.path.exists(os.path.join(root, SYNTHETIC_MARK)):  # written there by versions before synthetic_isbi/
             say(f"WARNING: using SYNTHETIC data (see {SYNTHETIC_MARK}), not ISBI 2012")
         return root, "present"
     if mirror:
-        copy_from_mirror(mirror, root, missing)
-        say(f"data: copied ISBI 2012 from {mirror}")
+        lacking = copy_from_mirror(mirror, root, empty(FOLDERS))
+        if empty(needed):
+            raise FetchError(f"{mirror}: ISBI_DATA_DIR has no images in {empty(needed)[0]}/")
+        say(f"data: copied ISBI 2012 from {mirror}" + (f" (it has no {', '.join(lacking)})" if lacking else ""))
         return root, "mirror"
     try:
-        download_isbi(root, url, missing)
+        download_isbi(root, url, empty(FOLDERS))
         say(f"data: downloaded ISBI 2012 from {url}")
         return root, "download"
     except FetchError as err:
-        how_to = HOW_TO_GET_DATA.format(reason=err, url=url)
+        if not empty(needed):  # what this run needs arrived, another folder did not
+            say(f"warning: {err}")
+            return root, "download"
         if any(has_images(os.path.join(root, name)) for name in FOLDERS):
-            empty = [name for name in missing if not has_images(os.path.join(root, name))]
-            raise FetchError(f"{os.path.normpath(os.path.join(root, empty[0]))}/ holds no images and {err}; put the images "
-                             f"there, or set ISBI_DATA_DIR")
-        say(how_to)
+            raise FetchError(f"{os.path.normpath(os.path.join(root, empty(needed)[0]))}/ holds no images and "
+                             f"{err}; put the images there, or set ISBI_DATA_DIR")
+        say(HOW_TO_GET_DATA.format(reason=err, url=url))
     return synthetic_fallback(root), "synthetic"
 
 

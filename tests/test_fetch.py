@@ -47,10 +47,12 @@ def test_folders_that_already_hold_images_are_used_as_they_are(dataset, monkeypa
     assert ensure_isbi_data(dataset) == (dataset, "present")
 
 
-def test_data_is_copied_from_a_local_mirror(dataset, tmp_path):
+def test_data_is_copied_from_a_local_mirror_into_every_empty_folder_even_when_training_needs_only_two(
+        dataset, tmp_path):
     target = tmp_path / "project"
     target.mkdir()
-    assert ensure_isbi_data(str(target), mirror=dataset) == (str(target), "mirror")
+    needed = ("train_image", "train_label")
+    assert ensure_isbi_data(str(target), mirror=dataset, needed=needed) == (str(target), "mirror")
     for name in FOLDERS:
         assert sorted(os.listdir(target / name)) == sorted(os.listdir(os.path.join(dataset, name)))
 
