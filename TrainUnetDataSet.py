@@ -435,12 +435,13 @@ def train(args, stop):
             else:
                 loss = loss_fn(logits, backend.to_tensor(crop(labels), device), args.dice_weight,
                                None if weights is None else backend.to_tensor(crop(weights), device))
-            check_loss(loss.item(), first_loss, epoch, step, args.lr)
-            first_loss = loss.item() if first_loss is None else first_loss
+            value = loss.item()
+            check_loss(value, first_loss, epoch, step, args.lr)  # before the step: a NaN never reaches the weights
+            first_loss = value if first_loss is None else first_loss
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            losses.append(loss.item())
+            losses.append(value)
             if stop.signal and step + 1 < steps:
                 save_checkpoint(last_path, model, optimizer, **checkpoint_info(
                     epoch, partial=dict(step=step + 1, order=order.tolist(), losses=losses)))
