@@ -146,61 +146,63 @@ def test_weights_that_are_not_finite_are_never_written_and_never_used(tmp_path):
 
 # ---- interrupted runs ----------------------------------------------------------------------------
 
-def test_sigterm_writes_last_npz_and_resume_continues_exactly(tmp_path):
+def interrupted_and_resumed(tmp_path, flags, interrupt):
+    """A run started as a process, `interrupt(process, run folder)`, then resumed in this process to
+    its end; returns (what the process printed, the resumed run, an uninterrupted run's weights)."""
     data = write_dataset(tmp_path / "data", n_train=6, n_test=0)
-    flags = ["--val-fraction", 0, "--schedule", "constant", "--epochs", 2]
     os.makedirs(tmp_path / "straight")
     train_small(data, tmp_path / "straight", *flags)
-
-    run = tmp_path / "stopped"
+    run = tmp_path / "interrupted"
     os.makedirs(run)
     command = [sys.executable, os.path.join(ROOT, "TrainUnetDataSet.py"), "--data-path", f"{data}/train_image",
                "--label-path", f"{data}/train_label", "--checkpoint-dir", f"{run}/checkpoints", "--log",
                f"{run}/log.txt", "--base", 4, "--crop", 32, *flags]
     process = subprocess.Popen([str(c) for c in command], cwd=run, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
-    deadline = time.time() + 120
-    while not (run / "log.txt").exists() and time.time() < deadline:  # the log's header: signals are handled
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
+    interrupt(process, run)
     out, err = process.communicate(timeout=300)
-    assert process.returncode == 128 + signal.SIGTERM, out + err
-    assert "stopped by SIGTERM in epoch 1, after step 1 of 6" in out and "continue with --resume" in out
-    assert load_checkpoint(f"{run}/checkpoints/last.npz")[0]["partial"]["step"] == 1
-
+    printed = subprocess.CompletedProcess(command, process.returncode, out, err)
     resumed = train_small(data, run, *flags, "--resume")
-    assert "resumed from" in resumed.stdout and "after epoch 0, step 1" in resumed.stdout
-    straight = load_checkpoint(str(tmp_path / "straight" / "checkpoints" / "last.npz"))[1]
+    return printed, resumed, load_checkpoint(str(tmp_path / "straight" / "checkpoints" / "last.npz"))[1]
+
+
+def wait_for_log(process, run, text, deadline=120):
+    start = time.time()
+    while text not in ((run / "log.txt").read_text() if (run / "log.txt").exists() else ""):
+        assert time.time() - start < deadline and process.poll() is None
+        time.sleep(0.02)
+
+
+def assert_same_weights(run, straight):
     after = load_checkpoint(f"{run}/checkpoints/last.npz")[1]
     for name in straight:
         np.testing.assert_allclose(after[name], straight[name], atol=1e-6, err_msg=name)
+
+
+def test_sigterm_writes_last_npz_and_resume_continues_exactly(tmp_path):
+    def sigterm(process, run):
+        wait_for_log(process, run, "== ")  # the log's header: signals are handled from here on
+        process.send_signal(signal.SIGTERM)
+
+    flags = ["--val-fraction", 0, "--schedule", "constant", "--epochs", 2]
+    stopped, resumed, straight = interrupted_and_resumed(tmp_path, flags, sigterm)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stdout + stopped.stderr
+    assert "stopped by SIGTERM in epoch 1, after step 1 of 6" in stopped.stdout
+    assert "continue with --resume" in stopped.stdout
+    assert "resumed from" in resumed.stdout and "after epoch 0, step 1" in resumed.stdout
+    assert_same_weights(tmp_path / "interrupted", straight)
 
 
 def test_kill_9_midway_then_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path):
-    data = write_dataset(tmp_path / "data", n_train=6, n_test=0)
-    flags = ["--val-fraction", 0, "--schedule", "constant", "--epochs", 3]
-    os.makedirs(tmp_path / "straight")
-    train_small(data, tmp_path / "straight", *flags)
+    def kill_9(process, run):
+        wait_for_log(process, run, "epoch 1/3")
+        process.kill()
 
-    run = tmp_path / "killed"
-    os.makedirs(run)
-    command = [sys.executable, os.path.join(ROOT, "TrainUnetDataSet.py"), "--data-path", f"{data}/train_image",
-               "--label-path", f"{data}/train_label", "--checkpoint-dir", f"{run}/checkpoints", "--log",
-               f"{run}/log.txt", "--base", 4, "--crop", 32, *flags]
-    process = subprocess.Popen([str(c) for c in command], cwd=run, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while "epoch 1/3" not in ((run / "log.txt").read_text() if (run / "log.txt").exists() else ""):
-        assert time.time() < deadline and process.poll() is None
-        time.sleep(0.02)
-    process.kill()
-    process.wait()
-    train_small(data, run, *flags, "--resume")
-    straight = load_checkpoint(str(tmp_path / "straight" / "checkpoints" / "last.npz"))[1]
-    after = load_checkpoint(f"{run}/checkpoints/last.npz")[1]
-    for name in straight:
-        np.testing.assert_allclose(after[name], straight[name], atol=1e-6, err_msg=name)
-    assert not [name for name in os.listdir(run / "checkpoints") if name.startswith(".tmp-")]
+    flags = ["--val-fraction", 0, "--schedule", "constant", "--epochs", 3]
+    killed, _, straight = interrupted_and_resumed(tmp_path, flags, kill_9)
+    assert killed.returncode == -signal.SIGKILL
+    assert_same_weights(tmp_path / "interrupted", straight)
+    assert not [name for name in os.listdir(tmp_path / "interrupted" / "checkpoints") if name.startswith(".tmp-")]
 
 
 def test_paths_with_spaces_and_unicode_train_and_predict(tmp_path):
