@@ -11,6 +11,7 @@ import math
 import os
 import pickle
 import re
+import zipfile
 from collections import OrderedDict
 
 import numpy as np
@@ -61,6 +62,15 @@ def _first_non_finite(arrays):
     return next((k for k, v in arrays.items() if v.dtype.kind in "fc" and not np.isfinite(v).all()), None)
 
 
+def write_npz(f, arrays):
+    """What np.savez writes, but closing the zip whatever happens: np.savez leaves it open when a
+    write fails (a full disk), and its clean-up then fails again later with a second traceback."""
+    with zipfile.ZipFile(f, "w", allowZip64=True) as archive:
+        for name, array in arrays.items():
+            with archive.open(name + ".npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+
+
 def save_checkpoint(path, model, optimizer=None, **info):
     """Write weights, model config, optional optimizer state and `info` atomically to `path`;
     weights or optimizer state that are not finite (a diverged run) are never written."""
@@ -72,7 +82,7 @@ def save_checkpoint(path, model, optimizer=None, **info):
     if bad:
         raise CheckpointError(f"{path}: not written: {bad} holds NaN or infinity (training diverged; lower --lr)")
     arrays["__meta__"] = np.array(json.dumps(meta))
-    atomic_write(path, lambda f: np.savez(f, **arrays))
+    atomic_write(path, lambda f: write_npz(f, arrays))
 
 
 def load_checkpoint(path):
@@ -203,7 +213,7 @@ def update_meta(path, **info):
     """Rewrite a checkpoint with `info` added to its metadata, atomically; the arrays stay as they are."""
     meta, _, arrays = load_checkpoint(path)
     arrays = {**arrays, "__meta__": np.array(json.dumps({**meta, **info}))}
-    atomic_write(path, lambda f: np.savez(f, **arrays))
+    atomic_write(path, lambda f: write_npz(f, arrays))
 
 
 # ---- the original example's OneFlow checkpoint folder, read without unpickling code -----------
