@@ -342,6 +342,29 @@ def check_loss(loss, first_loss, epoch, step, lr):
                         f"diverged; try a lower --lr than {lr:g}. Checkpoints of finished epochs are kept as they were")
 
 
+def resume(path, model, optimizer, rng, args):
+    """Load the run saved in `path` into model, optimizer and rng; returns (epochs done, best score,
+    epochs without a better one, the position inside a stopped epoch or None)."""
+    meta, weights, arrays = load_checkpoint(path)
+    if meta["model"] != model.config():
+        raise CheckpointError(f"{path}: model {meta['model']} differs from the flags' {model.config()}")
+    written_with = meta.get("args", {}).get("optimizer", "adam") if isinstance(meta.get("args"), dict) else None
+    if written_with != args.optimizer:
+        raise CheckpointError(f"{path}: written with --optimizer {written_with}; resume with the same")
+    load_weights(model, weights, path)
+    restore_optimizer(optimizer, meta, arrays, path)
+    try:
+        epochs_done, best, stale = int(meta["epoch"]), meta["best"], int(meta.get("stale_epochs", 0))
+        partial = meta.get("partial")
+        rng.bit_generator.state = meta["rng"]
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: holds no usable training state to resume ({type(err).__name__})")
+    if epochs_done >= args.epochs and not partial:
+        raise TrainingError(f"{path} has trained {epochs_done} epochs already: ask for more with --epochs")
+    print(f"resumed from {path} after epoch {epochs_done}" + (f", step {partial['step']}" if partial else ""))
+    return epochs_done, best, stale, partial
+
+
 def train(args, stop):
     device = backend.resolve_device(args.device)
     apply_preset(args, device)
@@ -382,24 +405,7 @@ def train(args, stop):
     metric = best_metric(args, data_format) if val_set is not None else "train_loss"
     start_epoch, best, stale, partial = 0, None, 0, None
     if args.resume:
-        meta, weights, arrays = load_checkpoint(last_path)
-        if meta["model"] != model.config():
-            raise CheckpointError(f"{last_path}: model {meta['model']} differs from the flags' {model.config()}")
-        written_with = meta.get("args", {}).get("optimizer", "adam") if isinstance(meta.get("args"), dict) else None
-        if written_with != args.optimizer:
-            raise CheckpointError(f"{last_path}: written with --optimizer {written_with}; resume with the same")
-        load_weights(model, weights, last_path)
-        restore_optimizer(optimizer, meta, arrays, last_path)
-        try:
-            start_epoch, best, stale = int(meta["epoch"]), meta["best"], int(meta.get("stale_epochs", 0))
-            partial = meta.get("partial")
-            rng.bit_generator.state = meta["rng"]
-        except (KeyError, TypeError, ValueError) as err:
-            raise CheckpointError(f"{last_path}: holds no usable training state to resume ({type(err).__name__})")
-        if start_epoch >= args.epochs and not partial:
-            raise TrainingError(f"{last_path} has trained {start_epoch} epochs already: ask for more with --epochs")
-        print(f"resumed from {last_path} after epoch {start_epoch}"
-              + (f", step {partial['step']}" if partial else ""))
+        start_epoch, best, stale, partial = resume(last_path, model, optimizer, rng, args)
     else:
         keep_previous_run(args.checkpoint_dir)
 
