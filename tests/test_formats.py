@@ -286,8 +286,10 @@ def test_a_dsb2018_folder_with_masks_is_scored_when_predicted(tmp_path):
     assert out.strip().splitlines()[-1].startswith("mean")
     assert cv2.imread(str(tmp_path / "pred" / "id1.png"), 0).shape == (64, 56)  # resized back from 32x32
     scores = json.load(open(tmp_path / "scores.json"))
-    assert set(scores["images"]) == {"id0.png", "id1.png", "id2.png"} and 0 <= scores["mean"]["dice"] <= 1
-    assert score_folder(str(tmp_path / "pred"), root)["mean"]["iou"] >= 0
+    assert set(scores["images"]) == {"id0.png", "id1.png", "id2.png"}
+    assert scores["mean"]["dice"] == pytest.approx(np.mean([row["dice"] for row in scores["images"].values()]))
+    # the masks written score as the probabilities did
+    assert score_folder(str(tmp_path / "pred"), root)["mean"]["iou"] == pytest.approx(scores["mean"]["iou"])
 
 
 def test_voc_trains_several_classes_and_predicts_class_indices_and_colours(tmp_path):

@@ -6,6 +6,7 @@ import subprocess
 
 import cv2
 import numpy as np
+import pytest
 
 from conftest import ROOT, write_dataset
 
@@ -43,7 +44,9 @@ def test_test_sh_scores_the_predictions_when_test_labels_are_given(dataset, tmp_
                                "OVERLAY_PATH": str(tmp_path / "overlay"), "SCORES_JSON": str(tmp_path / "s.json")})
     assert "v_rand" in out and out.strip().splitlines()[-1].startswith("mean")
     assert "montage.png" in os.listdir(tmp_path / "overlay")
-    assert json.load(open(tmp_path / "s.json"))["mean"]["pixel_error"] >= 0
+    errors = [np.mean(cv2.imread(str(tmp_path / "pred" / name), 0) != cv2.imread(f"{dataset}/train_label/{name}", 0))
+              for name in sorted(os.listdir(f"{dataset}/train_label"))]
+    assert json.load(open(tmp_path / "s.json"))["mean"]["pixel_error"] == pytest.approx(np.mean(errors))
 
 
 def project_copy(folder):
