@@ -28,7 +28,8 @@ from cli import ArgumentParser, probability, ranged
 from checkpoint import (CheckpointError, build_model, load_checkpoint, load_weights, restore_optimizer,
                         save_checkpoint, update_meta)
 from augment import DEFAULT_PROBABILITIES
-from dataloader import DataError, SegmentationDataset, make_batch
+from dataloader import SegmentationDataset, make_batch
+from files import DataError
 from datasets import FORMATS, detect_format, find_samples, labels_beside, load_dataset, voc_split_exists
 from log import Logger
 from metrics import confusion_matrix, confusion_scores, isbi_scores, pixel_scores

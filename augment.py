@@ -99,7 +99,8 @@ def augment(image, label, weights, rng, probabilities):
 
 
 def main(argv=None):
-    from dataloader import read_image, read_label, write_png
+    from dataloader import read_image, read_label
+    from files import write_png
     from visualize import overlay
     p = ArgumentParser(description=__doc__)
     p.add_argument("image")

@@ -17,7 +17,7 @@ from collections import OrderedDict
 import numpy as np
 
 import backend
-from dataloader import atomic_write
+from files import atomic_write
 from unet import UNet
 
 FORMAT = "unet-npz/1"

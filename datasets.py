@@ -22,8 +22,9 @@ import numpy as np
 import tifffile
 
 from cli import ArgumentParser
-from dataloader import (DataError, SegmentationDataset, image_from_array, label_to_classes,
-                        list_images, match_channels, read_image, read_label_array, resize)
+from dataloader import (SegmentationDataset, image_from_array, label_to_classes, match_channels, read_image,
+                        read_label_array, resize)
+from files import DataError, list_images
 
 FORMATS = ("pairs", "dsb2018", "voc", "tiff")
 LABEL_SUFFIXES = ("_anno", "_mask", "_label", "_labels", "_gt", "_seg")
@@ -31,20 +32,6 @@ LABEL_SUFFIXES = ("_anno", "_mask", "_label", "_labels", "_gt", "_seg")
 # name: the output file's stem; source, label_source: the image's and label's file, for messages;
 # read_*: callables (read_label and read_instances are None when the sample has none).
 Sample = namedtuple("Sample", "name source read_image read_label read_instances label_source", defaults=(None,))
-
-
-def voc_palette(n=256):
-    """Pascal VOC's colour map: class i -> (r, g, b), as in its devkit."""
-    palette = np.zeros((n, 3), np.uint8)
-    for i in range(n):
-        c, r, g, b = i, 0, 0, 0
-        for bit in range(8):
-            r |= ((c >> 0) & 1) << (7 - bit)
-            g |= ((c >> 1) & 1) << (7 - bit)
-            b |= ((c >> 2) & 1) << (7 - bit)
-            c >>= 3
-        palette[i] = (r, g, b)
-    return palette
 
 
 def detect_format(path):

@@ -17,8 +17,9 @@ import sys
 import numpy as np
 
 from cli import ArgumentParser, ranged
-from dataloader import DataError, atomic_write, label_to_classes, list_images, read_image, read_label_array
+from dataloader import label_to_classes, read_image, read_label_array
 from datasets import FORMATS, detect_format, find_samples, label_files
+from files import DataError, atomic_write, list_images
 from metrics import all_scores, confusion_matrix, confusion_scores
 
 BINARY_TABLE = ["pixel_error", "dice", "iou", "mean_iou", "v_rand", "v_info", "adapted_rand_error", "vi"]

@@ -27,7 +27,7 @@ import numpy as np
 from scipy import ndimage
 
 from cli import ArgumentParser
-from dataloader import IMAGE_SUFFIXES, atomic_write, write_png
+from files import IMAGE_SUFFIXES, atomic_write, write_png
 
 ORIGINAL_URL = "https://oneflow-static.oss-cn-beijing.aliyuncs.com/Dataset/Seg/ISBI_Challenge_cell_segmentation/"
 

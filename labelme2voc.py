@@ -19,8 +19,8 @@ import numpy as np
 from PIL import Image
 
 from cli import ArgumentParser, ranged
-from dataloader import DataError, atomic_write
-from datasets import voc_palette
+from files import DataError, atomic_write
+from visualize import voc_palette
 
 IGNORE = "__ignore__"
 LINE_WIDTH = 10     # labelme's own width for line, linestrip and point shapes

@@ -21,7 +21,8 @@ import backend
 from backend import flow
 from cli import ArgumentParser, probability, ranged
 from checkpoint import CheckpointError, build_model
-from dataloader import DataError, match_channels, resize, write_png
+from dataloader import match_channels, resize
+from files import DataError, write_png
 from datasets import FORMATS, find_samples, read_sample_label
 from evaluate import format_table, score_binary, score_multiclass, write_json
 from unet import MIN_SIDE, mirror_for_valid, smallest_side

@@ -2,11 +2,23 @@
 import cv2
 import numpy as np
 
-from datasets import voc_palette
-
 MEMBRANE = (255, 200, 0)     # BGR: predicted membranes, tinted cyan-blue
 MISSED = (0, 0, 255)         # red: a true membrane predicted as cell (can merge cells)
 SPURIOUS = (0, 200, 255)     # orange: a cell pixel predicted as membrane (can split cells)
+
+
+def voc_palette(n=256):
+    """Pascal VOC's colour map: class i -> (r, g, b), as in its devkit."""
+    palette = np.zeros((n, 3), np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for bit in range(8):
+            r |= ((c >> 0) & 1) << (7 - bit)
+            g |= ((c >> 1) & 1) << (7 - bit)
+            b |= ((c >> 2) & 1) << (7 - bit)
+            c >>= 3
+        palette[i] = (r, g, b)
+    return palette
 
 
 def _bgr(image):

@@ -60,7 +60,8 @@ def weight_picture(weights):
 
 
 def main(argv=None):
-    from dataloader import read_label, write_png
+    from dataloader import read_label
+    from files import write_png
     p = ArgumentParser(description=__doc__)
     p.add_argument("label", help="a label image (255 = cell, 0 = membrane)")
     p.add_argument("--out", default="weight_map.png", help="picture to write")

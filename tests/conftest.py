@@ -11,7 +11,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from dataloader import write_png  # noqa: E402
+from files import write_png  # noqa: E402
 from fetch_data import synthetic_em_slice  # noqa: E402
 
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from augment import flip_rotate
-from dataloader import DataError, SegmentationDataset, list_images, make_batch, read_image, read_label
+from dataloader import SegmentationDataset, make_batch, read_image, read_label
+from files import DataError, list_images
 from datasets import find_samples, load_dataset
 
 

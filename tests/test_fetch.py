@@ -7,7 +7,6 @@ import threading
 
 import pytest
 
-from conftest import write_dataset
 from fetch_data import (SYNTHETIC_DIR, SYNTHETIC_MARK, FetchError, download, download_isbi, ensure_isbi_data,
                         fetch_pretrained, has_images, safe_extract)
 

@@ -11,8 +11,10 @@ from PIL import Image
 
 from checkpoint import load_checkpoint
 from conftest import run_script, write_dataset
-from dataloader import DataError, SegmentationDataset, read_label, write_png
-from datasets import detect_format, find_samples, load_dataset, voc_palette
+from dataloader import SegmentationDataset, read_label
+from files import DataError, write_png
+from datasets import detect_format, find_samples, load_dataset
+from visualize import voc_palette
 from evaluate import score_folder
 from metrics import confusion_matrix, confusion_scores
 

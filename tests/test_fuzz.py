@@ -20,7 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from checkpoint import CheckpointError, build_model, load_checkpoint, save_checkpoint
-from dataloader import DataError, label_to_classes, read_image, read_label_array
+from dataloader import label_to_classes, read_image, read_label_array
+from files import DataError
 from datasets import read_tiff_stack
 from unet import UNet
 

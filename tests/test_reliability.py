@@ -18,8 +18,8 @@ import backend
 import predict_unet_test
 import TrainUnetDataSet
 from checkpoint import CheckpointError, build_model, load_checkpoint, save_checkpoint
-from conftest import ROOT, run_script, train_small, write_dataset
-from dataloader import atomic_write
+from conftest import ROOT, train_small, write_dataset
+from files import atomic_write
 from predict_unet_test import predict_sample
 from unet import UNet
 

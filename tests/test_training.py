@@ -3,7 +3,6 @@ import os
 import numpy as np
 import pytest
 
-import backend
 from checkpoint import build_model, load_checkpoint, load_weights
 from conftest import run_script, train_small, write_dataset
 from dataloader import read_image, read_label
