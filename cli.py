@@ -42,5 +42,4 @@ def ranged(kind, low=None, high=None, below=None, also=()):
     return parse
 
 
-def probability(text):
-    return ranged(float, 0, 1)(text)
+probability = ranged(float, 0, 1)

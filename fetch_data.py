@@ -123,8 +123,8 @@ def fetch_archive(url, name, staging):
     return unpacked
 
 
-def move_images(source, target):
-    """Move the files of `source` into `target`, which holds no images (so nothing is replaced)."""
+def move_new_entries(source, target):
+    """Move what `source` holds into `target`, leaving alone every name `target` has already."""
     os.makedirs(target, exist_ok=True)
     for name in os.listdir(source):
         if not os.path.exists(os.path.join(target, name)):
@@ -145,14 +145,11 @@ def download_isbi(root, url, names):
     """Download and unpack each archive in a staging folder of its own, removed afterwards, then
     move its images into the (image-less) folder; a failure leaves every folder as it was."""
     for name in names:
-        staging = tempfile.mkdtemp(dir=root, prefix=".fetch-")
-        try:
+        with tempfile.TemporaryDirectory(dir=root, prefix=".fetch-") as staging:
             unpacked = fetch_archive(url + name + ".tar.gz", name, staging)
             if not has_images(os.path.join(unpacked, name)):
                 raise FetchError(f"{url}{name}.tar.gz: unpacked, but it held no images in {name}/")
-            move_images(os.path.join(unpacked, name), os.path.join(root, name))
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            move_new_entries(os.path.join(unpacked, name), os.path.join(root, name))
 
 
 def synthetic_em_slice(size, rng, cell_size=40):
@@ -238,13 +235,13 @@ def fetch_pretrained(dest="pretrained"):
     def checkpoint_in(folder):
         return next((sub for sub, _, files in os.walk(folder) if "pickled_data" in files), None)
 
-    if checkpoint_in(dest):
-        return checkpoint_in(dest)
+    found = checkpoint_in(dest)
+    if found:
+        return found
     url = base_url() + "checkpoints.tar.gz"
     parent = os.path.dirname(os.path.abspath(dest))
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=parent, prefix=".fetch-")
-    try:
+    with tempfile.TemporaryDirectory(dir=parent, prefix=".fetch-") as staging:
         try:
             unpacked = fetch_archive(url, "checkpoints", staging)
         except FetchError as err:
@@ -252,9 +249,7 @@ def fetch_pretrained(dest="pretrained"):
                              f"checkpoints.tar.gz into {dest}/ by hand")
         if not checkpoint_in(unpacked):
             raise FetchError(f"{url}: unpacked, but it held no OneFlow checkpoint (no pickled_data)")
-        move_images(unpacked, dest)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        move_new_entries(unpacked, dest)
     return checkpoint_in(dest)
 
 
