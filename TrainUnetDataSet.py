@@ -407,14 +407,21 @@ def train(args, stop):
     start_epoch, best, stale, partial = 0, None, 0, None
     if args.resume:
         start_epoch, best, stale, partial = resume(last_path, model, optimizer, rng, args)
-    else:
-        keep_previous_run(args.checkpoint_dir)
+    previous_kept = args.resume
 
-    def checkpoint_info(epoch, **more):
-        return dict(epoch=epoch, best=best, best_metric=metric, stale_epochs=stale, rng=rng.bit_generator.state,
+    def save_last(epoch, **more):
+        """Write last.npz (a new run first moves an earlier run's checkpoints aside, so a run that
+        fails before its first write leaves them where they were); returns what it stored."""
+        nonlocal previous_kept
+        if not previous_kept:
+            keep_previous_run(args.checkpoint_dir)
+            previous_kept = True
+        info = dict(epoch=epoch, best=best, best_metric=metric, stale_epochs=stale, rng=rng.bit_generator.state,
                     input_scale=1.0, args=vars(args), **more,
                     data=dict(format=data_format, img_size=args.img_size, ignore_index=args.ignore_index,
                               instance_labels=args.instance_labels))
+        save_checkpoint(last_path, model, optimizer, **info)
+        return info
 
     fit_set = mirrored_for_valid(train_set) if args.padding == "valid" else train_set
     first_loss = None
@@ -450,16 +457,14 @@ def train(args, stop):
             optimizer.step()
             losses.append(value)
             if stop.signal and step + 1 < steps:
-                save_checkpoint(last_path, model, optimizer, **checkpoint_info(
-                    epoch, partial=dict(step=step + 1, order=order.tolist(), losses=losses)))
+                save_last(epoch, partial=dict(step=step + 1, order=order.tolist(), losses=losses))
                 stop.stop(f"in epoch {epoch + 1}, after step {step + 1} of {steps}: {last_path} holds that state")
         scores = dict(train_loss=float(np.mean(losses)))
         if val_set is not None:
             scores.update(evaluate(model, val_set, device, args.ignore_index))
         improved = improves(scores[metric], best, metric)
         best, stale = (scores[metric], 0) if improved else (best, stale + 1)
-        info = checkpoint_info(epoch + 1, scores=scores)
-        save_checkpoint(last_path, model, optimizer, **info)
+        info = save_last(epoch + 1, scores=scores)
         if improved:
             save_checkpoint(best_path, model, **info)
         print(f"epoch {epoch + 1}/{args.epochs} " + " ".join(f"{k} {v:.4f}" for k, v in scores.items())

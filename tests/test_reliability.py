@@ -122,6 +122,11 @@ def test_a_diverging_run_stops_with_a_clear_message_and_keeps_the_last_good_chec
     assert last_line(other) == f"error: {tmp_path}/checkpoints/last.npz: written with --optimizer sgd; " \
                                f"resume with the same"
 
+    fresh = train_small(dataset, tmp_path, "--epochs", 3, "--optimizer", "sgd", "--lr", 1e30, check=False)
+    assert "training diverged" in last_line(fresh)  # a new run that never wrote moved nothing aside
+    assert {name: (tmp_path / "checkpoints" / name).read_bytes() for name in good} == good
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["best.npz", "last.npz"]
+
     os.makedirs(tmp_path / "adam")  # Adam's steps are bounded by lr: the loss grows instead of overflowing
     result = train_small(dataset, tmp_path / "adam", "--epochs", 2, "--lr", 1e10, check=False)
     assert "training diverged; try a lower --lr than 1e+10" in last_line(result)
