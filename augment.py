@@ -1,8 +1,7 @@
 """Data augmentation: image (grey or RGB), label and loss weights transformed together; labels keep their values.
 
-    python augment.py train_image/0.png train_label/0.png --out augmented.png   # a montage to check
-
-Each augmentation happens with its own probability (TrainUnetDataSet.py's --aug-* flags):
+Each augmentation happens with its own probability (TrainUnetDataSet.py's --aug-* flags;
+`python inspect_data.py IMAGES --augmented out.png` shows samples):
   flip       one of the 8 flips / 90-degree rotations
   affine     rotation (+-15 deg), scale (+-5%), shear (+-0.05), shift (+-5%) (the Keras seed's ranges)
   elastic    the U-Net paper's: displacements on a coarse 3x3 grid, Gaussian with sigma 10 px,
@@ -15,7 +14,6 @@ Each augmentation happens with its own probability (TrainUnetDataSet.py's --aug-
 import cv2
 import numpy as np
 
-from cli import ArgumentParser, ranged
 
 DEFAULT_PROBABILITIES = dict(flip=1.0, affine=0.0, elastic=0.0, intensity=0.0, noise=0.0, blur=0.0)
 
@@ -96,30 +94,3 @@ def augment(image, label, weights, rng, probabilities):
     if rng.random() < p["blur"]:
         image = cv2.GaussianBlur(image, (0, 0), rng.uniform(0.5, 1.5))
     return np.clip(image, 0, 1).astype(np.float32), label, weights
-
-
-def main(argv=None):
-    from dataloader import read_image, read_label
-    from files import write_png
-    from visualize import overlay
-    p = ArgumentParser(description=__doc__)
-    p.add_argument("image")
-    p.add_argument("label")
-    p.add_argument("--out", default="augmented.png", help="montage to write")
-    p.add_argument("--samples", type=ranged(int, 1, 64), default=8)
-    p.add_argument("--seed", type=ranged(int, 0), default=0)
-    args = p.parse_args(argv)
-    image, label = read_image(args.image), read_label(args.label)
-    rng = np.random.default_rng(args.seed)
-    every = {name: 1.0 for name in DEFAULT_PROBABILITIES}
-    tiles = [overlay(*augment(image, label, None, rng, every)[:2]) for _ in range(args.samples)]
-    tiles = [cv2.resize(t, (256, 256), interpolation=cv2.INTER_AREA) for t in [overlay(image, label)] + tiles]
-    while len(tiles) % 3:
-        tiles.append(np.full_like(tiles[0], 255))
-    rows = [np.hstack(tiles[i:i + 3]) for i in range(0, len(tiles), 3)]
-    write_png(args.out, np.vstack(rows))
-    print(f"wrote {args.out}: the original (top left) and {args.samples} augmented samples, labels' membranes tinted")
-
-
-if __name__ == "__main__":
-    main()

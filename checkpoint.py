@@ -6,11 +6,13 @@ weights are framework-neutral, so a checkpoint written on OneFlow loads on PyTor
 The original OneFlow example's checkpoint folder (`flow.save` format) is read by a restricted
 unpickler that builds nothing but tensors and plain containers.
 """
+import fcntl
 import json
 import math
 import os
 import pickle
 import re
+import time
 import zipfile
 from collections import OrderedDict
 
@@ -299,3 +301,51 @@ def _load_oneflow_folder(folder):
     meta = {"format": FORMAT, "backend": "oneflow", "model": config_from_weights(weights, folder),
             "input_scale": 255.0, "source": "original OneFlow example checkpoint"}
     return meta, weights, {}
+
+
+# ---- the checkpoint folder of a training run ---------------------------------------------------
+
+class RunFolder:
+    """A training run's checkpoint folder: best.npz and last.npz, held by this run alone.
+
+    Temporary files a killed run left are deleted; an earlier run's checkpoints are moved into
+    previous-<time>/ just before this run first writes, so a run that fails before then (bad
+    data, a diverged first epoch) leaves them where prediction looks for them."""
+
+    def __init__(self, folder, resuming=False):
+        self.folder = folder
+        self.best, self.last = os.path.join(folder, "best.npz"), os.path.join(folder, "last.npz")
+        self.previous_kept = resuming  # a resumed run goes on with the checkpoints there
+        os.makedirs(folder, exist_ok=True)
+        self.lock = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the process ends, however
+        except BlockingIOError:
+            os.close(self.lock)
+            raise CheckpointError(f"{folder}: another training run is writing there; wait for it to end, "
+                                  f"or give this one another --checkpoint-dir")
+        for name in os.listdir(folder):
+            if name.startswith(".tmp-"):
+                os.remove(os.path.join(folder, name))
+
+    def save(self, path, model, optimizer=None, **info):
+        if not self.previous_kept:
+            self._keep_previous_run()
+            self.previous_kept = True
+        save_checkpoint(path, model, optimizer, **info)
+
+    def _keep_previous_run(self):
+        found = [path for path in (self.best, self.last) if os.path.exists(path)]
+        if not found:
+            return
+        kept = os.path.join(self.folder, "previous-" + time.strftime("%Y%m%d-%H%M%S"))
+        while os.path.exists(kept):
+            kept += "+"
+        os.makedirs(kept)
+        for path in found:
+            os.replace(path, os.path.join(kept, os.path.basename(path)))
+        names = " and ".join(os.path.basename(path) for path in found)
+        print(f"kept the previous run's {names} in {kept}/ (--resume continues a run instead)")
+
+    def close(self):
+        os.close(self.lock)

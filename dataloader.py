@@ -129,16 +129,13 @@ def random_crop(arrays, size, rng):
 
 
 class SegmentationDataset:
-    """Images (H x W or H x W x 3), labels (class indices; 1 = cell or object with one class) and
-    optional loss weights held in memory; `sample(i, rng)` crops and augments one.
+    """Images (H x W or H x W x 3) and labels (class indices; 1 = cell or object with one class) held
+    in memory, with their names and, where the data numbers its objects, the numbered instances."""
 
-    `augment` maps augmentation names to probabilities (see augment.py); None: no augmentation."""
-
-    def __init__(self, images, labels, crop=None, augment=None, weights=None, classes=1, names=None, instances=None):
-        self.images, self.labels, self.weights = images, labels, weights
-        self.crop, self.augment, self.classes = crop, augment, classes
+    def __init__(self, images, labels, classes=1, names=None, instances=None):
+        self.images, self.labels, self.classes = images, labels, classes
         self.names = names or [str(i) for i in range(len(images))]
-        self.instances = instances  # numbered objects (DSB 2018's masks) for the weight map, or None
+        self.instances = instances  # numbered objects (DSB 2018's masks, GlaS) for the weight map, or None
 
     @property
     def channels(self):
@@ -147,25 +144,41 @@ class SegmentationDataset:
     def __len__(self):
         return len(self.images)
 
+    def subset(self, indices):
+        pick = lambda items: None if items is None else [items[i] for i in indices]  # noqa: E731
+        return SegmentationDataset(pick(self.images), pick(self.labels), self.classes, pick(self.names),
+                                   pick(self.instances))
+
+
+class Sampler:
+    """Training batches of a dataset: random `crop` x `crop` windows (0: whole images), augmented with
+    the probabilities in `augment` (augment.py; None: not at all), with per-pixel loss `weights`
+    (one array per image, or None) cropped and augmented alongside."""
+
+    def __init__(self, dataset, crop=0, augment=None, weights=None):
+        self.dataset, self.crop, self.augment, self.weights = dataset, crop, augment, weights
+
+    def __len__(self):
+        return len(self.dataset)
+
     def sample(self, index, rng):
         """(image, label, weights or None) of pair `index`, cropped and augmented."""
-        arrays = (self.images[index], self.labels[index], None if self.weights is None else self.weights[index])
+        arrays = (self.dataset.images[index], self.dataset.labels[index],
+                  None if self.weights is None else self.weights[index])
         if self.crop:
             arrays = random_crop(arrays, self.crop, rng)
         if self.augment:
             arrays = augment_sample(*arrays, rng, self.augment)
         return tuple(None if a is None else np.ascontiguousarray(a) for a in arrays)
 
-    def subset(self, indices):
-        pick = lambda items: None if items is None else [items[i] for i in indices]  # noqa: E731
-        return SegmentationDataset(pick(self.images), pick(self.labels), self.crop, self.augment,
-                                   pick(self.weights), self.classes, pick(self.names), pick(self.instances))
+    def batch(self, indices, rng):
+        """stack_batch of the pairs `indices`, each cropped and augmented."""
+        return stack_batch([self.sample(i, rng) for i in indices], self.dataset.classes)
 
 
-def make_batch(dataset, indices, rng):
-    """(images, labels, weights or None) of the pairs `indices`, cropped and augmented: images float32
-    N x C x H x W; labels float32 N x 1 x H x W with one class, int64 N x H x W class indices with more."""
-    samples = [dataset.sample(i, rng) for i in indices]
+def stack_batch(samples, classes):
+    """(images, labels, weights or None) of (image, label, weights) triples: images float32 N x C x H x W;
+    labels float32 N x 1 x H x W with one class, int64 N x H x W class indices with more; weights N x 1 x H x W."""
     sizes = sorted({s[0].shape[:2] for s in samples})
     if len(sizes) > 1:
         raise DataError(f"images of different sizes ({sizes[0][1]}x{sizes[0][0]} and {sizes[-1][1]}x"
@@ -173,6 +186,6 @@ def make_batch(dataset, indices, rng):
     images = np.stack([s[0] for s in samples]).astype(np.float32)
     images = images.transpose(0, 3, 1, 2) if images.ndim == 4 else images[:, None]
     labels = np.stack([s[1] for s in samples])
-    labels = labels[:, None].astype(np.float32) if dataset.classes == 1 else labels.astype(np.int64)
+    labels = labels[:, None].astype(np.float32) if classes == 1 else labels.astype(np.int64)
     weights = None if samples[0][2] is None else np.stack([s[2] for s in samples])[:, None].astype(np.float32)
     return np.ascontiguousarray(images), labels, weights

@@ -1,7 +1,5 @@
 """Dataset layouts: find the images and labels of a dataset in the shapes users bring it.
 
-    python datasets.py ../shared/data/dsb2018/stage1_train     # what was found: layout, count, sizes, values
-
   pairs    image and label folders matched by file name (ISBI 2012 as train.sh fetches it); a
            label may add _anno, _mask, _label, _gt or _seg to its image's name, and may sit
            in the image folder itself (GlaS: train_1.bmp and train_1_anno.bmp)
@@ -11,17 +9,15 @@
   tiff     multi-page TIFF volumes, e.g. ISBI's train-volume.tif with train-labels.tif
 
 `find_samples` detects the layout when not given and lists Samples, read only when asked for;
-`load_dataset` reads and checks them into a SegmentationDataset.
+`load_dataset` reads and checks them into a SegmentationDataset. `python inspect_data.py PATH` says what was found.
 """
 import functools
 import os
-import sys
 from collections import namedtuple
 
 import numpy as np
 import tifffile
 
-from cli import ArgumentParser
 from dataloader import (SegmentationDataset, image_from_array, label_to_classes, match_channels, read_image,
                         read_label_array, resize)
 from files import DataError, list_images
@@ -225,8 +221,8 @@ def read_sample_label(sample, image_shape, classes=1, ignore_index=255, instance
     return label, raw
 
 
-def load_dataset(samples, classes=1, ignore_index=255, img_size=0, channels=None, instance_labels=False, **kwargs):
-    """Read, check and convert labelled samples into a SegmentationDataset (kwargs: crop, augment).
+def load_dataset(samples, classes=1, ignore_index=255, img_size=0, channels=None, instance_labels=False):
+    """Read, check and convert labelled samples into a SegmentationDataset.
 
     Channels follow the data (RGB when any image is colour) unless `channels` is given;
     `img_size` > 0 resizes every pair to that square (labels by nearest neighbour);
@@ -250,33 +246,4 @@ def load_dataset(samples, classes=1, ignore_index=255, img_size=0, channels=None
                         f"binary 0/255 masks? train them with --classes 1")
     return SegmentationDataset([match_channels(image, channels) for image in images], labels, classes=classes,
                                names=[s.name for s in samples],
-                               instances=instances if any(i is not None for i in instances) else None, **kwargs)
-
-
-def main(argv=None):
-    p = ArgumentParser(description=__doc__)
-    p.add_argument("path", help="image folder, DSB 2018 folder, VOC root or TIFF volume")
-    p.add_argument("--label-path", help="label folder or TIFF (pairs, tiff)")
-    p.add_argument("--data-format", choices=("auto",) + FORMATS, default="auto")
-    p.add_argument("--split", help="VOC split (train, val, ...)")
-    args = p.parse_args(argv)
-    try:
-        data_format = detect_format(args.path) if args.data_format == "auto" else args.data_format
-        samples = find_samples(args.path, data_format, args.label_path, args.split)
-        sizes = {}
-        for sample in samples:
-            image = sample.read_image()
-            key = f"{image.shape[1]}x{image.shape[0]}{' RGB' if image.ndim == 3 else ''}"
-            sizes[key] = sizes.get(key, 0) + 1
-        labelled = [s for s in samples if s.read_label]
-        values = np.unique(np.concatenate([np.unique(s.read_label()) for s in labelled])) if labelled else []
-    except DataError as err:
-        sys.exit(f"error: {err}")
-    print(f"{args.path}: {data_format}, {len(samples)} images ({len(labelled)} labelled)")
-    print("sizes: " + ", ".join(f"{k} ({v})" for k, v in sorted(sizes.items(), key=lambda kv: -kv[1])))
-    if labelled:
-        print("label values: " + ", ".join(str(v) for v in values))
-
-
-if __name__ == "__main__":
-    main()
+                               instances=instances if any(i is not None for i in instances) else None)

@@ -1,9 +1,28 @@
-"""Logger: tees everything printed to stdout into a log file, as the original example did.
+"""The training logs: a human-readable one and, beside it, one JSON line per run and per epoch.
 
-The log is appended to, never truncated: each run starts with a header line (`== <time> run: ...`
-or `== <time> resumed: ...`, which plot.py reads), and an error that stops a run is logged too."""
+Logger tees everything printed to stdout into the human-readable log, as the original example did.
+It is appended to, never truncated: each run starts with a header line (`== <time> run: ...` or
+`== <time> resumed: ...`), and an error that stops a run is logged too.
+
+The JSON-lines log (`Unet_train.jsonl` beside `Unet_train.txt`) is what plot.py reads: a run's
+first line holds its command and settled configuration ({"event": "run" or "resumed", ...}), then
+each epoch appends {"epoch": n, "train_loss": .., "val_loss": .., <every score>, "lr": .., "time": ..}.
+"""
+import json
+import os
 import sys
 import time
+
+
+def json_log_path(log):
+    """The JSON-lines log that goes with the human-readable `log`."""
+    return os.path.splitext(log)[0] + ".jsonl"
+
+
+def append_json(path, record):
+    """Append `record` to a JSON-lines file as one line."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 class Logger:

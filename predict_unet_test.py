@@ -18,14 +18,13 @@ import sys
 import numpy as np
 
 import backend
-from backend import flow
 from cli import ArgumentParser, probability, ranged
 from checkpoint import CheckpointError, build_model
-from dataloader import match_channels, resize
 from files import DataError, write_png
 from datasets import FORMATS, find_samples, read_sample_label
 from evaluate import format_table, score_binary, score_multiclass, write_json
-from unet import MIN_SIDE, mirror_for_valid, smallest_side
+from inference import predict_sample
+from unet import MIN_SIDE
 from visualize import class_colors, montage, overlay
 
 MONTAGE_ROWS = 4
@@ -60,82 +59,6 @@ def parse_args(argv=None):
                    help="average the 8 flips/90-degree rotations of each image (8x the time; --no-tta: once)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda ...")
     return p.parse_args(argv)
-
-
-def _forward(model, image, device, input_scale):
-    """Probability of one piece: H x W (cell/object) with one class, H x W x N with N classes."""
-    height, width = image.shape[:2]
-    if model.padding == "valid":
-        image = mirror_for_valid(image)
-    else:  # images smaller than the network takes are mirrored up to its smallest input
-        grow = [(0, max(0, smallest_side(model.norm) - side)) for side in (height, width)]
-        image = np.pad(image, grow + [(0, 0)] * (image.ndim - 2), mode="symmetric")
-    planes = image.transpose(2, 0, 1) if image.ndim == 3 else image[None]
-    with flow.no_grad():
-        logits = model(backend.to_tensor(np.ascontiguousarray(planes[None]) * input_scale, device))
-        prob = flow.sigmoid(logits) if model.n_classes == 1 else flow.softmax(logits, dim=1)
-        prob = backend.to_numpy(prob)[0, :, :height, :width]
-    return prob[0] if model.n_classes == 1 else prob.transpose(1, 2, 0)
-
-
-def _tile_starts(length, tile, stride):
-    return list(range(0, length - tile, stride)) + [length - tile]
-
-
-def _blend_window(height, width, overlap):
-    """Tile weights: 1 inside, falling linearly towards the edges over `overlap` pixels."""
-    def ramp(n):
-        k = min(overlap, n // 2)
-        r = np.ones(n, np.float32)
-        if k:
-            r[:k] = (np.arange(k) + 1) / (k + 1)
-            r[n - k:] = r[:k][::-1]
-        return r
-    return np.outer(ramp(height), ramp(width))
-
-
-def predict_tiled(model, image, device, input_scale=1.0, tile=1024, overlap=128):
-    """Cell probability of an image of any size, `tile` x `tile` pieces at a time (0: whole image).
-
-    Overlapping tiles are blended with weights that fade out at their edges, so seams do not show
-    and memory stays bounded by the tile size."""
-    height, width = image.shape[:2]
-    if tile <= 0 or (height <= tile and width <= tile):
-        return _forward(model, image, device, input_scale)
-    th, tw = min(tile, height), min(tile, width)
-    window = _blend_window(th, tw, overlap)
-    total, weight = None, np.zeros((height, width), np.float32)
-    for y in _tile_starts(height, th, tile - overlap):
-        for x in _tile_starts(width, tw, tile - overlap):
-            prob = _forward(model, image[y:y + th, x:x + tw], device, input_scale)
-            if total is None:
-                total = np.zeros((height, width) + prob.shape[2:], np.float32)
-            total[y:y + th, x:x + tw] += (window if prob.ndim == 2 else window[..., None]) * prob
-            weight[y:y + th, x:x + tw] += window
-    return total / (weight if total.ndim == 2 else weight[..., None])
-
-
-def predict_probability(model, image, device, input_scale=1.0, tile=1024, overlap=128, tta=False):
-    """Cell probability (H x W float32; H x W x N for N classes) of a [0, 1] image (H x W or
-    H x W x C); with `tta` the mean over its 8 flips and 90-degree rotations, each mapped back."""
-    if not tta:
-        return predict_tiled(model, image, device, input_scale, tile, overlap)
-    total = 0
-    for k in range(4):
-        for flip in (False, True):
-            view = np.rot90(image, k)[:, ::-1] if flip else np.rot90(image, k)
-            prob = predict_tiled(model, np.ascontiguousarray(view), device, input_scale, tile, overlap)
-            total += np.rot90(prob[:, ::-1] if flip else prob, -k)
-    return total / 8
-
-
-def predict_sample(model, meta, image, device, tile=1024, overlap=128, tta=False):
-    """Probability map of an image at its own size, whatever its channels and the size trained on."""
-    image = match_channels(image, model.n_channels)
-    size = meta.get("data", {}).get("img_size", 0)
-    resized = resize(image, (size, size)) if size else image
-    prob = predict_probability(model, resized, device, meta.get("input_scale", 1.0), tile, overlap, tta)
-    return resize(prob, image.shape[:2]) if size else prob
 
 
 def write_outputs(name, image, prob, truth, outputs, threshold=0.5):

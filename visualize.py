@@ -1,4 +1,5 @@
-"""Pictures for a person to check predictions: overlays and a montage (image | truth | prediction | errors)."""
+"""Pictures for a person to check data and predictions: overlays, a montage (image | truth | prediction |
+errors), VOC's class colours, loss weight maps, a grid of samples."""
 import cv2
 import numpy as np
 
@@ -66,3 +67,17 @@ def montage(rows, tile=256):
     width = max(line.shape[1] for line in lines)
     return np.vstack([np.pad(line, ((0, 4), (0, width - line.shape[1]), (0, 0)), constant_values=255)
                       for line in lines])
+
+
+def weight_picture(weights):
+    """A colour picture of a loss weight map (blue: low, red: high)."""
+    scaled = np.clip(weights / max(float(weights.max()), 1e-6) * 255, 0, 255).astype(np.uint8)
+    return cv2.applyColorMap(scaled, cv2.COLORMAP_JET)
+
+
+def grid(pictures, columns=3, tile=256):
+    """Pictures (BGR) scaled to `tile` pixels a side and laid out `columns` to a row, gaps white."""
+    tiles = [cv2.resize(p, (tile, tile), interpolation=cv2.INTER_AREA) for p in pictures]
+    while len(tiles) % columns:
+        tiles.append(np.full_like(tiles[0], 255))
+    return np.vstack([np.hstack(tiles[i:i + columns]) for i in range(0, len(tiles), columns)])

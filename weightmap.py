@@ -3,14 +3,12 @@
     w(x) = w_c(x) + w0 * exp(-(d1(x) + d2(x))^2 / (2 sigma^2))     on membrane pixels
 
 w_c balances the class frequencies; d1 and d2 are the distances to the nearest and the second
-nearest cell. Picture of one:  python weightmap.py train_label/0.png --out weight_map.png
+nearest cell. Picture of one:  python inspect_data.py train_image --weight-map weight_map.png
 """
 
-import cv2
 import numpy as np
 from scipy import ndimage
 
-from cli import ArgumentParser, ranged
 from metrics import cells
 
 
@@ -51,27 +49,3 @@ def weight_map(label, w0=10.0, sigma=5.0, instances=None):
     d1, d2 = two_nearest_cell_distances(cells(label) if instances is None else instances, reach)
     border = w0 * np.exp(-((d1 + d2) ** 2) / (2 * sigma ** 2))
     return class_balance(label) + np.where(label, 0.0, border).astype(np.float32)
-
-
-def weight_picture(weights):
-    """A colour picture of a weight map (blue: low, red: high)."""
-    scaled = np.clip(weights / max(float(weights.max()), 1e-6) * 255, 0, 255).astype(np.uint8)
-    return cv2.applyColorMap(scaled, cv2.COLORMAP_JET)
-
-
-def main(argv=None):
-    from dataloader import read_label
-    from files import write_png
-    p = ArgumentParser(description=__doc__)
-    p.add_argument("label", help="a label image (255 = cell, 0 = membrane)")
-    p.add_argument("--out", default="weight_map.png", help="picture to write")
-    p.add_argument("--w0", type=ranged(float, 0), default=10.0)
-    p.add_argument("--sigma", type=ranged(float, 0.1), default=5.0)
-    args = p.parse_args(argv)
-    weights = weight_map(read_label(args.label), args.w0, args.sigma)
-    write_png(args.out, weight_picture(weights))
-    print(f"wrote {args.out}: weights {weights.min():.2f} .. {weights.max():.2f}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,5 +1,6 @@
 """Shared fixtures: small synthetic EM-like data written by the tests themselves."""
 import contextlib
+import importlib
 import io
 import os
 import subprocess
@@ -11,8 +12,11 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import backend  # noqa: E402
+from checkpoint import save_checkpoint  # noqa: E402
 from files import write_png  # noqa: E402
 from fetch_data import synthetic_em_slice  # noqa: E402
+from unet import UNet  # noqa: E402
 
 
 def write_dataset(folder, n_train=4, n_test=2, size=64, seed=0):
@@ -33,36 +37,49 @@ def dataset(tmp_path):
 
 
 def run_script(script, *args, cwd, env=None, check=True):
-    """Run one of the project's scripts with this interpreter; returns the CompletedProcess."""
-    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=cwd,
-                            env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600)
+    """`python SCRIPT ARGS` in `cwd`; returns a CompletedProcess. It runs inside this process, through
+    the script's main(argv), which spares the interpreter's and the framework's start-up (seconds
+    each on PyTorch); with `env` (variables to add) it runs as a real process."""
+    if env is not None:
+        result = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=cwd,
+                                env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+    else:
+        result = _run_in_process(script, [str(a) for a in args], cwd)
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
 
 
-def train_in_process(*args, check=True):
-    """`python TrainUnetDataSet.py ARGS` run inside this process, which spares the interpreter's and
-    the framework's start-up (seconds each on PyTorch); returns a CompletedProcess as run_script does."""
-    import TrainUnetDataSet
-    args = [str(a) for a in args]
+def _run_in_process(script, args, cwd):
+    main = importlib.import_module(script[:-len(".py")]).main
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            TrainUnetDataSet.main(args)
-            status = 0
-        except SystemExit as stop:
-            status = stop.code if isinstance(stop.code, int) or stop.code is None else 1
-            if isinstance(stop.code, str):
-                print(stop.code, file=sys.stderr)
-    result = subprocess.CompletedProcess(args, status or 0, out.getvalue(), err.getvalue())
-    if check and result.returncode != 0:
-        raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(args)
+                status = 0
+            except SystemExit as stop:
+                status = stop.code if isinstance(stop.code, int) or stop.code is None else 1
+                if isinstance(stop.code, str):
+                    print(stop.code, file=sys.stderr)
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess([script, *args], status or 0, out.getvalue(), err.getvalue())
 
 
 def train_small(data, out, *extra, check=True):
-    """A few quick epochs of a tiny U-Net on `data`, checkpoints and log under `out`."""
-    return train_in_process("--data-path", f"{data}/train_image", "--label-path", f"{data}/train_label",
-                            "--checkpoint-dir", f"{out}/checkpoints", "--log", f"{out}/log.txt", "--base", 4,
-                            "--crop", 32, "--epochs", 2, *extra, check=check)
+    """A few quick epochs of a tiny U-Net on `data`, checkpoints and logs under `out`."""
+    os.makedirs(out, exist_ok=True)
+    return run_script("TrainUnetDataSet.py", "--data-path", f"{data}/train_image", "--label-path",
+                      f"{data}/train_label", "--checkpoint-dir", f"{out}/checkpoints", "--log", f"{out}/log.txt",
+                      "--progress", "", "--base", 4, "--crop", 32, "--epochs", 2, *extra, cwd=out, check=check)
+
+
+def tiny_checkpoint(path, seed=0, data=None, **model):
+    """A checkpoint of an untrained U-Net (base 4 unless `model` says otherwise), written directly:
+    what a prediction test needs, without training one."""
+    backend.seed_everything(seed)
+    save_checkpoint(str(path), UNet(**{"base": 4, "norm": "instance", **model}), data=data or {})
+    return str(path)

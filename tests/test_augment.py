@@ -1,5 +1,4 @@
-import os
-
+import cv2
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -50,10 +49,15 @@ def test_intensity_noise_and_blur_change_the_image_only():
     np.testing.assert_array_equal(out[1], label)
 
 
-def test_the_montage_command_writes_a_picture_to_check(tmp_path, dataset):
-    run_script("augment.py", f"{dataset}/train_image/0.png", f"{dataset}/train_label/0.png", "--out",
-               tmp_path / "aug.png", "--samples", 5, cwd=tmp_path)
-    assert os.path.getsize(tmp_path / "aug.png") > 1000
+def test_inspect_data_says_what_was_found_and_draws_augmented_samples_and_the_weight_map(tmp_path, dataset):
+    out = run_script("inspect_data.py", f"{dataset}/train_image", "--label-path", f"{dataset}/train_label",
+                     "--augmented", tmp_path / "aug.png", "--samples", 5, "--weight-map", tmp_path / "w.png",
+                     cwd=tmp_path).stdout
+    assert f"{dataset}/train_image: pairs, 4 images (4 labelled)\nsizes: 64x64 (4)\nlabel values: 0, 255\n" in out
+    augmented = cv2.imread(str(tmp_path / "aug.png"))
+    assert augmented.shape == (2 * 256, 3 * 256, 3)  # the image and 5 samples, 3 to a row
+    assert len({augmented[y:y + 256, x:x + 256].tobytes() for y in (0, 256) for x in (0, 256, 512)}) == 6
+    assert cv2.imread(str(tmp_path / "w.png")).shape == (64, 64, 3)
 
 
 def test_class_balance_gives_both_classes_the_same_total_weight():

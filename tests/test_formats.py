@@ -18,7 +18,7 @@ from visualize import voc_palette
 from evaluate import score_folder
 from metrics import confusion_matrix, confusion_scores
 
-TINY = ["--base", 4, "--crop", 32, "--epochs", 1]
+TINY = ["--base", 4, "--crop", 32, "--epochs", 1, "--progress", ""]
 
 
 def blobs(shape, rng, count):
@@ -240,17 +240,20 @@ def test_a_class_absent_from_truth_and_prediction_has_no_iou_and_is_null_in_json
 
 
 def test_auto_class_weights_are_median_frequency_over_frequency_ignoring_255():
-    from TrainUnetDataSet import class_weights, parse_args
-    labels = [np.array([[0] * 6 + [1] * 3 + [2] * 1 + [255] * 5], np.uint8)]
+    from config import data_facts, settle
+    from TrainUnetDataSet import parse_args
+    labels = [np.array([([0] * 6 + [1] * 3 + [2] * 1 + [255] * 5) * 3] * 32, np.uint8)]
     data = SegmentationDataset([np.zeros(labels[0].shape, np.float32)], labels, classes=3)
-    weights = class_weights(parse_args(["--classes", "3", "--class-weights", "auto"]), data)
-    np.testing.assert_allclose(weights, [0.5, 1.0, 3.0], rtol=1e-6)
-    np.testing.assert_allclose(class_weights(parse_args(["--classes", "3", "--class-weights", "1,2,3"]), data), [1, 2, 3])
+    facts = data_facts("voc", data, None)
+    auto = settle(parse_args(["--classes", "3", "--class-weights", "auto"]), facts, "cpu", "oneflow")
+    np.testing.assert_allclose(auto.class_weights, [0.5, 1.0, 3.0], rtol=1e-6)
+    listed = settle(parse_args(["--classes", "3", "--class-weights", "1,2,3"]), facts, "cpu", "oneflow")
+    assert listed.class_weights == (1.0, 2.0, 3.0)
 
 
 def test_cross_entropy_leaves_ignored_pixels_out():
     from backend import to_tensor
-    from TrainUnetDataSet import multiclass_loss_fn
+    from losses import multiclass_loss
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(1, 3, 4, 4)).astype(np.float32)
     target = rng.integers(0, 3, (1, 4, 4))
@@ -258,7 +261,7 @@ def test_cross_entropy_leaves_ignored_pixels_out():
     changed = logits.copy()
     changed[0, :, 0] += 5.0  # only the ignored row differs
     for dice_weight in (0.0, 1.0):
-        losses = [float(multiclass_loss_fn(to_tensor(x), to_tensor(target, dtype=np.int64), dice_weight).item())
+        losses = [float(multiclass_loss(to_tensor(x), to_tensor(target, dtype=np.int64), dice_weight).item())
                   for x in (logits, changed)]
         assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
@@ -267,10 +270,10 @@ def test_cross_entropy_leaves_ignored_pixels_out():
 
 def test_dsb2018_trains_on_rgb_and_predicts_one_mask_per_id_at_each_images_size(tmp_path):
     root = write_dsb(tmp_path / "dsb")
-    out = run_script("TrainUnetDataSet.py", "--data-path", root, "--checkpoint-dir", "ck", "--log", "log.txt",
+    out = run_script("TrainUnetDataSet.py", "--data-path", root, "--checkpoint-dir", "ck", "--log", "log.txt", "--progress", "",
                      "--base", 4, "--epochs", 1, "--crop", 0, "--batch-size", 2, "--val-fraction", 0, cwd=tmp_path).stdout
     assert "images of 3 sizes: batches of random 32x32 crops" in out
-    assert load_checkpoint(str(tmp_path / "ck" / "last.npz"))[0]["args"]["weight_map"] is False  # nuclei: off
+    assert load_checkpoint(str(tmp_path / "ck" / "last.npz"))[0]["config"]["weight_map"] is False  # nuclei: off
     test = write_dsb(tmp_path / "test", sizes=((36, 52), (60, 44)), masks=False, seed=1)
     run_script("predict_unet_test.py", "--checkpoint", "ck/best.npz", "--test-data-path", test, "--no-tta",
                "--save-res-path", "pred", "--overlay-path", "overlay", cwd=tmp_path)
@@ -281,7 +284,7 @@ def test_dsb2018_trains_on_rgb_and_predicts_one_mask_per_id_at_each_images_size(
 
 def test_a_dsb2018_folder_with_masks_is_scored_when_predicted(tmp_path):
     root = write_dsb(tmp_path / "dsb")
-    run_script("TrainUnetDataSet.py", "--data-path", root, "--checkpoint-dir", "ck", "--log", "log.txt", *TINY,
+    run_script("TrainUnetDataSet.py", "--data-path", root, "--checkpoint-dir", "ck", "--log", "log.txt", "--progress", "", *TINY,
                "--img-size", 32, cwd=tmp_path)
     out = run_script("predict_unet_test.py", "--checkpoint", "ck/best.npz", "--test-data-path", root, "--no-tta",
                      "--save-res-path", "pred", "--scores-json", "scores.json", cwd=tmp_path).stdout
@@ -296,7 +299,7 @@ def test_a_dsb2018_folder_with_masks_is_scored_when_predicted(tmp_path):
 
 def test_voc_trains_several_classes_and_predicts_class_indices_and_colours(tmp_path):
     root = write_voc(tmp_path / "voc")
-    out = run_script("TrainUnetDataSet.py", "--data-path", root, "--classes", 3, "--checkpoint-dir", "ck",
+    out = run_script("TrainUnetDataSet.py", "--data-path", root, "--classes", 3, "--checkpoint-dir", "ck", "--progress", "",
                      "--log", "log.txt", "--base", 4, "--crop", 32, "--epochs", 2, cwd=tmp_path).stdout
     assert "(voc, RGB, 3 classes), 2 for validation" in out and "val_miou" in out
     out = run_script("predict_unet_test.py", "--checkpoint", "ck/best.npz", "--test-data-path", root, "--no-tta",
@@ -314,7 +317,7 @@ def test_voc_trains_several_classes_and_predicts_class_indices_and_colours(tmp_p
 def test_several_classes_are_learned_from_rgb(tmp_path):
     """Colour tells the three classes apart, so a tiny net must get them nearly all right."""
     root = write_voc(tmp_path / "voc", n_train=6, n_val=2)
-    run_script("TrainUnetDataSet.py", "--data-path", root, "--classes", 3, "--checkpoint-dir", "ck",
+    run_script("TrainUnetDataSet.py", "--data-path", root, "--classes", 3, "--checkpoint-dir", "ck", "--progress", "",
                "--log", "log.txt", "--base", 8, "--crop", 0, "--epochs", 12, "--lr", 1e-2, cwd=tmp_path)
     run_script("predict_unet_test.py", "--checkpoint", "ck/best.npz", "--test-data-path", root, "--no-tta",
                "--save-res-path", "pred", cwd=tmp_path)
@@ -323,7 +326,7 @@ def test_several_classes_are_learned_from_rgb(tmp_path):
 
 def test_tiff_volumes_train_and_predict_one_png_per_page(tmp_path):
     volume = write_tiff(str(tmp_path))
-    run_script("TrainUnetDataSet.py", "--data-path", volume, "--checkpoint-dir", "ck", "--log", "log.txt", *TINY,
+    run_script("TrainUnetDataSet.py", "--data-path", volume, "--checkpoint-dir", "ck", "--log", "log.txt", "--progress", "", *TINY,
                cwd=tmp_path)
     run_script("predict_unet_test.py", "--checkpoint", "ck/best.npz", "--test-data-path", volume, "--no-tta",
                "--save-res-path", "pred", cwd=tmp_path)
@@ -351,7 +354,7 @@ def test_glas_labels_beside_their_images_numbering_objects_train_and_predict(tmp
     data = load_dataset(find_samples(root), instance_labels=True)
     assert set(np.unique(data.labels[0])) == {0, 1} and data.instances[0].max() == 3
     run_script("TrainUnetDataSet.py", "--data-path", root, "--instance-labels", "--img-size", 32,
-               "--checkpoint-dir", "ck", "--log", "log.txt", "--base", 4, "--epochs", 1, cwd=tmp_path)
+               "--checkpoint-dir", "ck", "--log", "log.txt", "--progress", "", "--base", 4, "--epochs", 1, cwd=tmp_path)
     out = run_script("predict_unet_test.py", "--checkpoint", "ck/best.npz", "--test-data-path", root, "--no-tta",
                      "--save-res-path", "pred", cwd=tmp_path).stdout
     assert sorted(os.listdir(tmp_path / "pred")) == ["train_1.png", "train_2.png", "train_3.png"]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from backend import to_tensor
-from TrainUnetDataSet import learning_rate, loss_fn, multiclass_loss_fn
+from losses import binary_loss, learning_rate, multiclass_loss
 
 rng = np.random.default_rng(0)
 LOGITS = rng.normal(size=(2, 1, 5, 6)).astype(np.float32)
@@ -20,16 +20,16 @@ def sigmoid(x):
 def test_the_one_class_loss_is_the_mean_of_per_pixel_weighted_binary_cross_entropy():
     p = sigmoid(LOGITS)
     bce = -(TARGET * np.log(p) + (1 - TARGET) * np.log(1 - p))
-    assert loss_fn(to_tensor(LOGITS), to_tensor(TARGET), 0.0).item() == pytest.approx(bce.mean(), rel=1e-5)
-    weighted = loss_fn(to_tensor(LOGITS), to_tensor(TARGET), 0.0, to_tensor(WEIGHTS)).item()
+    assert binary_loss(to_tensor(LOGITS), to_tensor(TARGET), 0.0).item() == pytest.approx(bce.mean(), rel=1e-5)
+    weighted = binary_loss(to_tensor(LOGITS), to_tensor(TARGET), 0.0, to_tensor(WEIGHTS)).item()
     assert weighted == pytest.approx((WEIGHTS * bce).mean(), rel=1e-5)
 
 
 def test_the_dice_term_adds_its_weight_times_one_minus_soft_dice():
     p = sigmoid(LOGITS)
     soft_dice = (2 * (p * TARGET).sum() + 1) / (p.sum() + TARGET.sum() + 1)
-    plain = loss_fn(to_tensor(LOGITS), to_tensor(TARGET), 0.0).item()
-    with_dice = loss_fn(to_tensor(LOGITS), to_tensor(TARGET), 0.5).item()
+    plain = binary_loss(to_tensor(LOGITS), to_tensor(TARGET), 0.0).item()
+    with_dice = binary_loss(to_tensor(LOGITS), to_tensor(TARGET), 0.5).item()
     assert with_dice - plain == pytest.approx(0.5 * (1 - soft_dice), rel=1e-5)
 
 
@@ -46,7 +46,7 @@ def test_several_classes_weigh_cross_entropy_by_class_and_average_dice_over_clas
     onehot = np.stack([(target == c) & keep for c in range(3)], 1)
     masked = prob * keep[:, None]
     dice = (2 * (masked * onehot).sum(axis=(0, 2, 3)) + 1) / ((masked + onehot).sum(axis=(0, 2, 3)) + 1)
-    loss = multiclass_loss_fn(to_tensor(logits), to_tensor(target, dtype=np.int64), 1.0, to_tensor(class_weights),
+    loss = multiclass_loss(to_tensor(logits), to_tensor(target, dtype=np.int64), 1.0, to_tensor(class_weights),
                               ignore_index=255).item()
     assert loss == pytest.approx(cross_entropy + (1 - dice.mean()), rel=1e-5)
 

@@ -1,18 +1,29 @@
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT, run_script, train_small
+from conftest import ROOT, run_script
 from plot import read_log
 
 
-def test_plot_draws_the_curves_of_a_training_log_into_a_png(dataset, tmp_path):
-    train_small(dataset, tmp_path, "--epochs", 3)
+def write_json_log(path, *records):
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+
+
+def epoch(n, **scores):
+    return dict(epoch=n, epochs=3, **scores, lr=0.001, time=1.5, best=False)
+
+
+def test_plot_draws_every_curve_of_the_json_log_beside_the_training_log_into_a_png(tmp_path):
+    (tmp_path / "log.txt").write_text("epoch 1/3 train_loss 9.0\n")  # the human-readable log is not parsed
+    write_json_log(tmp_path / "log.jsonl", dict(event="run", config={}),
+                   *[epoch(n, train_loss=1 / n, val_loss=1.1 / n, val_dice=0.5 + n / 10) for n in (1, 2, 3)])
     curves = read_log(str(tmp_path / "log.txt"))
-    assert set(curves) == {"train_loss", "val_loss", "val_pixel_error", "val_dice", "val_v_rand"}
-    assert all(len(values) == 3 for values in curves.values())
+    assert curves == {"train_loss": [1.0, 0.5, 1 / 3], "val_loss": [1.1, 0.55, 1.1 / 3],
+                      "val_dice": [0.6, 0.7, 0.8], "lr": [0.001] * 3}
     run_script("plot.py", tmp_path / "log.txt", "--out", tmp_path / "curves.png", cwd=tmp_path)
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -43,11 +54,9 @@ def test_plot_runs_with_a_python_that_lacks_matplotlib_by_rerunning_in_the_venv(
 
 
 def test_plot_draws_the_last_run_of_an_appended_log_with_what_resumed_it(tmp_path):
-    (tmp_path / "log.txt").write_text(
-        "== 2026-01-01 10:00:00 run: TrainUnetDataSet.py\n"
-        "epoch 1/3 train_loss 0.9 time 1.0s\nepoch 2/3 train_loss 0.8 time 1.0s\nepoch 3/3 train_loss 0.7 time 1.0s\n"
-        "== 2026-01-02 10:00:00 run: TrainUnetDataSet.py --lr 0.01\n"
-        "epoch 1/3 train_loss 0.5 time 1.0s\nstopped by SIGTERM in epoch 2, after step 1 of 6\n"
-        "== 2026-01-02 11:00:00 resumed: TrainUnetDataSet.py --lr 0.01 --resume\n"
-        "epoch 2/3 train_loss 0.4 time 1.0s\nepoch 3/3 train_loss 0.3 time 1.0s\nerror: something after the last epoch\n")
-    assert read_log(str(tmp_path / "log.txt")) == {"train_loss": [0.5, 0.4, 0.3]}
+    write_json_log(tmp_path / "log.jsonl", dict(event="run"), *[epoch(n, train_loss=1 - n / 10) for n in (1, 2, 3)],
+                   dict(event="run"), epoch(1, train_loss=0.5), epoch(2, train_loss=0.45),
+                   dict(event="resumed"), epoch(2, train_loss=0.4), epoch(3, train_loss=0.3))
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"epoch": 4, "train_lo')  # cut short by a killed run
+    assert read_log(str(tmp_path / "log.jsonl"))["train_loss"] == [0.5, 0.4, 0.3]

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 import backend
-import predict_unet_test
-from conftest import run_script, train_small
-from predict_unet_test import predict_probability
+import inference
+from conftest import run_script, tiny_checkpoint
+from inference import predict_probability
 from unet import UNet
 
 
@@ -18,10 +18,10 @@ def model():
 
 
 def test_prediction_writes_one_binary_mask_per_input_named_after_it(dataset, tmp_path):
-    train_small(dataset, tmp_path)
+    checkpoint = tiny_checkpoint(tmp_path / "tiny.npz")
     odd = np.random.default_rng(0).integers(0, 255, (50, 70)).astype(np.uint8)
     cv2.imwrite(f"{dataset}/test_image/odd_size.png", odd)
-    run_script("predict_unet_test.py", "--checkpoint", tmp_path / "checkpoints" / "best.npz",
+    run_script("predict_unet_test.py", "--checkpoint", checkpoint,
                "--test-data-path", f"{dataset}/test_image", "--save-res-path", tmp_path / "pred", cwd=tmp_path)
     assert sorted(os.listdir(tmp_path / "pred")) == ["0.png", "1.png", "odd_size.png"]
     for name in os.listdir(tmp_path / "pred"):
@@ -39,12 +39,12 @@ def test_prediction_without_a_checkpoint_says_how_to_get_one(dataset, tmp_path):
 
 
 def test_a_corrupt_test_image_stops_with_its_name_and_keeps_masks_already_written(dataset, tmp_path):
-    train_small(dataset, tmp_path)
+    checkpoint = tiny_checkpoint(tmp_path / "tiny.npz")
     os.makedirs(tmp_path / "pred")
     (tmp_path / "pred" / "9.png").write_bytes(b"an earlier result")
     with open(f"{dataset}/test_image/9.png", "wb") as f:
         f.write(b"not an image")
-    result = run_script("predict_unet_test.py", "--checkpoint", tmp_path / "checkpoints" / "best.npz",
+    result = run_script("predict_unet_test.py", "--checkpoint", checkpoint,
                         "--test-data-path", f"{dataset}/test_image", "--save-res-path", tmp_path / "pred",
                         cwd=tmp_path, check=False)
     assert result.returncode != 0 and "test_image/9.png: not a readable image" in result.stderr
@@ -61,8 +61,7 @@ def test_pretrained_weights_offline_fail_with_a_clear_message(dataset, tmp_path)
 
 
 def test_prediction_can_save_probability_maps_overlays_and_a_montage(dataset, tmp_path):
-    train_small(dataset, tmp_path)
-    run_script("predict_unet_test.py", "--checkpoint", tmp_path / "checkpoints" / "best.npz",
+    run_script("predict_unet_test.py", "--checkpoint", tiny_checkpoint(tmp_path / "tiny.npz"),
                "--test-data-path", f"{dataset}/train_image", "--save-res-path", tmp_path / "pred",
                "--save-prob", "--prob-path", tmp_path / "prob", "--prob-bits", 16,
                "--overlay-path", tmp_path / "overlay", "--label-path", f"{dataset}/train_label", cwd=tmp_path)
@@ -82,8 +81,8 @@ def test_a_large_image_is_predicted_in_bounded_tiles_that_blend_into_the_whole_i
     image = np.random.default_rng(0).random((300, 220)).astype(np.float32)
     whole = predict_probability(model, image, "cpu", tile=0)
     shapes = []
-    forward = predict_unet_test._forward
-    monkeypatch.setattr(predict_unet_test, "_forward", lambda m, im, *a: shapes.append(im.shape) or forward(m, im, *a))
+    forward = inference._forward
+    monkeypatch.setattr(inference, "_forward", lambda m, im, *a: shapes.append(im.shape) or forward(m, im, *a))
     tiled = predict_probability(model, image, "cpu", tile=128, overlap=48)
     assert max(max(s) for s in shapes) == 128 and len(shapes) == 4 * 3
     assert tiled.shape == whole.shape and np.isfinite(tiled).all()

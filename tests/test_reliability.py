@@ -161,7 +161,7 @@ def interrupted_and_resumed(tmp_path, flags, interrupt):
     os.makedirs(run)
     command = [sys.executable, os.path.join(ROOT, "TrainUnetDataSet.py"), "--data-path", f"{data}/train_image",
                "--label-path", f"{data}/train_label", "--checkpoint-dir", f"{run}/checkpoints", "--log",
-               f"{run}/log.txt", "--base", 4, "--crop", 32, *flags]
+               f"{run}/log.txt", "--progress", "", "--base", 4, "--crop", 32, *flags]
     process = subprocess.Popen([str(c) for c in command], cwd=run, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     interrupt(process, run)

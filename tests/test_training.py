@@ -1,5 +1,7 @@
+import json
 import os
 
+import cv2
 import numpy as np
 import pytest
 
@@ -7,7 +9,7 @@ from checkpoint import build_model, load_checkpoint, load_weights
 from conftest import run_script, train_small, write_dataset
 from dataloader import read_image, read_label
 from metrics import dice
-from predict_unet_test import predict_probability
+from inference import predict_probability
 from unet import UNet
 
 
@@ -27,8 +29,38 @@ def test_training_keeps_best_and_last_checkpoints_and_logs_one_line_per_epoch(da
     assert len(epoch_lines) == 3
     assert all(key in epoch_lines[0] for key in ["train_loss", "val_loss", "val_pixel_error", "val_dice",
                                                  "val_v_rand", "time"])
-    assert "preset cpu" in result.stdout and "base=4" in result.stdout
-    assert load_checkpoint(str(tmp_path / "checkpoints" / "last.npz"))[0]["epoch"] == 3
+    assert "preset=cpu" in result.stdout and "base=4" in result.stdout and "norm=instance" in result.stdout
+    meta = load_checkpoint(str(tmp_path / "checkpoints" / "last.npz"))[0]
+    assert meta["epoch"] == 3
+    assert meta["config"]["preset"] == "cpu" and meta["config"]["base"] == 4 and meta["config"]["crop"] == 32
+
+
+def test_every_epoch_appends_a_json_line_and_redraws_the_progress_picture(dataset, tmp_path):
+    train_small(dataset, tmp_path, "--epochs", 2, "--progress", tmp_path / "progress.png")
+    records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert records[0]["event"] == "run" and records[0]["config"]["crop"] == 32 and records[0]["config"]["base"] == 4
+    assert [r["epoch"] for r in records[1:]] == [1, 2]
+    for record in records[1:]:
+        assert set(record) == {"epoch", "epochs", "train_loss", "val_loss", "val_pixel_error", "val_dice",
+                               "val_v_rand", "lr", "time", "best"}
+    assert records[1]["lr"] == pytest.approx(1e-3) and records[2]["lr"] == pytest.approx(1e-5)
+    printed = [line for line in open(tmp_path / "log.txt") if line.startswith("epoch 2/2")][0]
+    assert f"val_dice {records[2]['val_dice']:.4f}" in printed
+    assert (tmp_path / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("flags", [["--weight-map"], ["--dice-weight", 0.5], ["--classes", 2, "--dice-weight", 1]])
+def test_the_validation_loss_is_the_training_loss_computed_on_the_validation_images(dataset, tmp_path, flags):
+    """Unchanged weights (lr 0), whole images, no augmentation, validated on the training images
+    themselves: the two losses must agree, weight map and Dice term included."""
+    for name in os.listdir(f"{dataset}/train_label"):  # 0/1: binary masks and class indices alike
+        path = f"{dataset}/train_label/{name}"
+        cv2.imwrite(path, cv2.imread(path, cv2.IMREAD_UNCHANGED) // 255)
+    result = train_small(dataset, tmp_path, "--epochs", 1, "--lr", 0, "--crop", 0, "--aug-flip", 0,
+                         "--val-image-path", f"{dataset}/train_image", "--val-label-path", f"{dataset}/train_label",
+                         "--no-calibrate", *flags)
+    record = [json.loads(line) for line in open(tmp_path / "log.jsonl")][-1]
+    assert record["val_loss"] == pytest.approx(record["train_loss"], rel=1e-4), result.stdout
 
 
 def test_the_same_seed_gives_the_same_run(dataset, tmp_path):
@@ -106,7 +138,7 @@ def test_weight_map_and_augmentations_train_end_to_end(dataset, tmp_path):
     result = train_small(dataset, tmp_path, "--weight-map", "--aug-elastic", 1, "--aug-affine", 1,
                          "--aug-intensity", 1, "--aug-noise", 1, "--aug-blur", 1, "--epochs", 1)
     assert "epoch 1/1 train_loss" in result.stdout
-    assert load_checkpoint(str(tmp_path / "checkpoints" / "last.npz"))[0]["args"]["weight_map"] is True
+    assert load_checkpoint(str(tmp_path / "checkpoints" / "last.npz"))[0]["config"]["weight_map"] is True
 
 
 def test_the_unpadded_network_trains_on_mirrored_tiles_and_predicts_whole_images(dataset, tmp_path):

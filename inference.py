@@ -1,0 +1,141 @@
+"""Inference: a trained network's probabilities for whole images of any size, and its scores.
+
+Used by prediction (predict_unet_test.py) and by training (validation, threshold calibration):
+the forward pass with the borders each network needs, overlapping tiles blended for large images,
+the 8 flips and rotations averaged, the decision threshold that fits a set of images best, and the
+validation scores with the loss computed exactly as training computes it.
+"""
+import numpy as np
+
+import backend
+from backend import flow
+from dataloader import match_channels, resize, stack_batch
+from losses import segmentation_loss
+from metrics import confusion_matrix, confusion_scores, isbi_scores, pixel_scores
+from unet import mirror_for_valid, smallest_side
+
+
+def image_logits(model, image, device, input_scale=1.0):
+    """The network's output (1 x N x H x W tensor) for one whole [0, 1] image, H x W or H x W x C.
+
+    The unpadded net sees the image with mirrored borders (the paper's overlap-tile input); an image
+    smaller than a padded net takes is mirrored up to its smallest input; either way the output is
+    cut back to the image."""
+    height, width = image.shape[:2]
+    if model.padding == "valid":
+        image = mirror_for_valid(image)
+    else:
+        grow = [(0, max(0, smallest_side(model.norm) - side)) for side in (height, width)]
+        image = np.pad(image, grow + [(0, 0)] * (image.ndim - 2), mode="symmetric")
+    planes = image.transpose(2, 0, 1) if image.ndim == 3 else image[None]
+    logits = model(backend.to_tensor(np.ascontiguousarray(planes[None]) * input_scale, device))
+    return logits[:, :, :height, :width]
+
+
+def probability_of(logits):
+    """Probabilities of one image's logits as numpy: H x W (cell/object) with one class, H x W x N with N."""
+    if logits.shape[1] == 1:
+        return backend.to_numpy(flow.sigmoid(logits))[0, 0]
+    return backend.to_numpy(flow.softmax(logits, dim=1))[0].transpose(1, 2, 0)
+
+
+def _forward(model, image, device, input_scale):
+    with flow.no_grad():
+        return probability_of(image_logits(model, image, device, input_scale))
+
+
+def _tile_starts(length, tile, stride):
+    return list(range(0, length - tile, stride)) + [length - tile]
+
+
+def _blend_window(height, width, overlap):
+    """Tile weights: 1 inside, falling linearly towards the edges over `overlap` pixels."""
+    def ramp(n):
+        k = min(overlap, n // 2)
+        r = np.ones(n, np.float32)
+        if k:
+            r[:k] = (np.arange(k) + 1) / (k + 1)
+            r[n - k:] = r[:k][::-1]
+        return r
+    return np.outer(ramp(height), ramp(width))
+
+
+def predict_tiled(model, image, device, input_scale=1.0, tile=1024, overlap=128):
+    """Cell probability of an image of any size, `tile` x `tile` pieces at a time (0: whole image).
+
+    Overlapping tiles are blended with weights that fade out at their edges, so seams do not show
+    and memory stays bounded by the tile size."""
+    height, width = image.shape[:2]
+    if tile <= 0 or (height <= tile and width <= tile):
+        return _forward(model, image, device, input_scale)
+    th, tw = min(tile, height), min(tile, width)
+    window = _blend_window(th, tw, overlap)
+    total, weight = None, np.zeros((height, width), np.float32)
+    for y in _tile_starts(height, th, tile - overlap):
+        for x in _tile_starts(width, tw, tile - overlap):
+            prob = _forward(model, image[y:y + th, x:x + tw], device, input_scale)
+            if total is None:
+                total = np.zeros((height, width) + prob.shape[2:], np.float32)
+            total[y:y + th, x:x + tw] += (window if prob.ndim == 2 else window[..., None]) * prob
+            weight[y:y + th, x:x + tw] += window
+    return total / (weight if total.ndim == 2 else weight[..., None])
+
+
+def predict_probability(model, image, device, input_scale=1.0, tile=1024, overlap=128, tta=False):
+    """Cell probability (H x W float32; H x W x N for N classes) of a [0, 1] image (H x W or
+    H x W x C); with `tta` the mean over its 8 flips and 90-degree rotations, each mapped back."""
+    if not tta:
+        return predict_tiled(model, image, device, input_scale, tile, overlap)
+    total = 0
+    for k in range(4):
+        for flip in (False, True):
+            view = np.rot90(image, k)[:, ::-1] if flip else np.rot90(image, k)
+            prob = predict_tiled(model, np.ascontiguousarray(view), device, input_scale, tile, overlap)
+            total += np.rot90(prob[:, ::-1] if flip else prob, -k)
+    return total / 8
+
+
+def predict_sample(model, meta, image, device, tile=1024, overlap=128, tta=False):
+    """Probability map of an image at its own size, whatever its channels and the size trained on."""
+    image = match_channels(image, model.n_channels)
+    size = meta.get("data", {}).get("img_size", 0)
+    resized = resize(image, (size, size)) if size else image
+    prob = predict_probability(model, resized, device, meta.get("input_scale", 1.0), tile, overlap, tta)
+    return resize(prob, image.shape[:2]) if size else prob
+
+
+def best_threshold(model, dataset, device):
+    """(threshold, pixel error there, pixel error at 0.5): the cell-probability threshold, in steps of
+    0.05, with the fewest wrong pixels over a dataset's images (one class)."""
+    probs = [predict_probability(model, image, device, tile=0) for image in dataset.images]
+    thresholds = np.round(np.arange(0.05, 0.96, 0.05), 2)
+    errors = [np.mean([np.mean((p > t) != label) for p, label in zip(probs, dataset.labels)]) for t in thresholds]
+    best = int(np.argmin(errors))
+    return float(thresholds[best]), float(errors[best]), float(errors[list(thresholds).index(0.5)])
+
+
+def validate(model, dataset, weights, config, class_weights, device):
+    """Scores of whole validation images: val_loss as training computes its loss (segmentation_loss,
+    with the pixel `weights` if any, the Dice term and class weights); with one class the mean pixel
+    error, Dice and ISBI V_rand; with several the pixel accuracy and mean IoU of the summed confusion."""
+    model.eval()
+    losses, rows, confusion = [], [], 0
+    with flow.no_grad():
+        for i, (image, label) in enumerate(zip(dataset.images, dataset.labels)):
+            logits = image_logits(model, image, device)
+            _, labels, pixel_weights = stack_batch([(image, label, None if weights is None else weights[i])],
+                                                   dataset.classes)
+            losses.append(segmentation_loss(logits, labels, pixel_weights, config, class_weights, device).item())
+            prob = probability_of(logits)
+            if dataset.classes > 1:
+                confusion = confusion + confusion_matrix(prob.argmax(axis=2), label, dataset.classes,
+                                                         config.ignore_index)
+            else:
+                pixel = pixel_scores(prob > 0.5, label)
+                rows.append(dict(val_pixel_error=pixel["pixel_error"], val_dice=pixel["dice"],
+                                 val_v_rand=isbi_scores(prob, label)["v_rand"]))
+    scores = dict(val_loss=float(np.mean(losses)))
+    if dataset.classes > 1:
+        overall = confusion_scores(confusion)
+        return dict(scores, val_pixel_accuracy=overall["pixel_accuracy"], val_miou=overall["mean_iou"])
+    return dict(scores, **{key: float(np.mean([row[key] for row in rows])) for key in rows[0]})
