@@ -5,6 +5,9 @@ commands. Ours hold only numpy arrays plus one JSON string, read with `allow_pic
 weights are framework-neutral, so a checkpoint written on OneFlow loads on PyTorch and back.
 The original OneFlow example's checkpoint folder (`flow.save` format) is read by a restricted
 unpickler that builds nothing but tensors and plain containers.
+
+A training run holds its checkpoint folder through RunFolder: locked for the run, stale temporaries
+cleared, an earlier run's checkpoints moved aside before its first write.
 """
 import fcntl
 import json

@@ -18,11 +18,11 @@ import sys
 import numpy as np
 
 import backend
-from cli import ArgumentParser, probability, ranged
 from checkpoint import CheckpointError, build_model
-from files import DataError, write_png
+from cli import ArgumentParser, probability, ranged
 from datasets import FORMATS, find_samples, read_sample_label
 from evaluate import format_table, score_binary, score_multiclass, write_json
+from files import DataError, write_png
 from inference import predict_sample
 from unet import MIN_SIDE
 from visualize import class_colors, montage, overlay

@@ -314,6 +314,7 @@ def test_voc_trains_several_classes_and_predicts_class_indices_and_colours(tmp_p
     assert "mean_iou" in scores
 
 
+@pytest.mark.learning
 def test_several_classes_are_learned_from_rgb(tmp_path):
     """Colour tells the three classes apart, so a tiny net must get them nearly all right."""
     root = write_voc(tmp_path / "voc", n_train=6, n_val=2)

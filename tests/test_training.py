@@ -13,6 +13,7 @@ from inference import predict_probability
 from unet import UNet
 
 
+@pytest.mark.learning
 def test_overfitting_one_small_image_reaches_dice_above_0_9(tmp_path):
     data = write_dataset(tmp_path / "data", n_train=1, n_test=0, size=48)
     train_small(data, tmp_path, "--epochs", 60, "--val-fraction", 0, "--base", 8, "--crop", 0, "--lr", 1e-2)
