@@ -66,18 +66,18 @@ def parse_args(argv=None):
                         "predictions come back at each image's own size)")
     p.add_argument("--preset", choices=["auto", "cpu", "gpu"], default="auto",
                    help="defaults for the flags below: auto = gpu on CUDA, else cpu; %s" % PRESETS)
-    p.add_argument("--epochs", type=ranged(int, 1), help="passes over the training images")
-    p.add_argument("--batch-size", "--batch_size", type=ranged(int, 1), help="images per step")
+    p.add_argument("--epochs", type=ranged(int, 1), help="passes over the training images (default: from --preset)")
+    p.add_argument("--batch-size", "--batch_size", type=ranged(int, 1), help="images per step (default: from --preset)")
     p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
                    help="Adam, or the paper's SGD with high momentum")
     p.add_argument("--momentum", type=ranged(float, 0, below=1), default=0.99, help="SGD momentum (the paper's 0.99)")
-    p.add_argument("--lr", type=ranged(float, 0), help="learning rate at the start")
+    p.add_argument("--lr", type=ranged(float, 0), help="learning rate at the start (default: from --preset)")
     p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
                    help="learning rate over the epochs: cosine decay to lr/100, or constant")
-    p.add_argument("--base", type=ranged(int, 1, 1024), help="channels of the first level (64 = the paper's U-Net)")
-    p.add_argument("--crop", type=ranged(int, MIN_SIDE, also=(0,)), help="train on random crops of this size (0: whole images)")
+    p.add_argument("--base", type=ranged(int, 1, 1024), help="channels of the first level (64 = the paper's U-Net) (default: from --preset)")
+    p.add_argument("--crop", type=ranged(int, MIN_SIDE, also=(0,)), help="train on random crops of this size (0: whole images) (default: from --preset)")
     p.add_argument("--bilinear", action="store_true", help="bilinear upsampling instead of transposed convs")
-    p.add_argument("--norm", choices=["batch", "instance"], help="normalization layers of the U-Net")
+    p.add_argument("--norm", choices=["batch", "instance"], help="normalization layers of the U-Net (default: from --preset)")
     p.add_argument("--padding", choices=["same", "valid"], default="same",
                    help="valid: the paper's unpadded U-Net (572 -> 388), trained on mirrored tiles")
     p.add_argument("--dropout", type=ranged(float, 0, below=1), default=0.0, help="dropout at the end of the contracting path")

@@ -1,7 +1,10 @@
 """The configuration is settled once, from the flags and what the data says, and cannot change after."""
+import os
+
 import pytest
 
 from config import ConfigError, DataFacts, describe, settle
+from conftest import train_small
 from TrainUnetDataSet import parse_args
 
 ISBI = DataFacts("pairs", 1, [(512, 512)], ("0", 512), False, None, True)
@@ -34,6 +37,7 @@ def test_the_unpadded_net_trains_on_the_tile_whose_output_covers_the_crop_less_i
     assert config.crop == 316  # 16 x 12 + 124: the smallest tile whose output (132 pixels) covers 310 - 184
     assert "unpadded U-Net: training tiles of 316 pixels give 132" in describe(config)
     assert settled(["--padding", "valid", "--preset", "gpu"]).crop == 0
+    assert settled(["--padding", "valid", "--preset", "gpu"], MIXED).crop == 268  # mixed sizes: 256-pixel crops, less the margins
 
 
 def test_the_weight_map_is_on_for_one_class_of_em_folders_and_tiffs_and_the_dice_term_for_several_classes():
@@ -79,3 +83,11 @@ def test_the_settled_configuration_cannot_change_and_is_described_in_full():
     text = describe(config)
     assert all(f"{key}=" in text for key in vars(config) if key != "notes")
     assert "crop=256" in text and "weight_map=True" in text and "augment={'flip': 1.0" in text
+
+
+def test_a_training_run_with_contradictory_flags_stops_with_that_line_and_writes_no_checkpoint(dataset, tmp_path):
+    result = train_small(dataset, tmp_path, "--class-weights", "1,2", check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == "error: --class-weights weighs several classes: it needs " \
+                                                     "--classes 2 or more"
+    assert os.listdir(tmp_path / "checkpoints") == []

@@ -100,10 +100,14 @@ def test_bad_training_data_stops_with_one_line_naming_the_file(dataset, tmp_path
 
 
 def test_help_lists_the_flags_with_their_defaults(tmp_path):
-    out = run_script("TrainUnetDataSet.py", "--help", cwd=tmp_path).stdout
-    for flag in ["--data-path", "--epochs", "--batch-size", "--lr", "--device", "--seed", "--val-fraction",
-                 "--checkpoint-dir", "--resume", "--preset"]:
-        assert flag in out
+    out = " ".join(run_script("TrainUnetDataSet.py", "--help", cwd=tmp_path).stdout.split())
+    for flag, default in [("--val-fraction", "0.1"), ("--checkpoint-dir", "checkpoints"), ("--seed", "0"),
+                          ("--log", "Unet_train.txt"), ("--progress", "progress.png"), ("--preset", "auto"),
+                          ("--optimizer", "adam"), ("--w0", "10.0")]:
+        help_text = out[out.rindex(flag + " "):]
+        assert help_text[help_text.index("(default: "):].startswith(f"(default: {default})"), flag
+    assert "--epochs EPOCHS passes over the training images (default: from --preset)" in out
+    assert "default: None" not in out
 
 
 def test_the_best_checkpoint_is_the_epoch_with_the_best_chosen_validation_score(dataset, tmp_path):
