@@ -15,7 +15,9 @@ goes as one JSON line into Unet_train.jsonl, and progress.png is redrawn. `pytho
 the curves.
 """
 import argparse
+import ctypes
 import math
+import os
 import signal
 import sys
 import time
@@ -104,7 +106,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=ranged(int, 0), default=0, help="the same seed gives the same run")
     p.add_argument("--checkpoint-dir", default="checkpoints", help="where best.npz and last.npz go")
     p.add_argument("--resume", action="store_true", help="continue from CHECKPOINT_DIR/last.npz")
-    p.add_argument("--log", default="Unet_train.txt",
+    p.add_argument("--log-file", "--log", dest="log", default="Unet_train.txt",
                    help="human-readable training log; one JSON line per epoch goes beside it (.jsonl), read by plot.py")
     p.add_argument("--progress", default="progress.png",
                    help="picture of the curves so far, redrawn after every epoch ('' : none)")
@@ -178,9 +180,9 @@ class StopRequest:
         signal.signal(number, signal.default_int_handler if number == signal.SIGINT else signal.SIG_DFL)
 
     def stop(self, where):
-        name = signal.Signals(self.signal).name
-        print(f"stopped by {name} {where}; continue with --resume")
-        sys.exit(128 + self.signal)
+        number = self.signal or signal.SIGTERM  # a data-parallel process may stop for another's signal
+        print(f"stopped by {signal.Signals(number).name} {where}; continue with --resume")
+        sys.exit(128 + number)
 
 
 def check_loss(loss, first_loss, epoch, step, lr):
@@ -240,20 +242,24 @@ def report_epoch(epoch, scores, lr, seconds, improved, config):
             print(f"warning: {config.progress} not drawn ({err})", file=sys.stderr)
 
 
-def prepare(flags):
+def prepare(flags, processes):
     """(config, rng, training set, validation set or None): the data read, the configuration settled
-    from the flags and the data, printed, and logged as the run's first JSON line."""
+    from the flags, the data and the number of processes, printed, and logged as the run's first JSON line."""
     device = backend.resolve_device(flags.device)
     backend.seed_everything(flags.seed)
     rng = np.random.default_rng(flags.seed)
     data_format, train_set, val_set = read_data(flags, rng)
-    config = settle(flags, data_facts(data_format, train_set, val_set), device, backend.NAME)
+    config = settle(flags, data_facts(data_format, train_set, val_set), device, backend.NAME, processes)
     print(describe(config))
     print(f"data: {len(train_set)} training pairs from {config.data_path} ({data_format}, "
           f"{'RGB' if config.channels == 3 else 'grey'}, {config.classes} class{'es' if config.classes > 1 else ''})"
           f", {len(val_set) if val_set else 0} for validation")
-    append_json(json_log_path(config.log), dict(event="resumed" if config.resume else "run", command=sys.argv,
-                                                time=time.strftime("%Y-%m-%d %H:%M:%S"), config=as_dict(config)))
+    if processes > 1:
+        print(f"data parallel: {processes} processes, each {config.batch_size // processes} of the "
+              f"{config.batch_size} images of a step, learning rate {config.lr:g} for the whole step")
+    if flags.log:
+        append_json(json_log_path(config.log), dict(event="resumed" if config.resume else "run", command=sys.argv,
+                                                    time=time.strftime("%Y-%m-%d %H:%M:%S"), config=as_dict(config)))
     return config, rng, train_set, val_set
 
 
@@ -266,24 +272,30 @@ def build_network(config):
     return model, flow.optim.Adam(model.parameters(), lr=config.lr)
 
 
-def train(flags, folder, stop):
-    """The run the flags ask for, into the RunFolder `folder`; `stop` (a StopRequest) ends it early."""
-    config, rng, train_set, val_set = prepare(flags)
+def train(flags, folder, stop, rank=0, processes=1):
+    """The run the flags ask for, into the RunFolder `folder`; `stop` (a StopRequest) ends it early.
+    In a data-parallel run every process trains on its share of each step and validates alike (so
+    all take the same decisions); only rank 0 (holding `folder`) writes checkpoints and logs."""
+    config, rng, train_set, val_set = prepare(flags, processes)
     device = config.device
+    last, best_path = (os.path.join(config.checkpoint_dir, name) for name in ("last.npz", "best.npz"))
     sampler = training_sampler(train_set, pixel_weights(train_set, config), config)
     val_weights = pixel_weights(val_set, config)
     class_weights = None if config.class_weights is None else backend.to_tensor(config.class_weights, device)
     model, optimizer = build_network(config)
+    net = backend.data_parallel(model, device) if processes > 1 else model
     start_epoch, best, stale, partial = 0, None, 0, None
     if config.resume:
-        start_epoch, best, stale, partial = resume(folder.last, model, optimizer, rng, config)
+        start_epoch, best, stale, partial = resume(last, model, optimizer, rng, config)
 
     run = dict(best_metric=config.best_metric, input_scale=1.0, config=as_dict(config),
                data=dict(format=config.data_format, img_size=config.img_size, ignore_index=config.ignore_index,
                          instance_labels=config.instance_labels))
 
-    def state(epoch, **more):  # what a checkpoint holds besides the weights
-        return dict(run, epoch=epoch, best=best, stale_epochs=stale, rng=rng.bit_generator.state, **more)
+    def save(path, epoch, with_optimizer=True, **more):  # rank 0 writes, with the run's state
+        if rank == 0:
+            folder.save(path, model, optimizer if with_optimizer else None, **run, epoch=epoch, best=best,
+                        stale_epochs=stale, rng=rng.bit_generator.state, **more)
 
     first_loss = None
     for epoch in range(start_epoch, config.epochs):
@@ -297,53 +309,82 @@ def train(flags, folder, stop):
             partial = None
         else:
             order, first_step, losses = rng.permutation(len(sampler)), 0, []
-        steps = math.ceil(len(order) / config.batch_size)
+        # Alone, the last step takes what is left; data parallel, every process needs its equal share.
+        steps = math.ceil(len(order) / config.batch_size) if processes == 1 else len(order) // config.batch_size
         for step in tqdm(range(first_step, steps), total=steps, initial=first_step, leave=False,
                          desc=f"epoch {epoch + 1}/{config.epochs}", file=sys.stderr):
-            images, labels, weights = sampler.batch(order[step * config.batch_size:(step + 1) * config.batch_size],
-                                                    rng)
-            logits = model(backend.to_tensor(images, device))
+            step_indices = order[step * config.batch_size:(step + 1) * config.batch_size]
+            images, labels, weights = sampler.batch(step_indices[rank::processes], (config.seed, epoch))
+            logits = net(backend.to_tensor(images, device))
             loss = segmentation_loss(logits, labels, weights, config, class_weights, device)
-            value = loss.item()
+            # One exchange per step: every process sees the mean loss and any stop request, so all agree.
+            loss_sum, stops = backend.all_sum([loss.item(), float(bool(stop.signal))], device, processes)
+            value, stop_now = loss_sum / processes, stops > 0
             check_loss(value, first_loss, epoch, step, config.lr)  # before the step: a NaN never reaches the weights
             first_loss = value if first_loss is None else first_loss
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             losses.append(value)
-            if stop.signal and step + 1 < steps:
-                folder.save(folder.last, model, optimizer,
-                            **state(epoch, partial=dict(step=step + 1, order=order.tolist(), losses=losses)))
-                stop.stop(f"in epoch {epoch + 1}, after step {step + 1} of {steps}: {folder.last} holds that state")
+            if stop_now and step + 1 < steps:
+                save(last, epoch, partial=dict(step=step + 1, order=order.tolist(), losses=losses))
+                stop.stop(f"in epoch {epoch + 1}, after step {step + 1} of {steps}: {last} holds that state")
         scores = dict(train_loss=float(np.mean(losses)))
         if val_set is not None:
             scores.update(validate(model, val_set, val_weights, config, class_weights, device))
         improved = improves(scores[config.best_metric], best, config.best_metric)
         best, stale = (scores[config.best_metric], 0) if improved else (best, stale + 1)
-        folder.save(folder.last, model, optimizer, **state(epoch + 1, scores=scores))
+        save(last, epoch + 1, scores=scores)
         if improved:
-            folder.save(folder.best, model, **state(epoch + 1, scores=scores))
-        report_epoch(epoch, scores, lr, time.perf_counter() - begin, improved, config)
-        if stop.signal and epoch + 1 < config.epochs:
-            stop.stop(f"after epoch {epoch + 1}: {folder.last} holds it")
+            save(best_path, epoch + 1, with_optimizer=False, scores=scores)
+        if rank == 0:
+            report_epoch(epoch, scores, lr, time.perf_counter() - begin, improved, config)
+        stop_now = backend.all_sum([float(bool(stop.signal))], device, processes)[0] > 0
+        if stop_now and epoch + 1 < config.epochs:
+            stop.stop(f"after epoch {epoch + 1}: {last} holds it")
         if config.patience and stale >= config.patience:
             print(f"early stop: {config.best_metric} has not improved for {stale} epochs")
             break
-    if config.calibrate and config.classes == 1:
-        for path in (folder.best, folder.last):
+    if rank == 0 and config.calibrate and config.classes == 1:
+        for path in (best_path, last):
             calibrate(path, train_set, device)
-    print(f"checkpoints: {folder.best} (best {config.best_metric} {best:.4f}), {folder.last}")
+    print(f"checkpoints: {best_path} (best {config.best_metric} {best:.4f}), {last}")
+
+
+def join_launched_run(processes):
+    """A process of a data-parallel run: as many threads as its share of the cores (threads spinning
+    against each other slow every process down), and killed with its launcher, which stops the whole
+    run when any process fails (a process waiting for a dead peer would wait for ever)."""
+    backend.set_threads(len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", processes)))
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: checkpoints are written atomically
 
 
 def main(argv=None):
     flags = parse_args(argv)
+    rank, processes = backend.distributed()
+    if processes == 1:
+        return train_and_log(flags, rank, processes)
+    join_launched_run(processes)
+    try:
+        train_and_log(flags, rank, processes)
+    except SystemExit as stop:  # exit at once: OneFlow's exit would wait for the other processes
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(stop.code if isinstance(stop.code, int) else 1)
+
+
+def train_and_log(flags, rank, processes):
+    if rank > 0:  # rank 0 speaks for the run; the others' errors still reach stderr
+        flags.log, flags.progress, sys.stdout = "", "", open(os.devnull, "w")
     stop = StopRequest()
-    logger = Logger(flags.log)
+    logger = Logger(flags.log or os.devnull)
     logger.header(("resumed" if flags.resume else "run") + ": " + " ".join(sys.argv))
     folder = None
     try:
-        folder = RunFolder(flags.checkpoint_dir, resuming=flags.resume)
-        train(flags, folder, stop)
+        folder = RunFolder(flags.checkpoint_dir, resuming=flags.resume) if rank == 0 else None
+        train(flags, folder, stop, rank, processes)
     except (DataError, ConfigError, CheckpointError, TrainingError, OSError) as err:
         logger.fail(f"error: {err}")
     except KeyboardInterrupt:

@@ -43,10 +43,10 @@ def default_device():
 
 def resolve_device(name="auto"):
     if name == "auto":
-        return default_device()
+        return local_device(default_device())
     if name.startswith("cuda") and not flow.cuda.is_available():
         raise SystemExit(f"error: --device {name} asked for, but {NAME} sees no CUDA GPU")
-    return name
+    return local_device(name)
 
 
 def seed_everything(seed):
@@ -62,3 +62,60 @@ def to_tensor(array, device="cpu", dtype=np.float32):
 
 def to_numpy(tensor):
     return tensor.detach().cpu().numpy()
+
+
+# ---- data-parallel runs (launched by `python3 -m oneflow.distributed.launch` or `torchrun`) ----
+
+def distributed():
+    """(rank, world size) of this process: a launcher's WORLD_SIZE > 1 joins the process group
+    (gloo on CPU, NCCL on CUDA for PyTorch; OneFlow joins by itself); (0, 1) when run alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if NAME == "torch":
+        if not flow.distributed.is_initialized():
+            flow.distributed.init_process_group("nccl" if flow.cuda.is_available() else "gloo")
+        return flow.distributed.get_rank(), flow.distributed.get_world_size()
+    return flow.env.get_rank(), flow.env.get_world_size()
+
+
+def local_device(device):
+    """The device of this process: a launched process on CUDA takes the GPU of its LOCAL_RANK."""
+    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    return device
+
+
+def data_parallel(model, device):
+    """`model` whose gradients are averaged over the processes after each backward pass."""
+    if NAME == "torch":
+        ids = [flow.device(device).index] if device.startswith("cuda") else None
+        return flow.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return flow.nn.parallel.DistributedDataParallel(model)
+
+
+def all_sum(values, device, world):
+    """The element-wise sum of a list of floats over the processes (the list itself when alone)."""
+    if world <= 1:
+        return list(values)
+    total = to_tensor(values, device)
+    if NAME == "torch":
+        flow.distributed.all_reduce(total)
+    else:
+        flow.comm.all_reduce(total)
+    return to_numpy(total).tolist()
+
+
+def default_processes():
+    """Data-parallel processes that make the most of this machine by default: OneFlow 0.9 computes
+    on one core per process, so on a CPU one process per core; otherwise one (PyTorch uses threads)."""
+    if NAME == "oneflow" and default_device() == "cpu":
+        return len(os.sched_getaffinity(0))
+    return 1
+
+
+def set_threads(count):
+    """At most `count` compute threads in this process (so processes x threads never exceeds the
+    cores). OneFlow 0.9 computes on one core whatever is set."""
+    if NAME == "torch":
+        flow.set_num_threads(max(1, count))

@@ -59,15 +59,17 @@ def data_facts(data_format, train, val):
                      (train.names[smallest], sides[smallest]), train.instances is not None, counts, val is not None)
 
 
-def settle(flags, data, device, backend_name):
-    """The complete Config of a run from the parsed flags (argparse.Namespace), the DataFacts and the
-    device; raises ConfigError on combinations that cannot work."""
+def settle(flags, data, device, backend_name, processes=1):
+    """The complete Config of a run from the parsed flags (argparse.Namespace), the DataFacts, the
+    device and the number of data-parallel processes; raises ConfigError on combinations that cannot work."""
     s = dict(vars(flags))
     s["preset"] = flags.preset if flags.preset != "auto" else ("gpu" if device.startswith("cuda") else "cpu")
+    s["batch_size"] = _global_batch(flags.batch_size, PRESETS[s["preset"]]["batch_size"], processes)
     for key, value in PRESETS[s["preset"]].items():
         if s[key] is None:
             s[key] = value
-    s.update(backend=backend_name, device=device, data_format=data.format, channels=data.channels)
+    s.update(backend=backend_name, device=device, data_format=data.format, channels=data.channels,
+             processes=processes)
     s["augment"] = types.MappingProxyType({name: s.pop(f"aug_{name}") for name in DEFAULT_PROBABILITIES})
     notes = []
     _check(s, data)
@@ -96,6 +98,17 @@ def _check(s, data):
     if s["padding"] == "same" and side < smallest_side(s["norm"]):
         raise ConfigError(f"{name}: image smaller than {smallest_side(s['norm'])} pixels a side, the least the "
                           f"U-Net takes with {s['norm']} norm: train with --img-size {MIN_SIDE} or more")
+
+
+def _global_batch(given, preset, processes):
+    """The batch of one step over all processes, each taking an equal share: --batch-size, or the
+    preset's rounded up to a multiple of the processes."""
+    if given is None:
+        return -(-preset // processes) * processes
+    if given % processes:
+        raise ConfigError(f"--batch-size {given}: the batch of a step is shared equally by the {processes} "
+                          f"processes; give a multiple of {processes}")
+    return given
 
 
 def _training_crop(s, data, notes):

@@ -171,9 +171,11 @@ class Sampler:
             arrays = augment_sample(*arrays, rng, self.augment)
         return tuple(None if a is None else np.ascontiguousarray(a) for a in arrays)
 
-    def batch(self, indices, rng):
-        """stack_batch of the pairs `indices`, each cropped and augmented."""
-        return stack_batch([self.sample(i, rng) for i in indices], self.dataset.classes)
+    def batch(self, indices, seed):
+        """stack_batch of the pairs `indices`, each cropped and augmented with random numbers of its own,
+        drawn from (*seed, index): a pair gets the same crop whichever process or step takes it."""
+        return stack_batch([self.sample(i, np.random.default_rng((*seed, int(i)))) for i in indices],
+                           self.dataset.classes)
 
 
 def stack_batch(samples, classes):

@@ -28,6 +28,7 @@ def append_json(path, record):
 class Logger:
     def __init__(self, filename="Unet_train.txt"):
         self.terminal = sys.stdout
+        os.makedirs(os.path.dirname(os.path.abspath(filename)), exist_ok=True)
         self.log = open(filename, "a", buffering=1)
         sys.stdout = self
 

@@ -12,8 +12,10 @@ The checkpoint says how to rebuild the network and what input it wants (channels
 model flags are needed.
 """
 import argparse
+import multiprocessing
 import os
 import sys
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
@@ -57,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--overlap", type=ranged(int, 0), default=128, help="overlap of neighbouring tiles, in pixels")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                    help="average the 8 flips/90-degree rotations of each image (8x the time; --no-tta: once)")
+    p.add_argument("--workers", type=ranged(int, 0, 256), default=0,
+                   help="processes predicting images side by side (0: one per core with OneFlow on a CPU, "
+                        "each with at least 4 images; else 1)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda ...")
     return p.parse_args(argv)
 
@@ -77,31 +82,76 @@ def write_outputs(name, image, prob, truth, outputs, threshold=0.5):
     return pred
 
 
+_worker = {}  # what one prediction process holds: the job, the network, the samples
+
+
+def _start_worker(job, threads):
+    """Ready this process to predict samples of `job` (predict_dataset's arguments) by index."""
+    backend.set_threads(threads)
+    model, meta = build_model(job["checkpoint"], job["device"])
+    samples = find_samples(job["data_path"], job["data_format"], job["label_path"], job["split"])
+    _worker.update(job=job, model=model, meta=meta, samples=samples)
+
+
+def _predict_one(index):
+    """Predict sample `index` and write its outputs; returns what the report and the scores need."""
+    job, model, meta, sample = _worker["job"], _worker["model"], _worker["meta"], _worker["samples"][index]
+    data, classes = meta.get("data", {}), model.n_classes
+    name, image = sample.name + ".png", sample.read_image()
+    prob = predict_sample(model, meta, image, job["device"], job["tile"], job["overlap"], job["tta"])
+    truth = None
+    if sample.read_label:
+        truth = read_sample_label(sample, image.shape[:2], classes, data.get("ignore_index", 255),
+                                  data.get("instance_labels", False))[0]
+    pred = write_outputs(name, image, prob, truth, job["outputs"], job["threshold"])
+    summary = f"cell {np.mean(pred):.1%}" if classes == 1 else f"classes {sorted(np.unique(pred).tolist())}"
+    return dict(source=sample.source, path=os.path.join(job["outputs"]["masks"], name), summary=summary,
+                scored=None if truth is None else (name, prob, truth),
+                montage=(image, pred, truth) if index in job["montage"] and classes == 1 else None)
+
+
+def default_workers(images):
+    """OneFlow computes on one core per process: on a CPU, one process per core, each with at
+    least 4 images (a process takes seconds to start); PyTorch uses all cores from one process."""
+    if backend.NAME != "oneflow" or backend.default_device() != "cpu":
+        return 1
+    return max(1, min(len(os.sched_getaffinity(0)), images // 4))
+
+
 def predict_dataset(checkpoint, data_path, outputs, data_format="auto", label_path=None, threshold=0.5,
-                    device="cpu", tile=1024, overlap=128, tta=False, split="val"):
+                    device="cpu", tile=1024, overlap=128, tta=False, split="val", workers=1):
     """Predict every image of a dataset (any layout datasets.py reads) into `outputs` (a dict:
-    masks, colors, prob, prob_bits, overlay folders); with labels, also the scores.
+    masks, colors, prob, prob_bits, overlay folders), over `workers` processes (0: default_workers);
+    with labels, also the scores. The outputs do not depend on the number of workers.
 
     Returns (written mask paths, scores or None)."""
-    model, meta = build_model(checkpoint, device)
-    classes, data = model.n_classes, meta.get("data", {})
-    ignore_index = data.get("ignore_index", 255)
+    samples = find_samples(data_path, data_format, label_path, split)
+    _, meta = build_model(checkpoint, "cpu")  # a damaged checkpoint stops here, before any worker starts
+    classes, ignore_index = meta["model"]["n_classes"], meta.get("data", {}).get("ignore_index", 255)
+    workers = min(workers or default_workers(len(samples)), len(samples))
+    labelled = [i for i, sample in enumerate(samples) if sample.read_label]
+    job = dict(checkpoint=checkpoint, data_path=data_path, data_format=data_format, label_path=label_path,
+               split=split, outputs=outputs, threshold=threshold, device=device, tile=tile, overlap=overlap,
+               tta=tta, montage=set(labelled[:MONTAGE_ROWS]))
+    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    if workers == 1:
+        _start_worker(job, threads)
+        results = map(_predict_one, range(len(samples)))
+    else:
+        print(f"predicting with {workers} processes")
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_start_worker, initargs=(job, threads))
+        results = pool.map(_predict_one, range(len(samples)))
     written, montage_rows, scored = [], [], []
-    for sample in find_samples(data_path, data_format, label_path, split):
-        name = sample.name + ".png"
-        image = sample.read_image()
-        prob = predict_sample(model, meta, image, device, tile, overlap, tta)
-        truth = None
-        if sample.read_label:
-            truth = read_sample_label(sample, image.shape[:2], classes, ignore_index,
-                                      data.get("instance_labels", False))[0]
-            scored.append((name, prob, truth))
-        pred = write_outputs(name, image, prob, truth, outputs, threshold)
-        if truth is not None and classes == 1 and len(montage_rows) < MONTAGE_ROWS:
-            montage_rows.append((image, pred, truth))
-        written.append(os.path.join(outputs["masks"], name))
-        summary = f"cell {np.mean(pred):.1%}" if classes == 1 else f"classes {sorted(np.unique(pred).tolist())}"
-        print(f"{sample.source} -> {written[-1]} ({summary})")
+    try:
+        for result in results:
+            print(f"{result['source']} -> {result['path']} ({result['summary']})")
+            written.append(result["path"])
+            scored += [result["scored"]] if result["scored"] else []
+            montage_rows += [result["montage"]] if result["montage"] else []
+    finally:
+        if workers > 1:
+            pool.shutdown(cancel_futures=True)
     if montage_rows and outputs.get("overlay"):
         write_png(os.path.join(outputs["overlay"], "montage.png"), montage(montage_rows))
     if not scored:
@@ -124,7 +174,7 @@ def main(argv=None):
         print(f"predicting with {args.checkpoint} on {backend.NAME}/{device}")
         written, scores = predict_dataset(args.checkpoint, args.test_data_path, outputs, args.data_format,
                                           args.label_path, args.threshold, device, args.tile, args.overlap, args.tta,
-                                          args.split)
+                                          args.split, args.workers)
     except (DataError, CheckpointError, OSError) as err:
         sys.exit(f"error: {err}")
     print(f"{len(written)} masks written to {args.save_res_path}")

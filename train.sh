@@ -8,6 +8,10 @@
 #   CLASSES, IMG_SIZE       classes (1: binary; N: softmax over 0..N-1), resize to IMG_SIZE squares
 #   ISBI_DATA_DIR           local folder with train_image/ train_label/ test_image/ to copy from
 #   UNET_BACKEND            oneflow (default) or torch
+#   NPROC_PER_NODE          data-parallel processes on this machine (default: one per core with
+#                           OneFlow on a CPU, else 1), through OneFlow's launcher or torchrun
+#   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   the same over several machines (run train.sh on
+#                           each, NODE_RANK 0..NNODES-1, MASTER_ADDR the address of node 0)
 # Extra arguments go to TrainUnetDataSet.py (see `bash train.sh --help`).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -22,7 +26,23 @@ if [ "${DATA_PATH%/}" = train_image ] && [ -z "$LABEL_PATH" ] && ! wants_help "$
     DATA_PATH=$DATA_ROOT/train_image LABEL_PATH=$DATA_ROOT/train_label
 fi
 
-exec "$PYTHON" TrainUnetDataSet.py \
+NNODES=${NNODES:-1}
+if [ -z "${NPROC_PER_NODE:-}" ] && ! wants_help "$@"; then
+    NPROC_PER_NODE=$("$PYTHON" -c 'import backend; print(backend.default_processes())' 2>/dev/null)
+fi
+LAUNCH=()
+if [ "${NPROC_PER_NODE:-1}" -gt 1 ] || [ "$NNODES" -gt 1 ]; then
+    echo "train.sh: $NPROC_PER_NODE data-parallel process(es) on this machine, $NNODES machine(s) (NPROC_PER_NODE=1 for one)"
+    if [ "${UNET_BACKEND:-oneflow}" = torch ]; then
+        LAUNCH=(-m torch.distributed.run --nproc-per-node "$NPROC_PER_NODE" --nnodes "$NNODES"
+                --node-rank "${NODE_RANK:-0}" --master-addr "${MASTER_ADDR:-127.0.0.1}" --master-port "${MASTER_PORT:-29500}")
+    else
+        LAUNCH=(-m oneflow.distributed.launch --nproc_per_node "$NPROC_PER_NODE" --nnodes "$NNODES"
+                --node_rank "${NODE_RANK:-0}" --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}")
+    fi
+fi
+
+exec "$PYTHON" "${LAUNCH[@]}" TrainUnetDataSet.py \
     --data-path "$DATA_PATH" \
     ${LABEL_PATH:+--label-path "$LABEL_PATH"} \
     ${CLASSES:+--classes "$CLASSES"} \

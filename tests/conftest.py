@@ -73,7 +73,7 @@ def train_small(data, out, *extra, check=True):
     """A few quick epochs of a tiny U-Net on `data`, checkpoints and logs under `out`."""
     os.makedirs(out, exist_ok=True)
     return run_script("TrainUnetDataSet.py", "--data-path", f"{data}/train_image", "--label-path",
-                      f"{data}/train_label", "--checkpoint-dir", f"{out}/checkpoints", "--log", f"{out}/log.txt",
+                      f"{data}/train_label", "--checkpoint-dir", f"{out}/checkpoints", "--log-file", f"{out}/log.txt",
                       "--progress", "", "--base", 4, "--crop", 32, "--epochs", 2, *extra, cwd=out, check=check)
 
 

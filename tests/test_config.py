@@ -91,3 +91,10 @@ def test_a_training_run_with_contradictory_flags_stops_with_that_line_and_writes
     assert result.stderr.strip().splitlines()[-1] == "error: --class-weights weighs several classes: it needs " \
                                                      "--classes 2 or more"
     assert os.listdir(tmp_path / "checkpoints") == []
+
+
+def test_data_parallel_processes_share_one_global_batch_equally():
+    assert settle(parse_args([]), ISBI, "cpu", "oneflow", processes=2).batch_size == 2  # the preset's 1, rounded up
+    assert settle(parse_args(["--preset", "gpu"]), ISBI, "cuda", "torch", processes=3).batch_size == 6
+    with pytest.raises(ConfigError, match="--batch-size 3: the batch of a step is shared equally by the 2 processes"):
+        settle(parse_args(["--batch-size", "3"]), ISBI, "cpu", "oneflow", processes=2)

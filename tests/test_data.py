@@ -103,7 +103,7 @@ def test_batches_are_float_n_1_h_w_crops_with_binary_labels():
     labels = [(im > 0.5).astype(np.uint8) for im in images]
     sampler = Sampler(SegmentationDataset(images, labels), crop=32, augment={"flip": 1.0})
     shapes = [(x.shape, y.shape, x.dtype, set(np.unique(y)))
-              for x, y, _ in (sampler.batch(indices, rng) for indices in ([0, 1], [2, 3], [4]))]
+              for x, y, _ in (sampler.batch(indices, (0, epoch)) for epoch, indices in enumerate(([0, 1], [2, 3], [4])))]
     assert [s[0] for s in shapes] == [(2, 1, 32, 32), (2, 1, 32, 32), (1, 1, 32, 32)]
     assert all(s[2] == np.float32 and s[3] <= {0.0, 1.0} for s in shapes)
 
@@ -113,4 +113,4 @@ def test_images_of_different_sizes_in_one_batch_stop_with_a_hint_to_crop():
     images = [np.zeros((32, 32), np.float32), np.zeros((40, 32), np.float32)]
     sampler = Sampler(SegmentationDataset(images, [im.astype(np.uint8) for im in images]))
     with pytest.raises(DataError, match="cannot share a batch: train with --crop"):
-        sampler.batch([0, 1], rng)
+        sampler.batch([0, 1], (0, 0))

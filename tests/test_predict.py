@@ -103,3 +103,20 @@ def test_test_time_augmentation_makes_the_prediction_follow_flips_and_rotations_
     np.testing.assert_allclose(predict_probability(model, np.rot90(image).copy(), "cpu", tta=True), np.rot90(prob),
                                atol=1e-5)
     assert not np.allclose(predict_probability(model, image, "cpu"), prob, atol=1e-5)
+
+
+def test_images_predicted_by_several_processes_are_those_of_one_process(dataset, tmp_path):
+    checkpoint = tiny_checkpoint(tmp_path / "tiny.npz")
+    cv2.imwrite(f"{dataset}/test_image/2.png", np.random.default_rng(1).integers(0, 255, (40, 72)).astype(np.uint8))
+    for workers in (1, 3):
+        out = run_script("predict_unet_test.py", "--checkpoint", checkpoint, "--test-data-path",
+                         f"{dataset}/test_image", "--save-res-path", tmp_path / f"masks{workers}", "--save-prob",
+                         "--prob-path", tmp_path / f"prob{workers}", "--workers", workers, cwd=tmp_path).stdout
+        assert ("predicting with 3 processes" in out) == (workers == 3)
+        assert [line.split(" -> ")[0] for line in out.splitlines() if " -> " in line] == \
+               [f"{dataset}/test_image/{i}.png" for i in range(3)]  # reported in order
+    for folder in ("masks", "prob"):
+        names = sorted(os.listdir(tmp_path / f"{folder}1"))
+        assert names == ["0.png", "1.png", "2.png"] == sorted(os.listdir(tmp_path / f"{folder}3"))
+        for name in names:
+            assert (tmp_path / f"{folder}1" / name).read_bytes() == (tmp_path / f"{folder}3" / name).read_bytes()

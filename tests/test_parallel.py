@@ -1,0 +1,82 @@
+"""Data-parallel training through the framework's own launcher: the same weights as one process."""
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import backend
+from checkpoint import load_checkpoint
+from conftest import ROOT, train_small, write_dataset
+
+# SGD: Adam turns the float rounding of a summed gradient into whole steps where gradients are ~0.
+FLAGS = ["--epochs", 2, "--batch-size", 2, "--val-fraction", 0, "--schedule", "constant", "--no-calibrate",
+         "--optimizer", "sgd", "--lr", 0.01, "--momentum", 0.9]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher(nproc, nnodes=1, node_rank=0, port=None):
+    """This backend's launcher: OneFlow's, or torchrun."""
+    port = str(port or free_port())
+    if backend.NAME == "torch":
+        return ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--nnodes", str(nnodes),
+                "--node-rank", str(node_rank), "--master-addr", "127.0.0.1", "--master-port", port]
+    return ["-m", "oneflow.distributed.launch", "--nproc_per_node", str(nproc), "--nnodes", str(nnodes),
+            "--node_rank", str(node_rank), "--master_addr", "127.0.0.1", "--master_port", port]
+
+
+def launched(data, out, launch):
+    """The training of train_small, started through `launch` as a process (it does not wait)."""
+    command = [sys.executable, *launch, os.path.join(ROOT, "TrainUnetDataSet.py"), "--data-path",
+               f"{data}/train_image", "--label-path", f"{data}/train_label", "--checkpoint-dir", f"{out}/checkpoints",
+               "--log-file", f"{out}/log.txt", "--progress=", "--base", 4, "--crop", 32, *FLAGS]
+    return subprocess.Popen([str(c) for c in command], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def finished(process):
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, out + err
+    return out
+
+
+def assert_same_weights(a, b):
+    first, second = (load_checkpoint(f"{run}/checkpoints/last.npz")[1] for run in (a, b))
+    for name in first:
+        np.testing.assert_allclose(second[name], first[name], atol=1e-5, err_msg=name)
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_dataset(tmp_path / "data", n_train=4, n_test=0)
+
+
+def test_two_processes_train_the_weights_of_one_process_with_the_same_global_batch(data, tmp_path):
+    train_small(data, tmp_path / "alone", *FLAGS)
+    out = finished(launched(data, tmp_path / "two", launcher(2)))
+    assert "data parallel: 2 processes, each 1 of the 2 images of a step, learning rate 0.01" in out
+    assert_same_weights(tmp_path / "alone", tmp_path / "two")
+    log = (tmp_path / "two" / "log.txt").read_text()
+    assert len([line for line in log.splitlines() if line.startswith("epoch ")]) == 2  # rank 0 alone logs
+    assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["best.npz", "last.npz"]
+
+
+@pytest.mark.xfail(backend.NAME == "oneflow", strict=True, reason="OneFlow 0.9 aborts a second node on the "
+                   "same host at start-up (node 0: 'Machine 1 lost'); on two hosts it is OneFlow's documented use")
+def test_two_machines_on_one_host_train_together(data, tmp_path):
+    train_small(data, tmp_path / "alone", *FLAGS)
+    port = free_port()
+    nodes = [launched(data, tmp_path / "nodes", launcher(1, nnodes=2, node_rank=rank, port=port)) for rank in (0, 1)]
+    outputs = [finished(node) for node in nodes]
+    assert "data parallel: 2 processes" in outputs[0] and "epoch 2/2" in outputs[0]
+    assert outputs[1] == ""  # the second machine's process speaks through rank 0
+    assert_same_weights(tmp_path / "alone", tmp_path / "nodes")
+
+
