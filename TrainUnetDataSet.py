@@ -368,7 +368,7 @@ def main(argv=None):
     try:
         train_and_log(flags, rank, processes)
     except SystemExit as stop:  # exit at once: OneFlow's exit would wait for the other processes
-        if isinstance(stop.code, str):
+        if isinstance(stop.code, str) and rank == 0:  # the others met the same error
             print(stop.code, file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()

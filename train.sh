@@ -33,13 +33,8 @@ fi
 LAUNCH=()
 if [ "${NPROC_PER_NODE:-1}" -gt 1 ] || [ "$NNODES" -gt 1 ]; then
     echo "train.sh: $NPROC_PER_NODE data-parallel process(es) on this machine, $NNODES machine(s) (NPROC_PER_NODE=1 for one)"
-    if [ "${UNET_BACKEND:-oneflow}" = torch ]; then
-        LAUNCH=(-m torch.distributed.run --nproc-per-node "$NPROC_PER_NODE" --nnodes "$NNODES"
-                --node-rank "${NODE_RANK:-0}" --master-addr "${MASTER_ADDR:-127.0.0.1}" --master-port "${MASTER_PORT:-29500}")
-    else
-        LAUNCH=(-m oneflow.distributed.launch --nproc_per_node "$NPROC_PER_NODE" --nnodes "$NNODES"
-                --node_rank "${NODE_RANK:-0}" --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}")
-    fi
+    LAUNCH=(launch.py --nproc-per-node "$NPROC_PER_NODE" --nnodes "$NNODES" --node-rank "${NODE_RANK:-0}"
+            --master-addr "${MASTER_ADDR:-127.0.0.1}" --master-port "${MASTER_PORT:-29500}")
 fi
 
 exec "$PYTHON" "${LAUNCH[@]}" TrainUnetDataSet.py \

@@ -109,7 +109,6 @@ def test_batches_are_float_n_1_h_w_crops_with_binary_labels():
 
 
 def test_images_of_different_sizes_in_one_batch_stop_with_a_hint_to_crop():
-    rng = np.random.default_rng(0)
     images = [np.zeros((32, 32), np.float32), np.zeros((40, 32), np.float32)]
     sampler = Sampler(SegmentationDataset(images, [im.astype(np.uint8) for im in images]))
     with pytest.raises(DataError, match="cannot share a batch: train with --crop"):

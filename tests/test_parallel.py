@@ -23,28 +23,24 @@ def free_port():
 
 
 def launcher(nproc, nnodes=1, node_rank=0, port=None):
-    """This backend's launcher: OneFlow's, or torchrun."""
-    port = str(port or free_port())
-    if backend.NAME == "torch":
-        return ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--nnodes", str(nnodes),
-                "--node-rank", str(node_rank), "--master-addr", "127.0.0.1", "--master-port", port]
-    return ["-m", "oneflow.distributed.launch", "--nproc_per_node", str(nproc), "--nnodes", str(nnodes),
-            "--node_rank", str(node_rank), "--master_addr", "127.0.0.1", "--master_port", port]
+    """launch.py's arguments: this backend's launcher (OneFlow's, or torchrun) with these processes."""
+    return [os.path.join(ROOT, "launch.py"), "--nproc-per-node", nproc, "--nnodes", nnodes, "--node-rank", node_rank,
+            "--master-port", port or free_port()]
 
 
-def launched(data, out, launch):
+def launched(data, out, launch, *extra):
     """The training of train_small, started through `launch` as a process (it does not wait)."""
     command = [sys.executable, *launch, os.path.join(ROOT, "TrainUnetDataSet.py"), "--data-path",
                f"{data}/train_image", "--label-path", f"{data}/train_label", "--checkpoint-dir", f"{out}/checkpoints",
-               "--log-file", f"{out}/log.txt", "--progress=", "--base", 4, "--crop", 32, *FLAGS]
+               "--log-file", f"{out}/log.txt", "--progress=", "--base", 4, "--crop", 32, *FLAGS, *extra]
     return subprocess.Popen([str(c) for c in command], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
 
-def finished(process):
+def finished(process, status=0):
     out, err = process.communicate(timeout=300)
-    assert process.returncode == 0, out + err
-    return out
+    assert process.returncode == status, out + err
+    return out, err
 
 
 def assert_same_weights(a, b):
@@ -60,7 +56,7 @@ def data(tmp_path):
 
 def test_two_processes_train_the_weights_of_one_process_with_the_same_global_batch(data, tmp_path):
     train_small(data, tmp_path / "alone", *FLAGS)
-    out = finished(launched(data, tmp_path / "two", launcher(2)))
+    out, _ = finished(launched(data, tmp_path / "two", launcher(2)))
     assert "data parallel: 2 processes, each 1 of the 2 images of a step, learning rate 0.01" in out
     assert_same_weights(tmp_path / "alone", tmp_path / "two")
     log = (tmp_path / "two" / "log.txt").read_text()
@@ -74,9 +70,15 @@ def test_two_machines_on_one_host_train_together(data, tmp_path):
     train_small(data, tmp_path / "alone", *FLAGS)
     port = free_port()
     nodes = [launched(data, tmp_path / "nodes", launcher(1, nnodes=2, node_rank=rank, port=port)) for rank in (0, 1)]
-    outputs = [finished(node) for node in nodes]
+    outputs = [finished(node)[0] for node in nodes]
     assert "data parallel: 2 processes" in outputs[0] and "epoch 2/2" in outputs[0]
     assert outputs[1] == ""  # the second machine's process speaks through rank 0
     assert_same_weights(tmp_path / "alone", tmp_path / "nodes")
 
 
+
+
+def test_an_error_in_a_launched_run_stops_every_process_with_one_line_and_no_launcher_traceback(data, tmp_path):
+    out, err = finished(launched(data, tmp_path / "two", launcher(2), "--batch-size", 3), status=1)
+    assert err.count("error: --batch-size 3: the batch of a step is shared equally by the 2 processes") == 1
+    assert "Traceback" not in err and not os.path.exists(tmp_path / "two" / "checkpoints" / "last.npz")

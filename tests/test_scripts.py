@@ -20,9 +20,9 @@ def bash(script, *args, env):
 
 def test_train_sh_then_test_sh_train_and_predict_with_the_documented_variables(dataset, tmp_path):
     out = bash("train.sh", "--base", 4, "--crop", 32, "--checkpoint-dir", tmp_path / "ck", "--log", tmp_path / "log",
-               env={"EPOCHS": "2", "BATCH_SIZE": "3", "DATA_PATH": f"{dataset}/train_image",
+               env={"EPOCHS": "2", "BATCH_SIZE": "4", "DATA_PATH": f"{dataset}/train_image",
                     "LABEL_PATH": f"{dataset}/train_label"})
-    assert "epochs=2" in out and "batch_size=3" in out and "epoch 2/2 train_loss" in out
+    assert "epochs=2" in out and "batch_size=4" in out and "epoch 2/2 train_loss" in out
     assert sorted(os.listdir(tmp_path / "ck")) == ["best.npz", "last.npz"]
 
     outputs = {"SAVE_RES_PATH": str(tmp_path / "pred"), "PROB_PATH": str(tmp_path / "prob"),
