@@ -30,7 +30,7 @@ from backend import flow
 from augment import DEFAULT_PROBABILITIES
 from checkpoint import CheckpointError, RunFolder, build_model, load_checkpoint, load_weights, restore_optimizer, update_meta
 from cli import ArgumentParser, probability, ranged
-from config import PRESETS, ConfigError, as_dict, data_facts, describe, settle
+from config import ONE_CLASS_SCORES, PRESETS, ConfigError, as_dict, data_facts, describe, settle
 from dataloader import SegmentationDataset, Sampler
 from datasets import FORMATS, detect_format, find_samples, labels_beside, load_dataset, voc_split_exists
 from files import DataError
@@ -151,6 +151,20 @@ def training_sampler(dataset, weights, config):
         dataset = SegmentationDataset(mirror(dataset.images), mirror(dataset.labels), dataset.classes, dataset.names)
         weights = mirror(weights)
     return Sampler(dataset, config.crop, config.augment, weights)
+
+
+def validate_share(model, val_set, weights, config, class_weights, rank, processes):
+    """inference.validate, the images shared over the processes with one class (its scores are means
+    over images, so the shares' sums give the same result); with several classes every process
+    validates all images (mean IoU comes from one confusion matrix)."""
+    if processes == 1 or config.classes > 1:
+        return validate(model, val_set, weights, config, class_weights, config.device)
+    mine = list(range(rank, len(val_set), processes))
+    scores = validate(model, val_set.subset(mine), None if weights is None else [weights[i] for i in mine],
+                      config, class_weights, config.device) if mine else {}
+    names = ONE_CLASS_SCORES
+    sums = backend.all_sum([scores.get(name, 0.0) * len(mine) for name in names], config.device, processes)
+    return {name: total / len(val_set) for name, total in zip(names, sums)}
 
 
 def improves(value, best, metric):
@@ -331,7 +345,7 @@ def train(flags, folder, stop, rank=0, processes=1):
                 stop.stop(f"in epoch {epoch + 1}, after step {step + 1} of {steps}: {last} holds that state")
         scores = dict(train_loss=float(np.mean(losses)))
         if val_set is not None:
-            scores.update(validate(model, val_set, val_weights, config, class_weights, device))
+            scores.update(validate_share(model, val_set, val_weights, config, class_weights, rank, processes))
         improved = improves(scores[config.best_metric], best, config.best_metric)
         best, stale = (scores[config.best_metric], 0) if improved else (best, stale + 1)
         save(last, epoch + 1, scores=scores)

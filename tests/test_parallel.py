@@ -1,4 +1,5 @@
 """Data-parallel training through the framework's own launcher: the same weights as one process."""
+import json
 import os
 import socket
 import subprocess
@@ -12,7 +13,7 @@ from checkpoint import load_checkpoint
 from conftest import ROOT, train_small, write_dataset
 
 # SGD: Adam turns the float rounding of a summed gradient into whole steps where gradients are ~0.
-FLAGS = ["--epochs", 2, "--batch-size", 2, "--val-fraction", 0, "--schedule", "constant", "--no-calibrate",
+FLAGS = ["--epochs", 2, "--batch-size", 2, "--val-fraction", 0.34, "--schedule", "constant", "--no-calibrate",
          "--optimizer", "sgd", "--lr", 0.01, "--momentum", 0.9]
 
 
@@ -51,7 +52,7 @@ def assert_same_weights(a, b):
 
 @pytest.fixture
 def data(tmp_path):
-    return write_dataset(tmp_path / "data", n_train=4, n_test=0)
+    return write_dataset(tmp_path / "data", n_train=6, n_test=0)  # 4 to train on, 2 to validate
 
 
 def test_two_processes_train_the_weights_of_one_process_with_the_same_global_batch(data, tmp_path):
@@ -61,6 +62,9 @@ def test_two_processes_train_the_weights_of_one_process_with_the_same_global_bat
     assert_same_weights(tmp_path / "alone", tmp_path / "two")
     log = (tmp_path / "two" / "log.txt").read_text()
     assert len([line for line in log.splitlines() if line.startswith("epoch ")]) == 2  # rank 0 alone logs
+    alone, two = ([json.loads(line) for line in open(run / "log.jsonl")][-1] for run in (tmp_path / "alone", tmp_path / "two"))
+    for score in ("train_loss", "val_loss", "val_pixel_error", "val_dice", "val_v_rand"):  # validation shared out
+        assert two[score] == pytest.approx(alone[score], abs=1e-4), score
     assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["best.npz", "last.npz"]
 
 
