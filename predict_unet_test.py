@@ -139,6 +139,7 @@ def predict_dataset(checkpoint, data_path, outputs, data_format="auto", label_pa
         results = map(_predict_one, range(len(samples)))
     else:
         print(f"predicting with {workers} processes")
+        os.environ.setdefault("ONEFLOW_VM_COMPUTE_ON_WORKER_THREAD", "0")  # one busy thread per process
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_start_worker, initargs=(job, threads))
         results = pool.map(_predict_one, range(len(samples)))
