@@ -27,23 +27,23 @@ PYTHONS = {"oneflow": os.path.join(HERE, ".venv", "bin", "python"),
            "torch": os.path.join(HERE, ".venv-torch", "bin", "python")}
 
 
-def forward_flops(model, size):
+def forward_flops(base, size):
     """Multiply-adds x 2 of the convolutions of one forward pass on a size x size grey image."""
     import numpy as np
 
     import backend
-    total = []
+    from unet import UNet
+    model, total = UNet(base=base, norm="instance"), []
 
     def count(module, inputs, output):
         kernel = module.weight.shape  # conv: out, in, k, k; transposed: in, out, k, k
         pixels = (inputs[0] if isinstance(module, backend.nn.ConvTranspose2d) else output).shape[2:]
         total.append(2 * int(np.prod(kernel)) * int(np.prod(pixels)))
-    hooks = [m.register_forward_hook(count) for m in model.modules()
-             if isinstance(m, (backend.nn.Conv2d, backend.nn.ConvTranspose2d))]
+    for module in model.modules():  # a throw-away model: OneFlow's hooks cannot be removed
+        if isinstance(module, (backend.nn.Conv2d, backend.nn.ConvTranspose2d)):
+            module.register_forward_hook(count)
     with backend.flow.no_grad():
         model(backend.to_tensor(np.zeros((1, 1, size, size))))
-    for hook in hooks:
-        hook.remove()
     return sum(total)
 
 
@@ -82,7 +82,7 @@ def measure(base, size, steps, threads):
     train_s = median_seconds(train_step)
     model.eval()
     predict_s = median_seconds(predict)
-    return dict(train=1 / train_s, predict=1 / predict_s, flops=forward_flops(model, size),
+    return dict(train=1 / train_s, predict=1 / predict_s, flops=forward_flops(base, size),
                 memory_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
