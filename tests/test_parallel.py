@@ -1,9 +1,11 @@
 """Data-parallel training through the framework's own launcher: the same weights as one process."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -86,3 +88,21 @@ def test_an_error_in_a_launched_run_stops_every_process_with_one_line_and_no_lau
     out, err = finished(launched(data, tmp_path / "two", launcher(2), "--batch-size", 3), status=1)
     assert err.count("error: --batch-size 3: the batch of a step is shared equally by the 2 processes") == 1
     assert "Traceback" not in err and not os.path.exists(tmp_path / "two" / "checkpoints" / "last.npz")
+
+
+def test_a_process_killed_midway_stops_the_whole_run_and_leaves_whole_checkpoints(data, tmp_path):
+    run = launched(data, tmp_path / "two", launcher(2), "--epochs", 500)
+    log = tmp_path / "two" / "log.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and '"epoch": 1,' in log.read_text()):
+        assert time.time() < deadline and run.poll() is None, run.stderr.read() if run.poll() is not None else ""
+        time.sleep(0.2)
+    processes = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(run.pid)], capture_output=True,
+                                                      text=True).stdout.split()]
+    assert len(processes) == 2
+    os.kill(processes[-1], signal.SIGKILL)
+    run.communicate(timeout=120)
+    assert run.returncode != 0
+    assert not [pid for pid in processes if os.path.exists(f"/proc/{pid}") and
+                open(f"/proc/{pid}/stat").read().split()[2] != "Z"]  # none left waiting for its peer
+    assert load_checkpoint(str(tmp_path / "two" / "checkpoints" / "last.npz"))[0]["epoch"] >= 1
