@@ -162,9 +162,8 @@ def validate_share(model, val_set, weights, config, class_weights, rank, process
     mine = list(range(rank, len(val_set), processes))
     scores = validate(model, val_set.subset(mine), None if weights is None else [weights[i] for i in mine],
                       config, class_weights, config.device) if mine else {}
-    names = ONE_CLASS_SCORES
-    sums = backend.all_sum([scores.get(name, 0.0) * len(mine) for name in names], config.device, processes)
-    return {name: total / len(val_set) for name, total in zip(names, sums)}
+    sums = backend.all_sum([scores.get(name, 0.0) * len(mine) for name in ONE_CLASS_SCORES], config.device, processes)
+    return {name: total / len(val_set) for name, total in zip(ONE_CLASS_SCORES, sums)}
 
 
 def improves(value, best, metric):
@@ -369,7 +368,7 @@ def join_launched_run(processes):
     """A process of a data-parallel run: as many threads as its share of the cores (threads spinning
     against each other slow every process down), and killed with its launcher, which stops the whole
     run when any process fails (a process waiting for a dead peer would wait for ever)."""
-    backend.set_threads(len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", processes)))
+    backend.set_threads(backend.cores() // int(os.environ.get("LOCAL_WORLD_SIZE", processes)))
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: checkpoints are written atomically
 
 

@@ -7,7 +7,6 @@
 When a process fails, the launcher stops the others; the processes have said why, so the launcher's
 own traceback is left out and the exit status is 1.
 """
-import os
 import runpy
 import sys
 
@@ -40,8 +39,8 @@ def main(argv=None):
     p.add_argument("script", help="the training script, TrainUnetDataSet.py")
     p.add_argument("script_args", nargs="...", help="its arguments")
     args = p.parse_args(argv)
-    if args.nproc_per_node > 1:  # measured: OneFlow's second busy thread per process costs ~10% here
-        os.environ.setdefault("ONEFLOW_VM_COMPUTE_ON_WORKER_THREAD", "0")
+    if args.nproc_per_node > 1:
+        backend.before_processes_share_the_cores()
     sys.argv = launcher_argv(args)
     module = "torch.distributed.run" if backend.NAME == "torch" else "oneflow.distributed.launch"
     try:

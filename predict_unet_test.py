@@ -85,11 +85,12 @@ def write_outputs(name, image, prob, truth, outputs, threshold=0.5):
 _worker = {}  # what one prediction process holds: the job, the network, the samples
 
 
-def _start_worker(job, threads):
-    """Ready this process to predict samples of `job` (predict_dataset's arguments) by index."""
+def _start_worker(job, threads, samples=None):
+    """Ready this process to predict samples of `job` (predict_dataset's arguments) by index
+    (`samples`: those already found, in the process that found them)."""
     backend.set_threads(threads)
     model, meta = build_model(job["checkpoint"], job["device"])
-    samples = find_samples(job["data_path"], job["data_format"], job["label_path"], job["split"])
+    samples = samples or find_samples(job["data_path"], job["data_format"], job["label_path"], job["split"])
     _worker.update(job=job, model=model, meta=meta, samples=samples)
 
 
@@ -115,7 +116,7 @@ def default_workers(images):
     least 4 images (a process takes seconds to start); PyTorch uses all cores from one process."""
     if backend.NAME != "oneflow" or backend.default_device() != "cpu":
         return 1
-    return max(1, min(len(os.sched_getaffinity(0)), images // 4))
+    return max(1, min(backend.cores(), images // 4))
 
 
 def predict_dataset(checkpoint, data_path, outputs, data_format="auto", label_path=None, threshold=0.5,
@@ -126,23 +127,24 @@ def predict_dataset(checkpoint, data_path, outputs, data_format="auto", label_pa
 
     Returns (written mask paths, scores or None)."""
     samples = find_samples(data_path, data_format, label_path, split)
-    _, meta = build_model(checkpoint, "cpu")  # a damaged checkpoint stops here, before any worker starts
-    classes, ignore_index = meta["model"]["n_classes"], meta.get("data", {}).get("ignore_index", 255)
     workers = min(workers or default_workers(len(samples)), len(samples))
     labelled = [i for i, sample in enumerate(samples) if sample.read_label]
     job = dict(checkpoint=checkpoint, data_path=data_path, data_format=data_format, label_path=label_path,
                split=split, outputs=outputs, threshold=threshold, device=device, tile=tile, overlap=overlap,
                tta=tta, montage=set(labelled[:MONTAGE_ROWS]))
-    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    threads = max(1, backend.cores() // workers)
     if workers == 1:
-        _start_worker(job, threads)
+        _start_worker(job, threads, samples)
+        meta = _worker["meta"]
         results = map(_predict_one, range(len(samples)))
     else:
+        meta = build_model(checkpoint, "cpu")[1]  # a damaged checkpoint stops here, before any worker starts
         print(f"predicting with {workers} processes")
-        os.environ.setdefault("ONEFLOW_VM_COMPUTE_ON_WORKER_THREAD", "0")  # one busy thread per process
+        backend.before_processes_share_the_cores()
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_start_worker, initargs=(job, threads))
         results = pool.map(_predict_one, range(len(samples)))
+    classes, ignore_index = meta["model"]["n_classes"], meta.get("data", {}).get("ignore_index", 255)
     written, montage_rows, scored = [], [], []
     try:
         for result in results:
@@ -153,6 +155,7 @@ def predict_dataset(checkpoint, data_path, outputs, data_format="auto", label_pa
     finally:
         if workers > 1:
             pool.shutdown(cancel_futures=True)
+        _worker.clear()  # the network is not kept after the run
     if montage_rows and outputs.get("overlay"):
         write_png(os.path.join(outputs["overlay"], "montage.png"), montage(montage_rows))
     if not scored:
