@@ -103,6 +103,9 @@ def parse_args(argv=None):
     p.add_argument("--patience", type=ranged(int, 0), default=0,
                    help="stop after this many epochs without a better --best-metric (0: never)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
+    p.add_argument("--amp", choices=backend.PRECISIONS, default="off",
+                   help="mixed precision of the forward pass: bf16 or fp16 (with loss scaling) on CUDA; "
+                        "bf16 also on a CPU with PyTorch. Validation stays float32")
     p.add_argument("--seed", type=ranged(int, 0), default=0, help="the same seed gives the same run")
     p.add_argument("--checkpoint-dir", default="checkpoints", help="where best.npz and last.npz go")
     p.add_argument("--resume", action="store_true", help="continue from CHECKPOINT_DIR/last.npz")
@@ -297,6 +300,7 @@ def train(flags, folder, stop, rank=0, processes=1):
     class_weights = None if config.class_weights is None else backend.to_tensor(config.class_weights, device)
     model, optimizer = build_network(config)
     net = backend.data_parallel(model, device) if processes > 1 else model
+    scaler = backend.grad_scaler(config.amp)
     start_epoch, best, stale, partial = 0, None, 0, None
     if config.resume:
         start_epoch, best, stale, partial = resume(last, model, optimizer, rng, config)
@@ -328,16 +332,22 @@ def train(flags, folder, stop, rank=0, processes=1):
                          desc=f"epoch {epoch + 1}/{config.epochs}", file=sys.stderr):
             step_indices = order[step * config.batch_size:(step + 1) * config.batch_size]
             images, labels, weights = sampler.batch(step_indices[rank::processes], (config.seed, epoch))
-            logits = net(backend.to_tensor(images, device))
-            loss = segmentation_loss(logits, labels, weights, config, class_weights, device)
+            with backend.autocast(device, config.amp):
+                logits = net(backend.to_tensor(images, device))
+            loss = segmentation_loss(logits.float(), labels, weights, config, class_weights, device)
             # One exchange per step: every process sees the mean loss and any stop request, so all agree.
             loss_sum, stops = backend.all_sum([loss.item(), float(bool(stop.signal))], device, processes)
             value, stop_now = loss_sum / processes, stops > 0
             check_loss(value, first_loss, epoch, step, config.lr)  # before the step: a NaN never reaches the weights
             first_loss = value if first_loss is None else first_loss
             optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            if scaler:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
             losses.append(value)
             if stop_now and step + 1 < steps:
                 save(last, epoch, partial=dict(step=step + 1, order=order.tolist(), losses=losses))

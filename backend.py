@@ -7,6 +7,7 @@
 OneFlow mirrors PyTorch's API, so the rest of the code writes `flow.cat`, `nn.Conv2d`, `F.pad`
 against whichever module was imported here, plus the few helpers below where the two differ.
 """
+import contextlib
 import os
 import random
 
@@ -62,6 +63,37 @@ def to_tensor(array, device="cpu", dtype=np.float32):
 
 def to_numpy(tensor):
     return tensor.detach().cpu().numpy()
+
+
+# ---- mixed precision (--amp) ----
+
+PRECISIONS = ("off", "bf16", "fp16")
+
+
+def precision_problem(precision, device):
+    """Why --amp `precision` cannot run on `device` with this framework, or None when it can."""
+    if precision == "off":
+        return None
+    if NAME == "oneflow" and not device.startswith("cuda"):
+        return "--amp: OneFlow 0.9 has no mixed precision on a CPU (it stays float32); leave --amp off"
+    if precision == "fp16" and not device.startswith("cuda"):
+        return "--amp fp16 needs a CUDA GPU; on a CPU use --amp bf16 (PyTorch)"
+    if precision == "fp16" and NAME == "oneflow":
+        return "--amp fp16 needs loss scaling, which OneFlow 0.9 has only for nn.Graph: use --amp bf16"
+    return None
+
+
+def autocast(device, precision):
+    """The forward pass in `precision` ('bf16', 'fp16') where it pays, float32 elsewhere; 'off': all float32."""
+    if precision == "off":
+        return contextlib.nullcontext()
+    dtype = flow.bfloat16 if precision == "bf16" else flow.float16
+    return flow.autocast(device_type=device.split(":")[0], dtype=dtype)
+
+
+def grad_scaler(precision):
+    """fp16 gradients underflow without loss scaling (bf16 has float32's range): a GradScaler, or None."""
+    return flow.amp.GradScaler("cuda") if precision == "fp16" else None
 
 
 # ---- data-parallel runs (launched by `python3 -m oneflow.distributed.launch` or `torchrun`) ----

@@ -1,30 +1,29 @@
 """Training and prediction speed of the U-Net on OneFlow and PyTorch, side by side, against the machine's limit.
 
-    python bench.py                    # 256 and 512 pixels, base 16: one table
-    python bench.py --sizes 512 --base 64 --steps 5
+    python bench.py                    # 256 and 512 pixels, base 16, CPU: one table
+    python bench.py --sizes 512 --base 64 --norm batch --batch 16 --device cuda --amp bf16 --backends torch
     python bench.py --quick            # a tiny run that checks the benchmark itself (the test suite's)
 
-Rows: OneFlow with one process, OneFlow with one process per core (as train.sh and test.sh run it
-on a CPU), PyTorch. Each row runs in its backend's environment (.venv, .venv-torch) in separate
-processes, one row after the other; the processes of a row run at once and their images/s add up.
-Columns: training and prediction images/s (median step after a warm-up; Adam + BCE, batch 1,
-instance norm), the peak memory of a process, the model's FLOPs per image (convolutions, counted
-from the layers) and the GFLOP/s achieved (training counted as 3x the forward pass). The limit:
-a large float32 matrix product on all cores (numpy), measured in the same run.
+Rows: OneFlow eager with one process and with one process per core (as train.sh and test.sh run it
+on a CPU), OneFlow's nn.Graph, PyTorch eager and torch.compile. Each row runs in its backend's
+environment (.venv, .venv-torch; --oneflow-python, --torch-python) in separate processes, one row
+after the other; the processes of a row run at once and their images/s add up; a mode that fails
+says why in its row. Columns: training and prediction images/s (median step after two warm-ups;
+Adam + BCE), the peak memory of a process (on CUDA: tensors), the model's FLOPs per image
+(convolutions, counted from the layers) and the GFLOP/s achieved (training counted as 3x the
+forward pass). The limit, measured in the same run: a large float32 matrix product on all cores
+(numpy), on CUDA one on the GPU in the run's precision.
 """
 import argparse
 import json
 import os
 import resource
 import subprocess
-import sys
 import time
 
 from cli import ArgumentParser, ranged
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PYTHONS = {"oneflow": os.path.join(HERE, ".venv", "bin", "python"),
-           "torch": os.path.join(HERE, ".venv-torch", "bin", "python")}
 
 
 def forward_flops(base, size):
@@ -47,43 +46,87 @@ def forward_flops(base, size):
     return sum(total)
 
 
-def measure(base, size, steps, threads):
-    """One process's figures: training and prediction images/s, peak memory, FLOPs per image."""
+def measure(base, size, steps, threads, device, batch, norm, amp, mode):
+    """One process's figures: training and prediction images/s, peak memory, FLOPs per image.
+    mode: eager, graph (OneFlow's nn.Graph, one per shape) or compile (torch.compile)."""
     import numpy as np
 
     import backend
     from unet import UNet
 
     backend.set_threads(threads)
-    model = UNet(base=base, norm="instance")
-    optimizer = backend.flow.optim.Adam(model.parameters(), lr=1e-3)
+    flow, F = backend.flow, backend.F
+    model = UNet(base=base, norm=norm).to(device)
+    optimizer = flow.optim.Adam(model.parameters(), lr=1e-3)
     rng = np.random.default_rng(0)
-    x = backend.to_tensor(rng.random((1, 1, size, size)))
-    y = backend.to_tensor(rng.random((1, 1, size, size)) > 0.5)
+    x = backend.to_tensor(rng.random((batch, 1, size, size)), device)
+    y = backend.to_tensor(rng.random((batch, 1, size, size)) > 0.5, device)
 
-    def train_step():
-        loss = backend.F.binary_cross_entropy_with_logits(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        loss.item()
+    def loss_of(net, x, y, precision=amp):
+        with backend.autocast(device, precision):
+            logits = net(x)
+        return F.binary_cross_entropy_with_logits(logits.float(), y)
 
-    def predict():
-        with backend.flow.no_grad():
-            model(x).sum().item()
+    if mode == "graph":
+        train_graph, predict_graph = oneflow_graphs(model, optimizer, loss_of, amp != "off")
+        train_step = lambda: train_graph(x, y).item()  # noqa: E731
+        predict = lambda: predict_graph(x).sum().item()  # noqa: E731
+    else:
+        net = flow.compile(model) if mode == "compile" else model
+
+        def train_step():
+            loss = loss_of(net, x, y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            loss.item()
+
+        def predict():
+            with flow.no_grad(), backend.autocast(device, amp):
+                net(x).float().sum().item()
 
     def median_seconds(step):
         times = []
-        for _ in range(steps + 1):
+        for _ in range(steps + 2):  # two warm-ups: graphs and compiled code are built on the first calls
             begin = time.perf_counter()
             step()
             times.append(time.perf_counter() - begin)
-        return float(np.median(times[1:]))
+        return float(np.median(times[2:]))
     train_s = median_seconds(train_step)
     model.eval()
     predict_s = median_seconds(predict)
-    return dict(train=1 / train_s, predict=1 / predict_s, flops=forward_flops(base, size),
-                memory_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.startswith("cuda") and backend.NAME == "torch":
+        memory = flow.cuda.max_memory_allocated() / 2 ** 20
+    return dict(train=batch / train_s, predict=batch / predict_s, flops=forward_flops(base, size), memory_mb=memory)
+
+
+def oneflow_graphs(model, optimizer, loss_of, amp):
+    """OneFlow nn.Graphs of a training step (returns the loss) and of a forward pass; `amp`: the
+    graphs' own mixed precision (OneFlow's eager autocast does not apply inside a graph)."""
+    import oneflow as flow
+
+    class TrainStep(flow.nn.Graph):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+            self.add_optimizer(optimizer)
+            self.config.enable_amp(amp)
+
+        def build(self, x, y):
+            loss = loss_of(self.model, x, y, "off")
+            loss.backward()
+            return loss
+
+    class Forward(flow.nn.Graph):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+            self.config.enable_amp(amp)
+
+        def build(self, x):
+            return self.model(x)
+    return TrainStep(), Forward()
 
 
 def matmul_gflops(n=2048, repeats=3):
@@ -97,61 +140,117 @@ def matmul_gflops(n=2048, repeats=3):
     return 2 * n ** 3 * repeats / (time.perf_counter() - begin) / 1e9
 
 
-def run_row(backend_name, processes, base, size, steps):
-    """Sum of images/s over `processes` processes measuring at once; the rest from the first."""
-    cores = len(os.sched_getaffinity(0))
-    command = [PYTHONS[backend_name], __file__, "--worker", str(base), str(size), str(steps),
-               str(max(1, cores // processes))]
-    running = [subprocess.Popen(command, env={**os.environ, "UNET_BACKEND": backend_name}, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True) for _ in range(processes)]
+def gpu_matmul_gflops(device, amp, n=8192, repeats=20):
+    """GFLOP/s of an n x n matrix product on the GPU in the run's precision: the GPU's limit."""
+    import backend
+    flow = backend.flow
+    a = flow.rand(n, n, device=device, dtype=flow.float32 if amp == "off" else
+                  flow.bfloat16 if amp == "bf16" else flow.float16)
+    (a @ a).sum().item()
+    begin = time.perf_counter()
+    for _ in range(repeats):
+        b = a @ a
+    b.sum().item()
+    return 2 * n ** 3 * repeats / (time.perf_counter() - begin) / 1e9
+
+
+def run_worker(python, backend_name, args):
+    """The last line of `python bench.py --worker ARGS` (JSON) in a process of its own."""
+    return subprocess.Popen([python, __file__, "--worker", json.dumps(args)],
+                            env={**os.environ, "UNET_BACKEND": backend_name}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def run_row(python, backend_name, processes, settings):
+    """Sum of images/s over `processes` processes measuring at once; the rest from the first
+    (a string saying why, when the mode fails)."""
+    threads = max(1, len(os.sched_getaffinity(0)) // processes)
+    running = [run_worker(python, backend_name, dict(settings, threads=threads)) for _ in range(processes)]
     results = []
     for process in running:
         out, err = process.communicate()
         if process.returncode != 0:
-            sys.exit(f"error: {backend_name} benchmark failed:\n{err[-2000:]}")
+            return "failed: " + (err.strip().splitlines() or ["exit %d" % process.returncode])[-1][:150]
         results.append(json.loads(out.strip().splitlines()[-1]))
     return dict(results[0], train=sum(r["train"] for r in results), predict=sum(r["predict"] for r in results))
+
+
+MODES = {"oneflow": ("eager", "graph"), "torch": ("eager", "compile")}
+
+
+def rows_to_run(args, cores):
+    """(backend, processes, mode) of each row: every mode asked for that the backend has; OneFlow
+    eager also with one process per core on a CPU (as train.sh and test.sh run it)."""
+    rows = []
+    for name in args.backends:
+        for mode in MODES[name]:
+            if mode in args.modes:
+                rows.append((name, 1, mode))
+                if name == "oneflow" and mode == "eager" and cores > 1 and args.device == "cpu":
+                    rows.append((name, cores, mode))
+    return rows
 
 
 def main(argv=None):
     p = ArgumentParser(description=__doc__)
     p.add_argument("--sizes", type=ranged(int, 32, 8192), nargs="+", default=[256, 512])
     p.add_argument("--base", type=ranged(int, 1, 1024), default=16)
-    p.add_argument("--steps", type=ranged(int, 1), default=3, help="timed steps after one warm-up")
-    p.add_argument("--backends", nargs="+", default=["oneflow", "torch"], choices=list(PYTHONS))
-    p.add_argument("--quick", action="store_true", help="64 pixels, base 4, one step: checks the benchmark runs")
-    p.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=ranged(int, 1, 4096), default=1, help="images per step of a process")
+    p.add_argument("--norm", choices=["instance", "batch"], default="instance")
+    p.add_argument("--steps", type=ranged(int, 1), default=3, help="timed steps after two warm-ups")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="mixed precision (CUDA)")
+    p.add_argument("--backends", nargs="+", default=["oneflow", "torch"], choices=list(MODES))
+    p.add_argument("--modes", nargs="+", default=["eager", "graph", "compile"], choices=["eager", "graph", "compile"],
+                   help="graph: OneFlow's nn.Graph; compile: torch.compile")
+    p.add_argument("--oneflow-python", default=os.path.join(HERE, ".venv", "bin", "python"))
+    p.add_argument("--torch-python", default=os.path.join(HERE, ".venv-torch", "bin", "python"))
+    p.add_argument("--quick", action="store_true", help="64 pixels, base 4, one step, eager: checks the benchmark runs")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        base, size, steps, threads = map(int, args.worker)
-        print(json.dumps(measure(base, size, steps, threads)))
+        settings = json.loads(args.worker)
+        if settings.pop("limit", False):
+            print(json.dumps(gpu_matmul_gflops(settings["device"], settings["amp"])))
+        else:
+            print(json.dumps(measure(**settings)))
         return
     if args.quick:
-        args.sizes, args.base, args.steps = [64], 4, 1
+        args.sizes, args.base, args.steps, args.modes = [64], 4, 1, ["eager"]
+    pythons = {"oneflow": args.oneflow_python, "torch": args.torch_python}
     cores = len(os.sched_getaffinity(0))
-    limit = matmul_gflops(512 if args.quick else 2048)
-    modes = [(name, n) for name in args.backends for n in ([1, cores] if name == "oneflow" and cores > 1 else [1])]
-    print(f"limit: float32 matrix product on {cores} cores: {limit:.1f} GFLOP/s\n")
-    print("| size | backend | processes | train img/s | predict img/s | peak MB/process | GFLOP/image | "
+    if args.device.startswith("cuda"):
+        out, err = run_worker(pythons["torch"], "torch", dict(limit=True, device=args.device, amp=args.amp)).communicate()
+        limit, where = float(out.strip().splitlines()[-1]), f"{args.amp if args.amp != 'off' else 'float32'} matrix product on {args.device}"
+    else:
+        limit, where = matmul_gflops(512 if args.quick else 2048), f"float32 matrix product on {cores} cores"
+    print(f"limit: {where}: {limit:.1f} GFLOP/s")
+    print(f"model: base {args.base}, {args.norm} norm, batch {args.batch} per process, {args.device}, amp {args.amp}\n")
+    print("| size | backend | mode | processes | train img/s | predict img/s | peak MB/process | GFLOP/image | "
           "train GFLOP/s | predict GFLOP/s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     best = {}
     for size in args.sizes:
-        for name, processes in modes:
-            if not os.path.exists(PYTHONS[name]):
-                print(f"| {size} | {name} | - | not installed ({PYTHONS[name]}) | | | | | |")
+        for name, processes, mode in rows_to_run(args, cores):
+            row = f"| {size} | {name} | {mode} | {processes} |"
+            if not os.path.exists(pythons[name]):
+                print(f"{row} not installed ({pythons[name]}) | | | | | |")
                 continue
-            r = run_row(name, processes, args.base, size, args.steps)
+            r = run_row(pythons[name], name, processes, dict(base=args.base, size=size, steps=args.steps,
+                                                            device=args.device, batch=args.batch, norm=args.norm,
+                                                            amp=args.amp, mode=mode))
+            if isinstance(r, str):
+                print(f"{row} {r} | | | | | |", flush=True)
+                continue
             gflop = r["flops"] / 1e9
-            print(f"| {size} | {name} | {processes} | {r['train']:.2f} | {r['predict']:.2f} | {r['memory_mb']:.0f} | "
-                  f"{gflop:.3g} | {3 * gflop * r['train']:.1f} | {gflop * r['predict']:.1f} |", flush=True)
-            for kind in ("train", "predict"):
-                key = (size, name, kind)
-                best[key] = max(best.get(key, 0), r[kind])
-            best[(size, name, "predict_gflops")] = max(best.get((size, name, "predict_gflops"), 0), gflop * r["predict"])
+            print(f"{row} {r['train']:.2f} | {r['predict']:.2f} | {r['memory_mb']:.0f} | {gflop:.3g} | "
+                  f"{3 * gflop * r['train']:.1f} | {gflop * r['predict']:.1f} |", flush=True)
+            for kind, value in (("train", r["train"]), ("predict", r["predict"]), ("predict_gflops", gflop * r["predict"])):
+                best[(size, name, kind)] = max(best.get((size, name, kind), 0), value)
     size = max(args.sizes)
     if (size, "oneflow", "train") in best and (size, "torch", "train") in best:
-        print(f"\nat {size}px, OneFlow's best / PyTorch: training {best[(size, 'oneflow', 'train')] / best[(size, 'torch', 'train')]:.2f}, "
+        print(f"\nat {size}px, OneFlow's best / PyTorch's best: training "
+              f"{best[(size, 'oneflow', 'train')] / best[(size, 'torch', 'train')]:.2f}, "
               f"prediction {best[(size, 'oneflow', 'predict')] / best[(size, 'torch', 'predict')]:.2f}")
     if (size, "torch", "predict_gflops") in best:
         print(f"PyTorch prediction at {size}px: {best[(size, 'torch', 'predict_gflops')] / limit:.0%} of the "

@@ -34,6 +34,7 @@ def image_logits(model, image, device, input_scale=1.0):
 
 def probability_of(logits):
     """Probabilities of one image's logits as numpy: H x W (cell/object) with one class, H x W x N with N."""
+    logits = logits.float()  # from a half-precision forward pass (--amp) too
     if logits.shape[1] == 1:
         return backend.to_numpy(flow.sigmoid(logits))[0, 0]
     return backend.to_numpy(flow.softmax(logits, dim=1))[0].transpose(1, 2, 0)

@@ -63,6 +63,8 @@ def parse_args(argv=None):
                    help="processes predicting images side by side (0: one per core with OneFlow on a CPU, "
                         "each with at least 4 images; else 1)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda ...")
+    p.add_argument("--amp", choices=backend.PRECISIONS, default="off",
+                   help="mixed precision of the forward pass: bf16 or fp16 on CUDA (bf16 also on a CPU with PyTorch)")
     return p.parse_args(argv)
 
 
@@ -99,7 +101,8 @@ def _predict_one(index):
     job, model, meta, sample = _worker["job"], _worker["model"], _worker["meta"], _worker["samples"][index]
     data, classes = meta.get("data", {}), model.n_classes
     name, image = sample.name + ".png", sample.read_image()
-    prob = predict_sample(model, meta, image, job["device"], job["tile"], job["overlap"], job["tta"])
+    with backend.autocast(job["device"], job["amp"]):
+        prob = predict_sample(model, meta, image, job["device"], job["tile"], job["overlap"], job["tta"])
     truth = None
     if sample.read_label:
         truth = read_sample_label(sample, image.shape[:2], classes, data.get("ignore_index", 255),
@@ -120,7 +123,7 @@ def default_workers(images):
 
 
 def predict_dataset(checkpoint, data_path, outputs, data_format="auto", label_path=None, threshold=0.5,
-                    device="cpu", tile=1024, overlap=128, tta=False, split="val", workers=1):
+                    device="cpu", tile=1024, overlap=128, tta=False, split="val", workers=1, amp="off"):
     """Predict every image of a dataset (any layout datasets.py reads) into `outputs` (a dict:
     masks, colors, prob, prob_bits, overlay folders), over `workers` processes (0: default_workers);
     with labels, also the scores. The outputs do not depend on the number of workers.
@@ -131,7 +134,7 @@ def predict_dataset(checkpoint, data_path, outputs, data_format="auto", label_pa
     labelled = [i for i, sample in enumerate(samples) if sample.read_label]
     job = dict(checkpoint=checkpoint, data_path=data_path, data_format=data_format, label_path=label_path,
                split=split, outputs=outputs, threshold=threshold, device=device, tile=tile, overlap=overlap,
-               tta=tta, montage=set(labelled[:MONTAGE_ROWS]))
+               tta=tta, amp=amp, montage=set(labelled[:MONTAGE_ROWS]))
     threads = max(1, backend.cores() // workers)
     if workers == 1:
         _start_worker(job, threads, samples)
@@ -175,10 +178,12 @@ def main(argv=None):
             from fetch_data import fetch_pretrained
             args.checkpoint = fetch_pretrained()
         device = backend.resolve_device(args.device)
+        if backend.precision_problem(args.amp, device):
+            sys.exit(f"error: {backend.precision_problem(args.amp, device)}")
         print(f"predicting with {args.checkpoint} on {backend.NAME}/{device}")
         written, scores = predict_dataset(args.checkpoint, args.test_data_path, outputs, args.data_format,
                                           args.label_path, args.threshold, device, args.tile, args.overlap, args.tta,
-                                          args.split, args.workers)
+                                          args.split, args.workers, args.amp)
     except (DataError, CheckpointError, OSError) as err:
         sys.exit(f"error: {err}")
     print(f"{len(written)} masks written to {args.save_res_path}")

@@ -11,9 +11,10 @@ def test_the_quick_benchmark_prints_a_row_per_mode_the_limit_and_the_figures_per
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| 64 |")]
     cores = len(os.sched_getaffinity(0))
     expected = [1, cores] if backend.NAME == "oneflow" and cores > 1 else [1]
-    assert [int(row[2]) for row in rows] == expected
+    assert [row[2] for row in rows] == ["eager"] * len(expected)
+    assert [int(row[3]) for row in rows] == expected
     for row in rows:
-        train, predict, memory, gflop = (float(cell) for cell in row[3:7])
+        train, predict, memory, gflop = (float(cell) for cell in row[4:8])
         assert train > 0 and predict > 0 and memory > 50
         assert gflop == float(f"{forward_gflop_of_base_4_at_64px():.3g}")
 
