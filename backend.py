@@ -114,6 +114,10 @@ def distributed():
 def local_device(device):
     """The device of this process: a launched process on CUDA takes the GPU of its LOCAL_RANK."""
     if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        wanted, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), flow.cuda.device_count()
+        if wanted > gpus:  # every process finds this, so rank 0 can speak for all
+            raise SystemExit(f"error: {wanted} data-parallel processes on this machine need a GPU each, and it has "
+                             f"{gpus}: set NPROC_PER_NODE={gpus} (or --device cpu)")
         return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     return device
 

@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import time
 
@@ -217,7 +218,8 @@ def main(argv=None):
         return
     if args.quick:
         args.sizes, args.base, args.steps, args.modes = [64], 4, 1, ["eager"]
-    pythons = {"oneflow": args.oneflow_python, "torch": args.torch_python}
+    pythons = {"oneflow": shutil.which(args.oneflow_python) or args.oneflow_python,
+               "torch": shutil.which(args.torch_python) or args.torch_python}
     cores = len(os.sched_getaffinity(0))
     if args.device.startswith("cuda"):
         out, err = run_worker(pythons["torch"], "torch", dict(limit=True, device=args.device, amp=args.amp)).communicate()

@@ -106,3 +106,15 @@ def test_a_process_killed_midway_stops_the_whole_run_and_leaves_whole_checkpoint
     assert not [pid for pid in processes if os.path.exists(f"/proc/{pid}") and
                 open(f"/proc/{pid}/stat").read().split()[2] != "Z"]  # none left waiting for its peer
     assert load_checkpoint(str(tmp_path / "two" / "checkpoints" / "last.npz"))[0]["epoch"] >= 1
+
+
+def test_more_processes_than_gpus_stop_before_training_with_a_line_saying_how_many(monkeypatch):
+    monkeypatch.setattr(backend.flow.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(SystemExit, match=r"^error: 2 data-parallel processes on this machine need a GPU each, "
+                                         r"and it has 1: set NPROC_PER_NODE=1 \(or --device cpu\)$"):
+        backend.local_device("cuda")
+    monkeypatch.setattr(backend.flow.cuda, "device_count", lambda: 2)
+    assert backend.local_device("cuda") == "cuda:0"
