@@ -1,0 +1,67 @@
+"""Objects from probabilities, their measurements and the DSB 2018 object scores, on label images
+whose answers are worked out by hand."""
+import numpy as np
+import pytest
+
+from instances import connected_objects, measure, object_scores, split_objects
+
+
+def two_touching_disks():
+    yy, xx = np.mgrid[:40, :60]
+    return ((yy - 20) ** 2 + (xx - 18) ** 2 <= 100) | ((yy - 20) ** 2 + (xx - 36) ** 2 <= 100)
+
+
+def test_touching_nuclei_are_one_connected_blob_and_two_objects_after_the_watershed():
+    mask = two_touching_disks()
+    assert connected_objects(mask).max() == 1
+    objects = split_objects(mask.astype(np.float32))
+    assert objects.dtype == np.uint16 and objects.max() == 2
+    assert np.array_equal(objects > 0, mask)
+    assert len(np.unique(objects[20, 10:16])) == 1 and objects[20, 12] != objects[20, 42]
+
+
+def test_holes_are_filled_and_specks_below_min_size_removed():
+    prob = np.zeros((30, 30), np.float32)
+    prob[5:15, 5:15] = 0.9
+    prob[9, 9] = 0.1          # a hole
+    prob[25:27, 25:27] = 0.9  # a speck of 4 pixels
+    objects = split_objects(prob, min_size=5)
+    assert objects.max() == 1 and objects[9, 9] == 1 and objects[25, 25] == 0
+
+
+def hand_worked_pair():
+    truth, pred = np.zeros((40, 40), np.uint16), np.zeros((40, 40), np.uint16)
+    truth[0:10, 0:10], truth[20:30, 0:10] = 1, 2
+    pred[0:10, 0:10] = 7          # IoU 1
+    pred[20:30, 0:7] = 3          # IoU 70/100 = 0.7
+    pred[30:35, 30:35] = 9        # a false object of 25 pixels
+    return pred, truth
+
+
+def test_object_scores_of_a_hand_worked_case():
+    scores = object_scores(*hand_worked_pair())
+    # IoU thresholds 0.50-0.65: TP 2, FP 1, FN 0 -> 2/3; 0.70-0.95 (IoU 0.7 is not > 0.7): TP 1, FP 2, FN 1 -> 1/4
+    assert scores["map_05_095"] == pytest.approx((4 * 2 / 3 + 6 * 1 / 4) / 10)
+    assert scores["ap50"] == pytest.approx(2 / 3)
+    assert scores["f1_50"] == pytest.approx(4 / 5)
+    assert scores["aji"] == pytest.approx((100 + 70) / (100 + 100 + 25))
+    assert (scores["objects_predicted"], scores["objects_true"]) == (3, 2)
+
+
+def test_a_perfect_prediction_scores_one_and_merged_objects_lose_both():
+    truth = np.zeros((8, 8), np.uint16)
+    truth[0:4, 0:4], truth[0:4, 4:8] = 1, 2
+    assert object_scores(truth, truth)["map_05_095"] == 1.0
+    merged = (truth > 0).astype(np.uint16)  # IoU 0.5 with each: not above 0.5
+    assert object_scores(merged, truth)["ap50"] == 0.0
+    assert object_scores(np.zeros_like(truth), np.zeros_like(truth))["map_05_095"] == 1.0
+
+
+def test_measurements_have_one_row_per_object():
+    objects = np.zeros((20, 20), np.uint16)
+    objects[2:6, 2:12], objects[10:14, 10:14] = 1, 2
+    image = np.full((20, 20), 0.5, np.float32)
+    table = measure(objects, image)
+    assert table["label"] == [1, 2] and table["area"] == [40.0, 16.0]
+    assert table["centroid-0"] == [3.5, 11.5] and table["intensity_mean"] == [0.5, 0.5]
+    assert table["eccentricity"][1] == pytest.approx(0.0)
