@@ -1,8 +1,13 @@
 """Objects from probabilities, their measurements and the DSB 2018 object scores, on label images
 whose answers are worked out by hand."""
+import json
+import os
+
+import cv2
 import numpy as np
 import pytest
 
+from conftest import run_script
 from instances import connected_objects, measure, object_scores, split_objects
 
 
@@ -65,3 +70,20 @@ def test_measurements_have_one_row_per_object():
     assert table["label"] == [1, 2] and table["area"] == [40.0, 16.0]
     assert table["centroid-0"] == [3.5, 11.5] and table["intensity_mean"] == [0.5, 0.5]
     assert table["eccentricity"][1] == pytest.approx(0.0)
+
+
+def test_evaluate_scores_label_images_against_dsb_masks_per_object(tmp_path):
+    pred, truth = hand_worked_pair()
+    (tmp_path / "pred").mkdir()
+    cv2.imwrite(str(tmp_path / "pred" / "a.png"), pred * 300)  # 16-bit: numbers above 255 survive
+    os.makedirs(tmp_path / "dsb" / "a" / "images")
+    os.makedirs(tmp_path / "dsb" / "a" / "masks")
+    cv2.imwrite(str(tmp_path / "dsb" / "a" / "images" / "a.png"), np.zeros((40, 40), np.uint8))
+    for number in (1, 2):
+        cv2.imwrite(str(tmp_path / "dsb" / "a" / "masks" / f"m{number}.png"), np.where(truth == number, 255, 0).astype(np.uint8))
+    result = run_script("evaluate.py", "--instances", tmp_path / "pred", tmp_path / "dsb", "--json",
+                        tmp_path / "scores.json", cwd=tmp_path)
+    assert "map_05_095" in result.stdout.splitlines()[0]
+    mean = json.load(open(tmp_path / "scores.json"))["mean"]
+    assert mean["map_05_095"] == pytest.approx(0.416667, abs=1e-6) and mean["aji"] == pytest.approx(170 / 225)
+    assert mean["objects_predicted"] == 3 and mean["objects_true"] == 2
