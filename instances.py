@@ -34,7 +34,9 @@ def split_objects(prob, threshold=0.5, min_size=16, min_distance=4):
     peaks = peak_local_max(distance, min_distance=min_distance, labels=components, exclude_border=False)
     seeds = np.zeros(mask.shape, np.int32)
     seeds[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-    objects = watershed(-distance, seeds, mask=mask)
+    unseeded = np.isin(components, np.setdiff1d(np.arange(1, components.max() + 1), components[tuple(peaks.T)]))
+    seeds[unseeded] = components[unseeded] + len(peaks)  # thin objects have no maximum: each is one object
+    objects = watershed(-distance, seeds, mask=mask, connectivity=2)
     objects[(np.bincount(objects.ravel()) < min_size)[objects]] = 0  # slivers the watershed cut off
     return renumber(objects)
 

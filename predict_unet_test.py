@@ -24,8 +24,9 @@ from checkpoint import CheckpointError, build_model
 from cli import ArgumentParser, probability, ranged
 from datasets import FORMATS, find_samples, read_sample_label
 from evaluate import format_table, score_binary, score_multiclass, write_json
-from files import DataError, write_png
+from files import DataError, atomic_write, write_png
 from inference import predict_sample
+from instances import connected_objects, measure, renumber, split_objects
 from unet import MIN_SIDE
 from visualize import class_colors, montage, overlay
 
@@ -62,6 +63,14 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=ranged(int, 0, 256), default=0,
                    help="processes predicting images side by side (0: one per core with OneFlow on a CPU, "
                         "each with at least 4 images; else 1)")
+    p.add_argument("--instance-path", help="also write numbered objects (16-bit label PNGs, same names) and "
+                                           "objects.csv (a row per object) here (one class)")
+    p.add_argument("--objects", choices=["auto", "watershed", "cells"], default="auto",
+                   help="how the mask becomes objects: watershed splits touching nuclei; cells: the regions "
+                        "between membranes (4-connected); auto: cells for ISBI-like data, else watershed")
+    p.add_argument("--min-size", type=ranged(int, 0), default=16, help="objects smaller than this many pixels are dropped")
+    p.add_argument("--min-distance", type=ranged(int, 1), default=4,
+                   help="watershed: least distance in pixels between the centres of two touching objects")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda ...")
     p.add_argument("--amp", choices=backend.PRECISIONS, default="off",
                    help="mixed precision of the forward pass: bf16 or fp16 on CUDA (bf16 also on a CPU with PyTorch)")
@@ -81,7 +90,30 @@ def write_outputs(name, image, prob, truth, outputs, threshold=0.5):
                   np.round(prob * top).astype(np.uint16 if outputs["prob_bits"] == 16 else np.uint8))
     if outputs.get("overlay"):
         write_png(os.path.join(outputs["overlay"], name), overlay(image, pred, truth))
-    return pred
+    table = None
+    if outputs.get("instances") and not multiclass:
+        objects = objects_of(prob, pred, outputs)
+        write_png(os.path.join(outputs["instances"], name), objects)
+        table = dict(image=[name] * int(objects.max()), **measure(objects, image))
+    return pred, table
+
+
+def objects_of(prob, mask, outputs):
+    """Numbered objects (uint16) of a one-class prediction, as outputs["objects"] asks."""
+    if outputs["objects"] == "cells":  # cells touch diagonally across a membrane one pixel thin
+        objects = connected_objects(mask, connectivity=1)
+        objects[(np.bincount(objects.ravel()) < outputs["min_size"])[objects]] = 0
+        return renumber(objects)
+    return split_objects(prob, outputs["threshold"], outputs["min_size"], outputs["min_distance"])
+
+
+def write_objects_csv(path, tables):
+    """One CSV row per object of every image (columns of instances.measure)."""
+    columns = ["image"] + [c for c in tables[0] if c != "image"] if tables else ["image"]
+    rows = [",".join(columns)]
+    for table in tables:
+        rows += [",".join(str(table[c][i]) for c in columns) for i in range(len(table["image"]))]
+    atomic_write(path, lambda f: f.write(("\n".join(rows) + "\n").encode()))
 
 
 _worker = {}  # what one prediction process holds: the job, the network, the samples
@@ -93,6 +125,9 @@ def _start_worker(job, threads, samples=None):
     backend.set_threads(threads)
     model, meta = build_model(job["checkpoint"], job["device"])
     samples = samples or find_samples(job["data_path"], job["data_format"], job["label_path"], job["split"])
+    if job["outputs"].get("objects") == "auto":  # membranes (trained on image folders or TIFFs) enclose cells
+        cells = meta.get("data", {}).get("format") in ("pairs", "tiff")
+        job = dict(job, outputs=dict(job["outputs"], objects="cells" if cells else "watershed"))
     _worker.update(job=job, model=model, meta=meta, samples=samples)
 
 
@@ -107,9 +142,11 @@ def _predict_one(index):
     if sample.read_label:
         truth = read_sample_label(sample, image.shape[:2], classes, data.get("ignore_index", 255),
                                   data.get("instance_labels", False))[0]
-    pred = write_outputs(name, image, prob, truth, job["outputs"], job["threshold"])
+    pred, objects = write_outputs(name, image, prob, truth, job["outputs"], job["threshold"])
     summary = f"cell {np.mean(pred):.1%}" if classes == 1 else f"classes {sorted(np.unique(pred).tolist())}"
-    return dict(source=sample.source, path=os.path.join(job["outputs"]["masks"], name), summary=summary,
+    if objects is not None:
+        summary += f", {len(objects['image'])} objects"
+    return dict(source=sample.source, path=os.path.join(job["outputs"]["masks"], name), summary=summary, objects=objects,
                 scored=None if truth is None else (name, prob, truth),
                 montage=(image, pred, truth) if index in job["montage"] and classes == 1 else None)
 
@@ -148,17 +185,21 @@ def predict_dataset(checkpoint, data_path, outputs, data_format="auto", label_pa
                                    initializer=_start_worker, initargs=(job, threads))
         results = pool.map(_predict_one, range(len(samples)))
     classes, ignore_index = meta["model"]["n_classes"], meta.get("data", {}).get("ignore_index", 255)
-    written, montage_rows, scored = [], [], []
+    written, montage_rows, scored, tables = [], [], [], []
     try:
         for result in results:
             print(f"{result['source']} -> {result['path']} ({result['summary']})")
             written.append(result["path"])
             scored += [result["scored"]] if result["scored"] else []
             montage_rows += [result["montage"]] if result["montage"] else []
+            tables += [result["objects"]] if result["objects"] is not None else []
     finally:
         if workers > 1:
             pool.shutdown(cancel_futures=True)
         _worker.clear()  # the network is not kept after the run
+    if outputs.get("instances") and classes == 1:
+        write_objects_csv(os.path.join(outputs["instances"], "objects.csv"), tables)
+        print(f"{sum(len(t['image']) for t in tables)} objects: label images and objects.csv in {outputs['instances']}")
     if montage_rows and outputs.get("overlay"):
         write_png(os.path.join(outputs["overlay"], "montage.png"), montage(montage_rows))
     if not scored:
@@ -172,7 +213,8 @@ def main(argv=None):
     if args.tile and not 0 <= args.overlap < args.tile:
         sys.exit(f"error: --overlap must be at least 0 and smaller than --tile ({args.tile})")
     outputs = dict(masks=args.save_res_path, colors=args.color_path, prob=args.prob_path if args.save_prob else None,
-                   prob_bits=args.prob_bits, overlay=args.overlay_path)
+                   prob_bits=args.prob_bits, overlay=args.overlay_path, instances=args.instance_path,
+                   objects=args.objects, min_size=args.min_size, min_distance=args.min_distance, threshold=args.threshold)
     try:
         if args.pretrained:
             from fetch_data import fetch_pretrained

@@ -6,6 +6,8 @@
 #   PRETRAINED=1     use the original example's published checkpoint (downloaded once)
 #   TEST_DATA_PATH   default test_image/; also a DSB 2018 folder, a VOC root or a TIFF volume
 #   SAVE_RES_PATH    default predict_image/
+#   INSTANCE_PATH    default predict_instances/: numbered objects (16-bit label PNGs: the cells
+#                    between membranes, or touching nuclei split by a watershed) and objects.csv
 #   TEST_LABEL_PATH  labels of the test images (DSB and VOC data bring their own): errors marked
 #                    in the pictures, and the scores printed and written to SCORES_JSON
 #                    (predict_scores.json)
@@ -38,5 +40,6 @@ fi
     --save-res-path "$SAVE_RES_PATH" \
     --save-prob --prob-path "$PROB_PATH" \
     --overlay-path "$OVERLAY_PATH" \
+    --instance-path "${INSTANCE_PATH:-predict_instances/}" \
     --scores-json "${SCORES_JSON:-predict_scores.json}" \
     "$@"

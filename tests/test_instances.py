@@ -1,5 +1,6 @@
 """Objects from probabilities, their measurements and the DSB 2018 object scores, on label images
 whose answers are worked out by hand."""
+import csv
 import json
 import os
 
@@ -7,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import run_script
+from conftest import run_script, tiny_checkpoint
 from instances import connected_objects, measure, object_scores, split_objects
 
 
@@ -87,3 +88,30 @@ def test_evaluate_scores_label_images_against_dsb_masks_per_object(tmp_path):
     mean = json.load(open(tmp_path / "scores.json"))["mean"]
     assert mean["map_05_095"] == pytest.approx(0.416667, abs=1e-6) and mean["aji"] == pytest.approx(170 / 225)
     assert mean["objects_predicted"] == 3 and mean["objects_true"] == 2
+
+
+def test_prediction_writes_a_16_bit_label_image_per_input_and_a_row_per_object(dataset, tmp_path):
+    checkpoint = tiny_checkpoint(tmp_path / "tiny.npz")
+    out = run_script("predict_unet_test.py", "--checkpoint", checkpoint, "--test-data-path", f"{dataset}/test_image",
+                     "--save-res-path", tmp_path / "masks", "--instance-path", tmp_path / "objects", "--no-tta",
+                     "--min-size", 1, cwd=tmp_path).stdout
+    names = sorted(n for n in os.listdir(tmp_path / "objects") if n.endswith(".png"))
+    assert names == sorted(os.listdir(tmp_path / "masks"))
+    rows = list(csv.DictReader(open(tmp_path / "objects" / "objects.csv")))
+    for name in names:
+        objects = cv2.imread(str(tmp_path / "objects" / name), cv2.IMREAD_UNCHANGED)
+        mask = cv2.imread(str(tmp_path / "masks" / name), cv2.IMREAD_UNCHANGED)
+        assert objects.dtype == np.uint16 and objects.shape == mask.shape
+        assert np.all(objects[mask > 0] > 0)  # every mask pixel is in an object (none below --min-size 1; holes filled)
+        mine = [row for row in rows if row["image"] == name]
+        assert [int(row["label"]) for row in mine] == list(range(1, objects.max() + 1))
+        assert [float(row["area"]) for row in mine] == [float(np.sum(objects == k)) for k in range(1, objects.max() + 1)]
+    assert f"{len(rows)} objects: label images and objects.csv in" in out
+
+
+def test_every_foreground_pixel_of_a_noisy_map_ends_in_an_object_when_nothing_is_too_small():
+    rng = np.random.default_rng(0)
+    for _ in range(10):  # thin and diagonal-only pieces included: each still gets a seed and is flooded
+        prob = rng.random((48, 48)).astype(np.float32)
+        objects = split_objects(prob, min_size=1)
+        assert np.all(objects[prob > 0.5] > 0)
