@@ -23,7 +23,7 @@ THRESHOLDS = np.round(np.arange(0.5, 1.0, 0.05), 2)
 MEASUREMENTS = ("label", "area", "centroid", "bbox", "intensity_mean", "eccentricity")
 
 
-def split_objects(prob, threshold=0.5, min_size=16, min_distance=4):
+def split_objects(prob, threshold=0.5, min_size=16, min_distance=10):
     """Numbered objects (uint16, 0 = background) of a foreground probability map (H x W)."""
     mask = ndimage.binary_fill_holes(prob > threshold)
     mask = remove_small_objects(mask, min_size)

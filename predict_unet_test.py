@@ -69,8 +69,9 @@ def parse_args(argv=None):
                    help="how the mask becomes objects: watershed splits touching nuclei; cells: the regions "
                         "between membranes (4-connected); auto: cells for ISBI-like data, else watershed")
     p.add_argument("--min-size", type=ranged(int, 0), default=16, help="objects smaller than this many pixels are dropped")
-    p.add_argument("--min-distance", type=ranged(int, 1), default=4,
-                   help="watershed: least distance in pixels between the centres of two touching objects")
+    p.add_argument("--min-distance", type=ranged(int, 1), default=10,
+                   help="watershed: least distance in pixels between the centres of two touching objects "
+                        "(10: best DSB 2018 object score on the training images of BENCHMARKS.md's split)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda ...")
     p.add_argument("--amp", choices=backend.PRECISIONS, default="off",
                    help="mixed precision of the forward pass: bf16 or fp16 on CUDA (bf16 also on a CPU with PyTorch)")
