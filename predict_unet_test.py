@@ -28,7 +28,7 @@ from files import DataError, atomic_write, write_png
 from inference import predict_sample
 from instances import connected_objects, measure, renumber, split_objects
 from unet import MIN_SIDE
-from visualize import class_colors, montage, overlay
+from visualize import class_colors, montage, outline_objects, overlay
 
 MONTAGE_ROWS = 4
 
@@ -89,13 +89,14 @@ def write_outputs(name, image, prob, truth, outputs, threshold=0.5):
         top = 2 ** outputs["prob_bits"] - 1
         write_png(os.path.join(outputs["prob"], name),
                   np.round(prob * top).astype(np.uint16 if outputs["prob_bits"] == 16 else np.uint8))
-    if outputs.get("overlay"):
-        write_png(os.path.join(outputs["overlay"], name), overlay(image, pred, truth))
-    table = None
+    objects, table = None, None
     if outputs.get("instances") and not multiclass:
         objects = objects_of(prob, pred, outputs)
         write_png(os.path.join(outputs["instances"], name), objects)
         table = dict(image=[name] * int(objects.max()), **measure(objects, image))
+    if outputs.get("overlay"):
+        picture = overlay(image, pred, truth)
+        write_png(os.path.join(outputs["overlay"], name), picture if objects is None else outline_objects(picture, objects))
     return pred, table
 
 

@@ -51,6 +51,15 @@ def overlay(image, pred, truth=None):
     return picture if truth is None else _mark_errors(picture, pred, truth)
 
 
+def outline_objects(picture, objects):
+    """The BGR picture with each numbered object's outline drawn in its own colour (VOC's, cycled)."""
+    from skimage.segmentation import find_boundaries
+    edge = find_boundaries(objects, mode="inner") & (objects > 0)
+    out = picture.copy()
+    out[edge] = voc_palette()[1 + (objects[edge].astype(np.int64) - 1) % 255][:, ::-1]
+    return out
+
+
 def _mark_errors(picture, pred, truth):
     pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
     return _tint(_tint(picture, pred & ~truth, MISSED, 0.8), ~pred & truth, SPURIOUS, 0.8)

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import run_script, tiny_checkpoint
 from instances import connected_objects, measure, object_scores, split_objects
+from visualize import outline_objects
 
 
 def two_touching_disks():
@@ -115,3 +116,14 @@ def test_every_foreground_pixel_of_a_noisy_map_ends_in_an_object_when_nothing_is
         prob = rng.random((48, 48)).astype(np.float32)
         objects = split_objects(prob, min_size=1)
         assert np.all(objects[prob > 0.5] > 0)
+
+
+def test_overlays_outline_each_object_in_its_own_colour():
+    objects = np.zeros((20, 30), np.uint16)
+    objects[2:10, 2:10], objects[2:10, 12:20] = 1, 2
+    picture = np.zeros((20, 30, 3), np.uint8)
+    drawn = outline_objects(picture, objects)
+    first, second = drawn[2, 5], drawn[2, 15]  # on the top edges
+    assert first.any() and second.any() and not np.array_equal(first, second)
+    assert not drawn[5, 5].any() and not drawn[15, 25].any()  # insides and background untouched
+    assert np.array_equal(drawn[9, 2], first) and np.array_equal(drawn[9, 19], second)
