@@ -30,7 +30,7 @@ from backend import flow
 from augment import DEFAULT_PROBABILITIES
 from checkpoint import CheckpointError, RunFolder, build_model, load_checkpoint, load_weights, restore_optimizer, update_meta
 from cli import ArgumentParser, probability, ranged
-from config import ONE_CLASS_SCORES, PRESETS, ConfigError, as_dict, data_facts, describe, settle
+from config import OBJECT_SCORES, ONE_CLASS_SCORES, PRESETS, ConfigError, as_dict, data_facts, describe, settle
 from dataloader import SegmentationDataset, Sampler
 from datasets import FORMATS, detect_format, find_samples, labels_beside, load_dataset, voc_split_exists
 from files import DataError
@@ -97,9 +97,10 @@ def parse_args(argv=None):
                        help=f"probability of the {name} augmentation (augment.py)")
     p.add_argument("--best-metric", default="auto",
                    choices=["auto", "val_v_rand", "val_dice", "val_pixel_error", "val_loss", "val_miou",
-                            "val_pixel_accuracy"],
+                            "val_pixel_accuracy", "val_map"],
                    help="validation score that picks best.npz; auto: val_miou with classes > 1, val_dice for "
-                        "DSB 2018 nuclei, else the ISBI V_rand (train_loss when there is no validation set)")
+                        "DSB 2018 nuclei, else the ISBI V_rand (train_loss when there is no validation set); "
+                        "val_map: the DSB 2018 object score, where labels number objects")
     p.add_argument("--patience", type=ranged(int, 0), default=0,
                    help="stop after this many epochs without a better --best-metric (0: never)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
@@ -165,8 +166,9 @@ def validate_share(model, val_set, weights, config, class_weights, rank, process
     mine = list(range(rank, len(val_set), processes))
     scores = validate(model, val_set.subset(mine), None if weights is None else [weights[i] for i in mine],
                       config, class_weights, config.device) if mine else {}
-    sums = backend.all_sum([scores.get(name, 0.0) * len(mine) for name in ONE_CLASS_SCORES], config.device, processes)
-    return {name: total / len(val_set) for name, total in zip(ONE_CLASS_SCORES, sums)}
+    names = ONE_CLASS_SCORES + (OBJECT_SCORES if val_set.instances is not None else ())
+    sums = backend.all_sum([scores.get(name, 0.0) * len(mine) for name in names], config.device, processes)
+    return {name: total / len(val_set) for name, total in zip(names, sums)}
 
 
 def improves(value, best, metric):

@@ -29,6 +29,7 @@ PRESETS = {
 # DSB 2018 nuclei it cost 0.04 Dice (0.888 -> 0.848), and it is defined for one class only.
 WEIGHT_MAP_FORMATS = ("pairs", "tiff")
 ONE_CLASS_SCORES = ("val_loss", "val_pixel_error", "val_dice", "val_v_rand")
+OBJECT_SCORES = ("val_map",)  # one class, objects numbered (DSB 2018 masks, --instance-labels)
 SEVERAL_CLASS_SCORES = ("val_loss", "val_pixel_accuracy", "val_miou")
 
 # What the data says, as TrainUnetDataSet.py read it: layout, channels, the image sizes, the
@@ -155,7 +156,10 @@ def _best_metric(name, classes, data):
         return "val_dice" if data.format == "dsb2018" else "val_v_rand"
     if not data.validation:
         raise ConfigError(f"--best-metric {name}: there is no validation set (--val-fraction 0)")
-    if name not in scores:
+    if name in OBJECT_SCORES and classes == 1 and not data.numbered:
+        raise ConfigError(f"--best-metric {name} scores numbered objects: the labels number none (DSB 2018 "
+                          f"masks/ folders or --instance-labels do)")
+    if name not in scores + (OBJECT_SCORES if classes == 1 else ()):
         raise ConfigError(f"--best-metric {name} is not scored with --classes {classes}: choose one of "
                           f"{', '.join(scores)}")
     return name

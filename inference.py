@@ -10,6 +10,7 @@ import numpy as np
 import backend
 from backend import flow
 from dataloader import match_channels, resize, stack_batch
+from instances import object_scores, split_objects
 from losses import segmentation_loss
 from metrics import confusion_matrix, confusion_scores, isbi_scores, pixel_scores
 from unet import mirror_for_valid, smallest_side
@@ -118,7 +119,8 @@ def best_threshold(model, dataset, device):
 def validate(model, dataset, weights, config, class_weights, device):
     """Scores of whole validation images: val_loss as training computes its loss (segmentation_loss,
     with the pixel `weights` if any, the Dice term and class weights); with one class the mean pixel
-    error, Dice and ISBI V_rand; with several the pixel accuracy and mean IoU of the summed confusion."""
+    error, Dice and ISBI V_rand (and where objects are numbered the DSB 2018 object score of
+    the watershed's objects, val_map); with several the pixel accuracy and mean IoU of the summed confusion."""
     model.eval()
     losses, rows, confusion = [], [], 0
     with flow.no_grad():
@@ -135,6 +137,8 @@ def validate(model, dataset, weights, config, class_weights, device):
                 pixel = pixel_scores(prob > 0.5, label)
                 rows.append(dict(val_pixel_error=pixel["pixel_error"], val_dice=pixel["dice"],
                                  val_v_rand=isbi_scores(prob, label)["v_rand"]))
+                if dataset.instances is not None:  # numbered objects: the DSB 2018 object score too
+                    rows[-1]["val_map"] = object_scores(split_objects(prob), dataset.instances[i])["map_05_095"]
     scores = dict(val_loss=float(np.mean(losses)))
     if dataset.classes > 1:
         overall = confusion_scores(confusion)

@@ -8,7 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import run_script, tiny_checkpoint
+from checkpoint import load_checkpoint
+from conftest import run_script, tiny_checkpoint, train_small
 from instances import connected_objects, measure, object_scores, split_objects
 from visualize import outline_objects
 
@@ -127,3 +128,17 @@ def test_overlays_outline_each_object_in_its_own_colour():
     assert first.any() and second.any() and not np.array_equal(first, second)
     assert not drawn[5, 5].any() and not drawn[15, 25].any()  # insides and background untouched
     assert np.array_equal(drawn[9, 2], first) and np.array_equal(drawn[9, 19], second)
+
+
+def test_validation_scores_objects_where_labels_number_them_and_can_pick_best_by_it(tmp_path, dataset):
+    from test_formats import write_dsb
+    root = write_dsb(tmp_path / "dsb", sizes=((48, 48),) * 4)
+    run_script("TrainUnetDataSet.py", "--data-path", root, "--checkpoint-dir", "ck", "--log", "log.txt", "--progress", "",
+               "--base", 4, "--epochs", 2, "--crop", 0, "--val-fraction", 0.5, "--best-metric", "val_map", cwd=tmp_path)
+    epochs = [json.loads(line) for line in open(tmp_path / "log.jsonl") if '"epoch"' in line]
+    assert all(0 <= e["val_map"] <= 1 for e in epochs)
+    best = max(e["val_map"] for e in epochs)
+    assert load_checkpoint(str(tmp_path / "ck" / "best.npz"))[0]["scores"]["val_map"] == pytest.approx(best)
+    refused = train_small(dataset, tmp_path / "isbi", "--best-metric", "val_map", check=False)
+    assert refused.returncode == 1 and refused.stderr.strip().splitlines()[-1].startswith(
+        "error: --best-metric val_map scores numbered objects: the labels number none")
