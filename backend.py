@@ -70,15 +70,15 @@ def to_numpy(tensor):
 PRECISIONS = ("off", "bf16", "fp16")
 
 
-def precision_problem(precision, device):
-    """Why --amp `precision` cannot run on `device` with this framework, or None when it can."""
+def precision_problem(precision, device, framework=NAME):
+    """Why --amp `precision` cannot run on `device` with `framework`, or None when it can."""
     if precision == "off":
         return None
-    if NAME == "oneflow" and not device.startswith("cuda"):
+    if framework == "oneflow" and not device.startswith("cuda"):
         return "--amp: OneFlow 0.9 has no mixed precision on a CPU (it stays float32); leave --amp off"
     if precision == "fp16" and not device.startswith("cuda"):
         return "--amp fp16 needs a CUDA GPU; on a CPU use --amp bf16 (PyTorch)"
-    if precision == "fp16" and NAME == "oneflow":
+    if precision == "fp16" and framework == "oneflow":
         return "--amp fp16 needs loss scaling, which OneFlow 0.9 has only for nn.Graph: use --amp bf16"
     return None
 

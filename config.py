@@ -12,8 +12,8 @@ from collections import namedtuple
 
 import numpy as np
 
-import backend
 from augment import DEFAULT_PROBABILITIES
+from backend import precision_problem
 from losses import median_frequency_weights
 from unet import MIN_SIDE, VALID_MARGIN, smallest_side, valid_input_size
 
@@ -75,8 +75,8 @@ def settle(flags, data, device, backend_name, processes=1):
     s["augment"] = types.MappingProxyType({name: s.pop(f"aug_{name}") for name in DEFAULT_PROBABILITIES})
     notes = []
     _check(s, data)
-    if backend.precision_problem(s["amp"], device):
-        raise ConfigError(backend.precision_problem(s["amp"], device))
+    if problem := precision_problem(s["amp"], device, backend_name):
+        raise ConfigError(problem)
     s["crop"] = _training_crop(s, data, notes)
     if s["weight_map"] is None:
         s["weight_map"] = s["classes"] == 1 and data.format in WEIGHT_MAP_FORMATS

@@ -20,6 +20,7 @@ from skimage.morphology import remove_small_objects
 from skimage.segmentation import watershed
 
 THRESHOLDS = np.round(np.arange(0.5, 1.0, 0.05), 2)
+METHODS = ("watershed", "cells")
 MEASUREMENTS = ("label", "area", "centroid", "bbox", "intensity_mean", "eccentricity")
 
 
@@ -37,8 +38,21 @@ def split_objects(prob, threshold=0.5, min_size=16, min_distance=10):
     unseeded = np.isin(components, np.setdiff1d(np.arange(1, components.max() + 1), components[tuple(peaks.T)]))
     seeds[unseeded] = components[unseeded] + len(peaks)  # thin objects have no maximum: each is one object
     objects = watershed(-distance, seeds, mask=mask, connectivity=2)
-    objects[(np.bincount(objects.ravel()) < min_size)[objects]] = 0  # slivers the watershed cut off
-    return renumber(objects)
+    return without_small(objects, min_size)  # slivers the watershed cut off
+
+
+def objects_of(prob, threshold=0.5, method="watershed", min_size=16, min_distance=10):
+    """Numbered objects of a foreground probability map by `method`: watershed (split_objects), or
+    cells: the 4-connected regions of the mask (cells touch diagonally across a membrane one pixel thin)."""
+    if method == "cells":
+        return without_small(connected(prob > threshold, connectivity=1), min_size)
+    return split_objects(prob, threshold, min_size, min_distance)
+
+
+def without_small(objects, min_size):
+    """The numbered objects of at least `min_size` pixels, renumbered."""
+    too_small = np.bincount(objects.ravel()) < min_size
+    return renumber(np.where(too_small[objects], 0, objects))
 
 
 def connected_objects(mask, connectivity=2):
@@ -76,7 +90,8 @@ def object_scores(pred, truth):
     map_05_095, ap50, f1_50, aji, and the object counts."""
     pred, truth = renumber(pred), renumber(truth)
     inter, true_area, pred_area = overlaps(pred, truth)
-    iou = inter / np.maximum(true_area[:, None] + pred_area[None, :] - inter, 1)
+    union = true_area[:, None] + pred_area[None, :] - inter
+    iou = inter / np.maximum(union, 1)
     n_true, n_pred = iou.shape
 
     def matched(t):  # above IoU 0.5 a true object overlaps at most one predicted one that much
@@ -87,17 +102,16 @@ def object_scores(pred, truth):
         return 1.0 if denominator == 0 else t_weight * tp / denominator
     tp50 = matched(0.5)
     return dict(map_05_095=float(np.mean([ratio(matched(t)) for t in THRESHOLDS])), ap50=ratio(tp50),
-                f1_50=ratio(tp50, 2), aji=aggregated_jaccard(inter, true_area, pred_area),
+                f1_50=ratio(tp50, 2), aji=aggregated_jaccard(inter, union, iou, true_area, pred_area),
                 objects_predicted=n_pred, objects_true=n_true)
 
 
-def aggregated_jaccard(inter, true_area, pred_area):
+def aggregated_jaccard(inter, union, iou, true_area, pred_area):
     """AJI: every true object with the predicted one of highest IoU, intersections over unions
-    summed; predicted objects matched to none add their area to the union."""
+    summed; predicted objects matched to none add their area to the union. (inter, union, iou:
+    true x predicted matrices.)"""
     if len(true_area) == 0:
         return 1.0 if len(pred_area) == 0 else 0.0
-    union = true_area[:, None] + pred_area[None, :] - inter
-    iou = inter / np.maximum(union, 1)
     best = iou.argmax(axis=1) if len(pred_area) else np.full(len(true_area), -1)
     total_inter, total_union, used = 0, 0, set()
     for i, j in enumerate(best):

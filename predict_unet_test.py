@@ -12,6 +12,8 @@ The checkpoint says how to rebuild the network and what input it wants (channels
 model flags are needed.
 """
 import argparse
+import csv
+import io
 import multiprocessing
 import os
 import sys
@@ -26,7 +28,7 @@ from datasets import FORMATS, find_samples, read_sample_label
 from evaluate import format_table, score_binary, score_multiclass, write_json
 from files import DataError, atomic_write, write_png
 from inference import predict_sample
-from instances import connected_objects, measure, renumber, split_objects
+from instances import METHODS, measure, objects_of
 from unet import MIN_SIDE
 from visualize import class_colors, montage, outline_objects, overlay
 
@@ -65,7 +67,7 @@ def parse_args(argv=None):
                         "each with at least 4 images; else 1)")
     p.add_argument("--instance-path", help="also write numbered objects (16-bit label PNGs, same names) and "
                                            "objects.csv (a row per object) here (one class)")
-    p.add_argument("--objects", choices=["auto", "watershed", "cells"], default="auto",
+    p.add_argument("--objects", choices=("auto",) + METHODS, default="auto",
                    help="how the mask becomes objects: watershed splits touching nuclei; cells: the regions "
                         "between membranes (4-connected); auto: cells for ISBI-like data, else watershed")
     p.add_argument("--min-size", type=ranged(int, 0), default=16, help="objects smaller than this many pixels are dropped")
@@ -91,7 +93,7 @@ def write_outputs(name, image, prob, truth, outputs, threshold=0.5):
                   np.round(prob * top).astype(np.uint16 if outputs["prob_bits"] == 16 else np.uint8))
     objects, table = None, None
     if outputs.get("instances") and not multiclass:
-        objects = objects_of(prob, pred, outputs)
+        objects = objects_of(prob, threshold, outputs["objects"], outputs["min_size"], outputs["min_distance"])
         write_png(os.path.join(outputs["instances"], name), objects)
         table = dict(image=[name] * int(objects.max()), **measure(objects, image))
     if outputs.get("overlay"):
@@ -100,22 +102,15 @@ def write_outputs(name, image, prob, truth, outputs, threshold=0.5):
     return pred, table
 
 
-def objects_of(prob, mask, outputs):
-    """Numbered objects (uint16) of a one-class prediction, as outputs["objects"] asks."""
-    if outputs["objects"] == "cells":  # cells touch diagonally across a membrane one pixel thin
-        objects = connected_objects(mask, connectivity=1)
-        objects[(np.bincount(objects.ravel()) < outputs["min_size"])[objects]] = 0
-        return renumber(objects)
-    return split_objects(prob, outputs["threshold"], outputs["min_size"], outputs["min_distance"])
-
-
 def write_objects_csv(path, tables):
     """One CSV row per object of every image (columns of instances.measure)."""
     columns = ["image"] + [c for c in tables[0] if c != "image"] if tables else ["image"]
-    rows = [",".join(columns)]
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(columns)
     for table in tables:
-        rows += [",".join(str(table[c][i]) for c in columns) for i in range(len(table["image"]))]
-    atomic_write(path, lambda f: f.write(("\n".join(rows) + "\n").encode()))
+        writer.writerows(zip(*(table[c] for c in columns)))
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
 
 
 _worker = {}  # what one prediction process holds: the job, the network, the samples
@@ -216,14 +211,14 @@ def main(argv=None):
         sys.exit(f"error: --overlap must be at least 0 and smaller than --tile ({args.tile})")
     outputs = dict(masks=args.save_res_path, colors=args.color_path, prob=args.prob_path if args.save_prob else None,
                    prob_bits=args.prob_bits, overlay=args.overlay_path, instances=args.instance_path,
-                   objects=args.objects, min_size=args.min_size, min_distance=args.min_distance, threshold=args.threshold)
+                   objects=args.objects, min_size=args.min_size, min_distance=args.min_distance)
     try:
         if args.pretrained:
             from fetch_data import fetch_pretrained
             args.checkpoint = fetch_pretrained()
         device = backend.resolve_device(args.device)
-        if backend.precision_problem(args.amp, device):
-            sys.exit(f"error: {backend.precision_problem(args.amp, device)}")
+        if problem := backend.precision_problem(args.amp, device):
+            sys.exit(f"error: {problem}")
         print(f"predicting with {args.checkpoint} on {backend.NAME}/{device}")
         written, scores = predict_dataset(args.checkpoint, args.test_data_path, outputs, args.data_format,
                                           args.label_path, args.threshold, device, args.tile, args.overlap, args.tta,
