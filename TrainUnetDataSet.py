@@ -30,11 +30,12 @@ from backend import flow
 from augment import DEFAULT_PROBABILITIES
 from checkpoint import CheckpointError, RunFolder, build_model, load_checkpoint, load_weights, restore_optimizer, update_meta
 from cli import ArgumentParser, probability, ranged
-from config import OBJECT_SCORES, ONE_CLASS_SCORES, PRESETS, ConfigError, as_dict, data_facts, describe, settle
+from config import OBJECT_CLASSES, OBJECT_SCORES, ONE_CLASS_SCORES, PRESETS, ConfigError, as_dict, data_facts, describe, settle
 from dataloader import SegmentationDataset, Sampler
 from datasets import FORMATS, detect_format, find_samples, labels_beside, load_dataset, voc_split_exists
 from files import DataError
 from inference import best_threshold, validate
+from instances import connected_objects, object_classes
 from log import Logger, append_json, json_log_path
 from losses import learning_rate, segmentation_loss
 from unet import MIN_SIDE, UNet, mirror_for_valid
@@ -60,6 +61,10 @@ def parse_args(argv=None):
     p.add_argument("--instance-labels", action="store_true",
                    help="labels number the objects 1, 2, ... (GlaS's *_anno.bmp): nonzero = object, and the "
                         "weight map separates the numbered objects")
+    p.add_argument("--instances", action=argparse.BooleanOptionalAction,
+                   help="train for objects: three classes (background, object interior, object boundary) from the "
+                        "numbered objects (or the labels' 4-connected regions), so that touching objects come apart; "
+                        "default: on for DSB 2018 data")
     p.add_argument("--ignore-index", type=ranged(int, 0, 255), default=255, help="label value left out of loss and scores (classes > 1)")
     p.add_argument("--class-weights", help="classes > 1: cross-entropy weights, e.g. 1,2,2, or 'auto' "
                                            "(median frequency balancing on the training labels)")
@@ -137,6 +142,14 @@ def read_data(flags, rng):
     n_val = min(len(data) - 1, max(1, round(len(data) * flags.val_fraction))) if flags.val_fraction > 0 else 0
     order = rng.permutation(len(data))
     return fmt, data.subset(sorted(order[n_val:])), data.subset(sorted(order[:n_val])) if n_val else None
+
+
+def for_objects(dataset):
+    """The dataset with the targets of a network for objects (instances.object_classes) as labels,
+    from its numbered objects, or where it numbers none from its labels' 4-connected regions."""
+    numbered = dataset.instances or [connected_objects(label, connectivity=1) for label in dataset.labels]
+    return SegmentationDataset(dataset.images, [object_classes(n) for n in numbered], len(OBJECT_CLASSES),
+                               dataset.names, numbered)
 
 
 def pixel_weights(dataset, config):
@@ -268,6 +281,8 @@ def prepare(flags, processes):
     rng = np.random.default_rng(flags.seed)
     data_format, train_set, val_set = read_data(flags, rng)
     config = settle(flags, data_facts(data_format, train_set, val_set), device, backend.NAME, processes)
+    if config.instances:
+        train_set, val_set = for_objects(train_set), val_set and for_objects(val_set)
     print(describe(config))
     print(f"data: {len(train_set)} training pairs from {config.data_path} ({data_format}, "
           f"{'RGB' if config.channels == 3 else 'grey'}, {config.classes} class{'es' if config.classes > 1 else ''})"
@@ -283,7 +298,7 @@ def prepare(flags, processes):
 
 def build_network(config):
     """The U-Net and its optimizer as the configuration describes them."""
-    model = UNet(n_channels=config.channels, n_classes=config.classes, bilinear=config.bilinear, base=config.base,
+    model = UNet(n_channels=config.channels, n_classes=config.outputs, bilinear=config.bilinear, base=config.base,
                  norm=config.norm, padding=config.padding, dropout=config.dropout).to(config.device)
     if config.optimizer == "sgd":
         return model, flow.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
@@ -309,7 +324,7 @@ def train(flags, folder, stop, rank=0, processes=1):
 
     run = dict(best_metric=config.best_metric, input_scale=1.0, config=as_dict(config),
                data=dict(format=config.data_format, img_size=config.img_size, ignore_index=config.ignore_index,
-                         instance_labels=config.instance_labels))
+                         instance_labels=config.instance_labels, instances=config.instances))
 
     def save(path, epoch, with_optimizer=True, **more):  # rank 0 writes, with the run's state
         if rank == 0:
@@ -370,7 +385,7 @@ def train(flags, folder, stop, rank=0, processes=1):
         if config.patience and stale >= config.patience:
             print(f"early stop: {config.best_metric} has not improved for {stale} epochs")
             break
-    if rank == 0 and config.calibrate and config.classes == 1:
+    if rank == 0 and config.calibrate and config.outputs == 1:
         for path in (best_path, last):
             calibrate(path, train_set, device)
     print(f"checkpoints: {best_path} (best {config.best_metric} {best:.4f}), {last}")

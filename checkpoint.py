@@ -128,6 +128,7 @@ DATA_CHECKS = {
     "img_size": lambda v: _is_whole(v, 0, 1 << 16),
     "ignore_index": lambda v: _is_whole(v, 0, 255),
     "instance_labels": lambda v: isinstance(v, bool),
+    "instances": lambda v: isinstance(v, bool),  # trained for objects: background, interior, boundary
 }
 
 
@@ -200,6 +201,12 @@ def config_from_weights(weights, path):
         raise CheckpointError(f"{path}: weights are not a U-Net's: no {err}")
     except IndexError:
         raise CheckpointError(f"{path}: weights are not a U-Net's: a convolution's weight is not 4-D")
+
+
+def predicted_classes(meta):
+    """Classes a checkpoint's masks hold: its outputs, or 1 for a network trained for objects (its
+    three outputs are background, interior and boundary of one class)."""
+    return 1 if meta.get("data", {}).get("instances") else meta["model"]["n_classes"]
 
 
 def build_model(path, device):

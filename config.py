@@ -1,7 +1,7 @@
 """A training run's configuration, settled once: the flags plus what the data says become one frozen Config.
 
 TrainUnetDataSet.py parses the flags and reads the data; `settle` fills in every setting left open
-(the preset for the machine, the crop for images of mixed sizes, the unpadded net's tile, the weight
+(the preset for the machine, training for objects, the crop for images of mixed sizes, the unpadded net's tile, the weight
 map, the Dice term, the class weights, the score that picks best.npz), stops on contradictory
 combinations with one line, and returns the Config that training, the checkpoints and the log use.
 Nothing changes it afterwards.
@@ -28,8 +28,11 @@ PRESETS = {
 # The paper's weight map beat the plain loss on ISBI membranes (V_rand and pixel error), but on
 # DSB 2018 nuclei it cost 0.04 Dice (0.888 -> 0.848), and it is defined for one class only.
 WEIGHT_MAP_FORMATS = ("pairs", "tiff")
+# Trained for objects by default where the objects are numbered, touch, and are what gets scored.
+INSTANCE_FORMATS = ("dsb2018",)
+OBJECT_CLASSES = ("background", "interior", "boundary")  # instances.object_classes
 ONE_CLASS_SCORES = ("val_loss", "val_pixel_error", "val_dice", "val_v_rand")
-OBJECT_SCORES = ("val_map",)  # one class, objects numbered (DSB 2018 masks, --instance-labels)
+OBJECT_SCORES = ("val_map",)  # one class, objects numbered (DSB 2018 masks, --instance-labels, --instances)
 SEVERAL_CLASS_SCORES = ("val_loss", "val_pixel_accuracy", "val_miou")
 
 # What the data says, as TrainUnetDataSet.py read it: layout, channels, the image sizes, the
@@ -78,12 +81,17 @@ def settle(flags, data, device, backend_name, processes=1):
     if problem := precision_problem(s["amp"], device, backend_name):
         raise ConfigError(problem)
     s["crop"] = _training_crop(s, data, notes)
+    if s["instances"] is None:
+        s["instances"] = s["classes"] == 1 and data.format in INSTANCE_FORMATS and not s["weight_map"]
+    s["outputs"] = len(OBJECT_CLASSES) if s["instances"] else s["classes"]  # channels the network predicts
+    if s["instances"]:
+        notes.append(f"trained for objects: classes {', '.join(OBJECT_CLASSES)} (--no-instances: one class)")
     if s["weight_map"] is None:
-        s["weight_map"] = s["classes"] == 1 and data.format in WEIGHT_MAP_FORMATS
+        s["weight_map"] = s["classes"] == 1 and data.format in WEIGHT_MAP_FORMATS and not s["instances"]
     if s["dice_weight"] is None:
-        s["dice_weight"] = 1.0 if s["classes"] > 1 else 0.0
+        s["dice_weight"] = 1.0 if s["outputs"] > 1 else 0.0
     s["class_weights"] = _class_weights(s["class_weights"], s["classes"], data.class_counts)
-    s["best_metric"] = _best_metric(s["best_metric"], s["classes"], data)
+    s["best_metric"] = _best_metric(s["best_metric"], s["classes"], s["instances"], data)
     return Config(**s, notes=tuple(notes))
 
 
@@ -91,6 +99,11 @@ def _check(s, data):
     several = s["classes"] > 1
     if s["instance_labels"] and several:
         raise ConfigError("--instance-labels numbers objects of one class: it needs --classes 1")
+    if s["instances"] and several:
+        raise ConfigError("--instances trains objects of one class: it needs --classes 1")
+    if s["instances"] and s["weight_map"]:
+        raise ConfigError("--weight-map weighs the one-class loss; --instances trains three classes "
+                          "(background, interior, boundary) that separate objects already: choose one")
     if s["weight_map"] and several:
         raise ConfigError(f"--weight-map separates objects of one class; with --classes {s['classes']} "
                           f"weigh the classes with --class-weights instead")
@@ -146,19 +159,21 @@ def _class_weights(spec, classes, counts):
     return weights
 
 
-def _best_metric(name, classes, data):
+def _best_metric(name, classes, instances, data):
     scores = ONE_CLASS_SCORES if classes == 1 else SEVERAL_CLASS_SCORES
     if name == "auto":
         if not data.validation:
             return "train_loss"
         if classes > 1:
             return "val_miou"
+        if instances:
+            return "val_map"
         return "val_dice" if data.format == "dsb2018" else "val_v_rand"
     if not data.validation:
         raise ConfigError(f"--best-metric {name}: there is no validation set (--val-fraction 0)")
-    if name in OBJECT_SCORES and classes == 1 and not data.numbered:
+    if name in OBJECT_SCORES and classes == 1 and not (data.numbered or instances):
         raise ConfigError(f"--best-metric {name} scores numbered objects: the labels number none (DSB 2018 "
-                          f"masks/ folders or --instance-labels do)")
+                          f"masks/ folders or --instance-labels do; with --instances, their 4-connected regions)")
     if name not in scores + (OBJECT_SCORES if classes == 1 else ()):
         raise ConfigError(f"--best-metric {name} is not scored with --classes {classes}: choose one of "
                           f"{', '.join(scores)}")

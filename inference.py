@@ -10,7 +10,7 @@ import numpy as np
 import backend
 from backend import flow
 from dataloader import match_channels, resize, stack_batch
-from instances import object_scores, split_objects
+from instances import foreground, object_scores, objects_of
 from losses import segmentation_loss
 from metrics import confusion_matrix, confusion_scores, isbi_scores, pixel_scores
 from unet import mirror_for_valid, smallest_side
@@ -120,7 +120,8 @@ def validate(model, dataset, weights, config, class_weights, device):
     """Scores of whole validation images: val_loss as training computes its loss (segmentation_loss,
     with the pixel `weights` if any, the Dice term and class weights); with one class the mean pixel
     error, Dice and ISBI V_rand (and where objects are numbered the DSB 2018 object score of
-    the watershed's objects, val_map); with several the pixel accuracy and mean IoU of the summed confusion."""
+    the watershed's objects, val_map; a network for objects is scored on its foreground and
+    objects); with several the pixel accuracy and mean IoU of the summed confusion."""
     model.eval()
     losses, rows, confusion = [], [], 0
     with flow.no_grad():
@@ -130,17 +131,20 @@ def validate(model, dataset, weights, config, class_weights, device):
                                                    dataset.classes)
             losses.append(segmentation_loss(logits, labels, pixel_weights, config, class_weights, device).item())
             prob = probability_of(logits)
-            if dataset.classes > 1:
+            if config.classes > 1:
                 confusion = confusion + confusion_matrix(prob.argmax(axis=2), label, dataset.classes,
                                                          config.ignore_index)
             else:
-                pixel = pixel_scores(prob > 0.5, label)
+                cell, label = foreground(prob), label > 0  # objects' three classes: background or not
+                pixel = pixel_scores(cell > 0.5, label)
                 rows.append(dict(val_pixel_error=pixel["pixel_error"], val_dice=pixel["dice"],
-                                 val_v_rand=isbi_scores(prob, label)["v_rand"]))
+                                 val_v_rand=isbi_scores(cell, label)["v_rand"]))
                 if dataset.instances is not None:  # numbered objects: the DSB 2018 object score too
-                    rows[-1]["val_map"] = object_scores(split_objects(prob), dataset.instances[i])["map_05_095"]
+                    method = "interior" if config.instances else "watershed"
+                    rows[-1]["val_map"] = object_scores(objects_of(prob, method=method),
+                                                        dataset.instances[i])["map_05_095"]
     scores = dict(val_loss=float(np.mean(losses)))
-    if dataset.classes > 1:
+    if config.classes > 1:
         overall = confusion_scores(confusion)
         return dict(scores, val_pixel_accuracy=overall["pixel_accuracy"], val_miou=overall["mean_iou"])
     return dict(scores, **{key: float(np.mean([row[key] for row in rows])) for key in rows[0]})

@@ -1,10 +1,15 @@
-"""Objects: numbered label images of touching nuclei or cells from a foreground probability map,
+"""Objects: numbered label images of touching nuclei or cells from a network's probabilities,
 their measurements, and the object scores of the Data Science Bowl 2018.
 
-From probabilities to objects: the mask at a threshold, holes filled, objects smaller than
+A network trained for objects (--instances) predicts three classes: background, the interior of
+an object, and its boundary (the outer BOUNDARY_WIDTH pixels of every object, where it meets the
+background or another object). Its objects are seeded at the connected interiors and grown over
+the foreground (1 - background) by a watershed on the boundary probability ("interior").
+
+From a one-class foreground map: the mask at a threshold, holes filled, objects smaller than
 `min_size` pixels removed, then objects that touch are split by a watershed on the distance to
-the background, seeded at its maxima `min_distance` apart (scikit-image). For ISBI membranes the
-objects are the cells between the membranes: 4-connected regions of cell pixels.
+the background, seeded at its maxima `min_distance` apart ("watershed"). For ISBI membranes the
+objects are the cells between the membranes: 4-connected regions of cell pixels ("cells").
 
 Scores of a label image against the true one (objects matched one-to-one by IoU):
   map_05_095  the DSB 2018 metric: for IoU thresholds 0.50, 0.55, ..., 0.95, TP / (TP + FP + FN)
@@ -20,33 +25,66 @@ from skimage.morphology import remove_small_objects
 from skimage.segmentation import watershed
 
 THRESHOLDS = np.round(np.arange(0.5, 1.0, 0.05), 2)
-METHODS = ("watershed", "cells")
+METHODS = ("interior", "watershed", "cells")
+BOUNDARY_WIDTH = 2  # pixels; 1 and 2 compared in BENCHMARKS.md
 MEASUREMENTS = ("label", "area", "centroid", "bbox", "intensity_mean", "eccentricity")
 
 
-def split_objects(prob, threshold=0.5, min_size=16, min_distance=10):
-    """Numbered objects (uint16, 0 = background) of a foreground probability map (H x W)."""
-    mask = ndimage.binary_fill_holes(prob > threshold)
-    mask = remove_small_objects(mask, min_size)
-    if not mask.any():
-        return np.zeros(mask.shape, np.uint16)
-    distance = ndimage.distance_transform_edt(mask)
-    components = connected(mask)
-    peaks = peak_local_max(distance, min_distance=min_distance, labels=components, exclude_border=False)
-    seeds = np.zeros(mask.shape, np.int32)
-    seeds[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-    unseeded = np.isin(components, np.setdiff1d(np.arange(1, components.max() + 1), components[tuple(peaks.T)]))
-    seeds[unseeded] = components[unseeded] + len(peaks)  # thin objects have no maximum: each is one object
-    objects = watershed(-distance, seeds, mask=mask, connectivity=2)
-    return without_small(objects, min_size)  # slivers the watershed cut off
+def object_classes(objects, width=BOUNDARY_WIDTH):
+    """The training target of a network for objects, from numbered objects (0 = background):
+    uint8 0 background, 1 interior, 2 boundary (pixels of an object with another label, background
+    or another object, less than `width` pixels away along rows, columns or diagonals)."""
+    objects = np.asarray(objects)
+    size = 2 * width + 1
+    inside = (ndimage.minimum_filter(objects, size) == objects) & (ndimage.maximum_filter(objects, size) == objects)
+    return np.where(objects > 0, np.where(inside, 1, 2), 0).astype(np.uint8)
+
+
+def foreground(prob):
+    """The object (cell) probability, H x W, of a one-class map or of the three classes' H x W x 3."""
+    return prob if prob.ndim == 2 else 1 - prob[..., 0]
 
 
 def objects_of(prob, threshold=0.5, method="watershed", min_size=16, min_distance=10):
-    """Numbered objects of a foreground probability map by `method`: watershed (split_objects), or
-    cells: the 4-connected regions of the mask (cells touch diagonally across a membrane one pixel thin)."""
-    if method == "cells":
-        return without_small(connected(prob > threshold, connectivity=1), min_size)
-    return split_objects(prob, threshold, min_size, min_distance)
+    """Numbered objects (uint16, 0 = background) of a probability map by `method` (METHODS):
+    interior needs the three classes' H x W x 3 map; the others take either."""
+    if method == "interior":
+        return split_by_interior(prob, threshold, min_size)
+    if method == "cells":  # cells touch diagonally across a membrane one pixel thin: 4-connected
+        return without_small(connected(foreground(prob) > threshold, connectivity=1), min_size)
+    return split_objects(foreground(prob), threshold, min_size, min_distance)
+
+
+def _mask(prob, threshold, min_size):
+    return remove_small_objects(ndimage.binary_fill_holes(prob > threshold), min_size)
+
+
+def _flood(elevation, seeds, mask, min_size):
+    """Watershed of `elevation` from numbered `seeds` over `mask`; a piece of the mask without a
+    seed (thin objects have no distance maximum, small ones no interior) is one object."""
+    components = connected(mask)
+    unseeded = np.isin(components, np.setdiff1d(np.arange(1, components.max() + 1), components[seeds > 0]))
+    seeds = np.where(unseeded, components + seeds.max(), seeds)
+    return without_small(watershed(elevation, seeds, mask=mask, connectivity=2), min_size)  # and cut-off slivers
+
+
+def split_by_interior(prob, threshold=0.5, min_size=16):
+    """Objects of the three classes' probabilities (H x W x 3): the foreground mask (holes filled,
+    small pieces removed) flooded from the connected regions where interior is the likeliest class."""
+    mask = _mask(foreground(prob), threshold, min_size)
+    seeds = connected(mask & (prob.argmax(axis=2) == 1))
+    return _flood(prob[..., 2], seeds, mask, min_size)
+
+
+def split_objects(prob, threshold=0.5, min_size=16, min_distance=10):
+    """Objects of a foreground probability map (H x W): touching ones split by the watershed of
+    the distance to the background, seeded at its maxima `min_distance` apart."""
+    mask = _mask(prob, threshold, min_size)
+    distance = ndimage.distance_transform_edt(mask)
+    peaks = peak_local_max(distance, min_distance=min_distance, labels=connected(mask), exclude_border=False)
+    seeds = np.zeros(mask.shape, np.int32)
+    seeds[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    return _flood(-distance, seeds, mask, min_size)
 
 
 def without_small(objects, min_size):

@@ -39,7 +39,7 @@ def segmentation_loss(logits, labels, weights, config, class_weights, device):
     """The loss of a batch as `dataloader.stack_batch` gives it (numpy labels and pixel weights),
     cut to the logits' size first (the unpadded net's output is smaller than its input)."""
     crop = lambda a: center_crop(a, logits.shape[2], logits.shape[3])  # noqa: E731
-    if config.classes > 1:
+    if config.outputs > 1:  # several classes, or the three of a network for objects
         return multiclass_loss(logits, backend.to_tensor(crop(labels), device, dtype=np.int64),
                                config.dice_weight, class_weights, config.ignore_index)
     return binary_loss(logits, backend.to_tensor(crop(labels), device), config.dice_weight,

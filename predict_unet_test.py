@@ -6,7 +6,9 @@
     python predict_unet_test.py --save-prob --overlay-path predict_overlay/ --label-path test_label/
     python predict_unet_test.py --test-data-path stage1_test/     # DSB 2018 layout: <id>.png each
 
-One class: masks hold 255 where the network's cell (object) probability exceeds --threshold, else 0.
+One class: masks hold 255 where the network's cell (object) probability exceeds --threshold, else 0
+(a network trained for objects, --instances, counts as one class: its object probability is
+1 - background).
 Several classes: masks hold class indices (argmax), and --color-path gets them in VOC's colours.
 The checkpoint says how to rebuild the network and what input it wants (channels, size), so no
 model flags are needed.
@@ -22,13 +24,13 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 import backend
-from checkpoint import CheckpointError, build_model
+from checkpoint import CheckpointError, build_model, predicted_classes
 from cli import ArgumentParser, probability, ranged
 from datasets import FORMATS, find_samples, read_sample_label
 from evaluate import format_table, score_binary, score_multiclass, write_json
 from files import DataError, atomic_write, write_png
 from inference import predict_sample
-from instances import METHODS, measure, objects_of
+from instances import METHODS, foreground, measure, objects_of
 from unet import MIN_SIDE
 from visualize import class_colors, montage, outline_objects, overlay
 
@@ -68,8 +70,10 @@ def parse_args(argv=None):
     p.add_argument("--instance-path", help="also write numbered objects (16-bit label PNGs, same names) and "
                                            "objects.csv (a row per object) here (one class)")
     p.add_argument("--objects", choices=("auto",) + METHODS, default="auto",
-                   help="how the mask becomes objects: watershed splits touching nuclei; cells: the regions "
-                        "between membranes (4-connected); auto: cells for ISBI-like data, else watershed")
+                   help="how the probabilities become objects: interior: seeded at the interiors a network trained "
+                        "for objects (--instances) predicts; watershed: the mask split at its distance maxima; "
+                        "cells: the regions between membranes (4-connected); auto: interior for networks trained "
+                        "for objects, cells for ISBI-like data, else watershed")
     p.add_argument("--min-size", type=ranged(int, 0), default=16, help="objects smaller than this many pixels are dropped")
     p.add_argument("--min-distance", type=ranged(int, 1), default=10,
                    help="watershed: least distance in pixels between the centres of two touching objects "
@@ -80,8 +84,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def write_outputs(name, image, prob, truth, outputs, threshold=0.5):
-    """Write the mask (0/255), or class indices plus a colour picture, and the optional extras."""
+def write_outputs(name, image, prob, truth, outputs, threshold=0.5, objects_from=None):
+    """Write the mask (0/255), or class indices plus a colour picture, and the optional extras;
+    objects come from `objects_from` (a network for objects' three classes) or the cell probability."""
     multiclass = prob.ndim == 3
     pred = prob.argmax(axis=2).astype(np.uint8) if multiclass else prob > threshold
     write_png(os.path.join(outputs["masks"], name), pred if multiclass else np.where(pred, 255, 0).astype(np.uint8))
@@ -93,7 +98,8 @@ def write_outputs(name, image, prob, truth, outputs, threshold=0.5):
                   np.round(prob * top).astype(np.uint16 if outputs["prob_bits"] == 16 else np.uint8))
     objects, table = None, None
     if outputs.get("instances") and not multiclass:
-        objects = objects_of(prob, threshold, outputs["objects"], outputs["min_size"], outputs["min_distance"])
+        objects = objects_of(prob if objects_from is None else objects_from, threshold, outputs["objects"],
+                             outputs["min_size"], outputs["min_distance"])
         write_png(os.path.join(outputs["instances"], name), objects)
         table = dict(image=[name] * int(objects.max()), **measure(objects, image))
     if outputs.get("overlay"):
@@ -122,24 +128,35 @@ def _start_worker(job, threads, samples=None):
     backend.set_threads(threads)
     model, meta = build_model(job["checkpoint"], job["device"])
     samples = samples or find_samples(job["data_path"], job["data_format"], job["label_path"], job["split"])
-    if job["outputs"].get("objects") == "auto":  # membranes (trained on image folders or TIFFs) enclose cells
-        cells = meta.get("data", {}).get("format") in ("pairs", "tiff")
-        job = dict(job, outputs=dict(job["outputs"], objects="cells" if cells else "watershed"))
-    _worker.update(job=job, model=model, meta=meta, samples=samples)
+    _worker.update(job=with_object_method(job, meta), model=model, meta=meta, samples=samples)
+
+
+def with_object_method(job, meta):
+    """The job with --objects auto settled for the checkpoint: interior for a network trained for
+    objects, cells for membranes (trained on image folders or TIFFs), else watershed."""
+    method, data = job["outputs"].get("objects"), meta.get("data", {})
+    if method == "interior" and not data.get("instances"):
+        raise CheckpointError(f"{job['checkpoint']}: --objects interior needs a network trained for objects "
+                              f"(--instances); this one predicts one class: use --objects watershed")
+    if method == "auto":
+        method = "interior" if data.get("instances") else "cells" if data.get("format") in ("pairs", "tiff") else "watershed"
+    return dict(job, outputs=dict(job["outputs"], objects=method))
 
 
 def _predict_one(index):
     """Predict sample `index` and write its outputs; returns what the report and the scores need."""
     job, model, meta, sample = _worker["job"], _worker["model"], _worker["meta"], _worker["samples"][index]
-    data, classes = meta.get("data", {}), model.n_classes
+    data, classes = meta.get("data", {}), predicted_classes(meta)
     name, image = sample.name + ".png", sample.read_image()
     with backend.autocast(job["device"], job["amp"]):
         prob = predict_sample(model, meta, image, job["device"], job["tile"], job["overlap"], job["tta"])
+    three_classes = prob if data.get("instances") else None
+    prob = foreground(prob) if data.get("instances") else prob
     truth = None
     if sample.read_label:
         truth = read_sample_label(sample, image.shape[:2], classes, data.get("ignore_index", 255),
                                   data.get("instance_labels", False))[0]
-    pred, objects = write_outputs(name, image, prob, truth, job["outputs"], job["threshold"])
+    pred, objects = write_outputs(name, image, prob, truth, job["outputs"], job["threshold"], three_classes)
     summary = f"cell {np.mean(pred):.1%}" if classes == 1 else f"classes {sorted(np.unique(pred).tolist())}"
     if objects is not None:
         summary += f", {len(objects['image'])} objects"
@@ -176,12 +193,13 @@ def predict_dataset(checkpoint, data_path, outputs, data_format="auto", label_pa
         results = map(_predict_one, range(len(samples)))
     else:
         meta = build_model(checkpoint, "cpu")[1]  # a damaged checkpoint stops here, before any worker starts
+        job = with_object_method(job, meta)
         print(f"predicting with {workers} processes")
         backend.before_processes_share_the_cores()
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_start_worker, initargs=(job, threads))
         results = pool.map(_predict_one, range(len(samples)))
-    classes, ignore_index = meta["model"]["n_classes"], meta.get("data", {}).get("ignore_index", 255)
+    classes, ignore_index = predicted_classes(meta), meta.get("data", {}).get("ignore_index", 255)
     written, montage_rows, scored, tables = [], [], [], []
     try:
         for result in results:

@@ -40,10 +40,26 @@ def test_the_unpadded_net_trains_on_the_tile_whose_output_covers_the_crop_less_i
     assert settled(["--padding", "valid", "--preset", "gpu"], MIXED).crop == 268  # mixed sizes: 256-pixel crops, less the margins
 
 
+def test_dsb_data_trains_for_objects_by_default_with_three_outputs_and_picks_best_by_the_object_score():
+    nuclei = settled([], MIXED)
+    assert (nuclei.instances, nuclei.outputs, nuclei.classes, nuclei.best_metric) == (True, 3, 1, "val_map")
+    assert "trained for objects: classes background, interior, boundary" in describe(nuclei)
+    one_class = settled(["--no-instances"], MIXED)
+    assert (one_class.instances, one_class.outputs, one_class.best_metric) == (False, 1, "val_dice")
+    assert settled(["--weight-map"], MIXED).instances is False  # the weight map separates them instead
+    isbi = settled([])
+    assert (isbi.instances, isbi.outputs) == (False, 1) and settled(["--instances"]).outputs == 3
+    with pytest.raises(ConfigError, match="^--instances trains objects of one class: it needs --classes 1$"):
+        settled(["--instances", "--classes", "3"], VOC)
+    with pytest.raises(ConfigError, match="^--weight-map weighs the one-class loss"):
+        settled(["--instances", "--weight-map"], MIXED)
+
+
 def test_the_weight_map_is_on_for_one_class_of_em_folders_and_tiffs_and_the_dice_term_for_several_classes():
     isbi, nuclei = settled([]), settled([], MIXED)
     assert (isbi.weight_map, isbi.dice_weight) == (True, 0.0)
-    assert (nuclei.weight_map, nuclei.dice_weight) == (False, 0.0)
+    assert (nuclei.weight_map, nuclei.dice_weight) == (False, 1.0)  # trained for objects: three classes
+    assert settled(["--no-instances"], MIXED).dice_weight == 0.0
     assert settled(["--weight-map"], MIXED).weight_map is True
     assert settled(["--no-weight-map"]).weight_map is False
     voc = settled(["--classes", "3"], VOC)
@@ -53,7 +69,8 @@ def test_the_weight_map_is_on_for_one_class_of_em_folders_and_tiffs_and_the_dice
 
 def test_the_best_checkpoint_is_picked_by_the_score_that_fits_the_task():
     assert settled([]).best_metric == "val_v_rand"
-    assert settled([], MIXED).best_metric == "val_dice"
+    assert settled([], MIXED).best_metric == "val_map"  # nuclei are trained for objects and counted
+    assert settled(["--no-instances"], MIXED).best_metric == "val_dice"
     assert settled(["--classes", "3"], VOC).best_metric == "val_miou"
     assert settled([], ISBI._replace(validation=False)).best_metric == "train_loss"
     assert settled(["--best-metric", "val_loss"]).best_metric == "val_loss"

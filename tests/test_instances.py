@@ -10,7 +10,7 @@ import pytest
 
 from checkpoint import load_checkpoint
 from conftest import run_script, tiny_checkpoint, train_small
-from instances import connected_objects, measure, object_scores, split_objects
+from instances import connected_objects, measure, object_classes, object_scores, split_by_interior, split_objects
 from visualize import outline_objects
 
 
@@ -142,3 +142,87 @@ def test_validation_scores_objects_where_labels_number_them_and_can_pick_best_by
     refused = train_small(dataset, tmp_path / "isbi", "--best-metric", "val_map", check=False)
     assert refused.returncode == 1 and refused.stderr.strip().splitlines()[-1].startswith(
         "error: --best-metric val_map scores numbered objects: the labels number none")
+
+
+def test_a_network_for_objects_learns_each_objects_interior_ringed_by_its_boundary():
+    objects = np.zeros((8, 12), np.uint16)
+    objects[1:7, 1:6], objects[1:7, 6:11] = 1, 2  # two touching 6 x 5 rectangles
+    ring = np.array([[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                     [0, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 0],
+                     [0, 2, 1, 1, 1, 2, 2, 1, 1, 1, 2, 0],
+                     [0, 2, 1, 1, 1, 2, 2, 1, 1, 1, 2, 0],
+                     [0, 2, 1, 1, 1, 2, 2, 1, 1, 1, 2, 0],
+                     [0, 2, 1, 1, 1, 2, 2, 1, 1, 1, 2, 0],
+                     [0, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 0],
+                     [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]])
+    assert np.array_equal(object_classes(objects, width=1), ring)
+    wide = object_classes(objects, width=2)  # two pixels: each rectangle keeps a 2 x 1 interior
+    assert np.array_equal(np.argwhere(wide == 1), [[3, 3], [3, 8], [4, 3], [4, 8]])
+    assert np.array_equal(wide == 0, objects == 0)
+
+
+def three_class_map(interiors, mask):
+    """H x W x 3 probabilities (background, interior, boundary) sure of each pixel's class."""
+    classes = np.where(mask, np.where(interiors, 1, 2), 0)
+    return np.eye(3, dtype=np.float32)[classes]
+
+
+def test_objects_grow_from_the_interiors_the_network_predicts():
+    mask = two_touching_disks()
+    yy, xx = np.mgrid[:40, :60]
+    apart = ((yy - 20) ** 2 + (xx - 18) ** 2 <= 36) | ((yy - 20) ** 2 + (xx - 36) ** 2 <= 36)
+    objects = split_by_interior(three_class_map(apart, mask))
+    assert objects.max() == 2 and np.array_equal(objects > 0, mask)
+    assert objects[20, 12] != objects[20, 42]
+    joined = apart | ((abs(yy - 20) <= 1) & (xx > 18) & (xx < 36))  # interiors the network did not part
+    assert split_by_interior(three_class_map(joined, mask)).max() == 1
+    mask[5:7, 45:59] = True  # a thin piece, all boundary, no interior: one object of its own
+    assert split_by_interior(three_class_map(apart, mask)).max() == 3
+
+
+def test_dsb_data_trains_a_network_for_objects_by_default_and_prediction_counts_its_objects(tmp_path):
+    from test_formats import write_dsb
+    root = write_dsb(tmp_path / "dsb", sizes=((48, 48),) * 4)
+    trained = run_script("TrainUnetDataSet.py", "--data-path", root, "--checkpoint-dir", "ck", "--log", "log.txt",
+                         "--progress", "", "--base", 4, "--epochs", 2, "--crop", 0, "--val-fraction", 0.5, cwd=tmp_path)
+    assert "trained for objects: classes background, interior, boundary" in trained.stdout
+    meta = load_checkpoint(str(tmp_path / "ck" / "best.npz"))[0]
+    assert meta["model"]["n_classes"] == 3 and meta["data"]["instances"] is True
+    assert meta["best_metric"] == "val_map" and 0 <= meta["scores"]["val_map"] <= 1
+    out = run_script("predict_unet_test.py", "--checkpoint", tmp_path / "ck" / "best.npz", "--test-data-path", root,
+                     "--save-res-path", tmp_path / "masks", "--instance-path", tmp_path / "objects", "--no-tta",
+                     "--min-size", 1, cwd=tmp_path).stdout
+    assert "objects)" in out
+    for name in os.listdir(tmp_path / "masks"):
+        mask = cv2.imread(str(tmp_path / "masks" / name), cv2.IMREAD_UNCHANGED)
+        objects = cv2.imread(str(tmp_path / "objects" / name), cv2.IMREAD_UNCHANGED)
+        assert set(np.unique(mask)) <= {0, 255} and objects.dtype == np.uint16
+        assert np.all(objects[mask > 0] > 0)  # every pixel of the mask in an object (and holes filled)
+    one_class = run_script("TrainUnetDataSet.py", "--data-path", root, "--checkpoint-dir", "ck1", "--log", "log1.txt",
+                           "--progress", "", "--base", 4, "--epochs", 1, "--crop", 0, "--no-instances", cwd=tmp_path)
+    assert "trained for objects" not in one_class.stdout
+    assert load_checkpoint(str(tmp_path / "ck1" / "last.npz"))[0]["model"]["n_classes"] == 1
+
+
+def test_training_for_objects_refuses_the_weight_map_in_one_line_and_writes_nothing(dataset, tmp_path):
+    refused = train_small(dataset, tmp_path / "run", "--instances", "--weight-map", check=False)
+    assert refused.returncode == 1 and refused.stderr.strip().splitlines()[-1].startswith(
+        "error: --weight-map weighs the one-class loss; --instances trains three classes")
+    assert not os.path.exists(tmp_path / "run" / "checkpoints" / "last.npz")
+
+
+def test_instances_train_on_the_cells_between_membranes(dataset, tmp_path):
+    train_small(dataset, tmp_path / "run", "--instances", "--best-metric", "val_map", "--val-fraction", 0.25)
+    meta = load_checkpoint(str(tmp_path / "run" / "checkpoints" / "best.npz"))[0]
+    assert meta["model"]["n_classes"] == 3 and 0 <= meta["scores"]["val_map"] <= 1
+
+
+def test_interior_objects_need_a_network_trained_for_objects(dataset, tmp_path):
+    checkpoint = tiny_checkpoint(tmp_path / "tiny.npz")
+    refused = run_script("predict_unet_test.py", "--checkpoint", checkpoint, "--test-data-path", f"{dataset}/test_image",
+                         "--save-res-path", tmp_path / "masks", "--instance-path", tmp_path / "objects",
+                         "--objects", "interior", cwd=tmp_path, check=False)
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == (f"error: {checkpoint}: --objects interior needs a network trained for objects "
+                                      f"(--instances); this one predicts one class: use --objects watershed")
+    assert not os.path.exists(tmp_path / "masks") and not os.path.exists(tmp_path / "objects")
