@@ -17,10 +17,14 @@ Scores of a label image against the true one (objects matched one-to-one by IoU)
   ap50, f1_50 TP / (TP + FP + FN) and 2TP / (2TP + FP + FN) at IoU > 0.5
   aji         aggregated Jaccard index (Kumar et al. 2017)
 """
+import io
+import zipfile
+
 import numpy as np
+from roifile import ImagejRoi
 from scipy import ndimage
 from skimage.feature import peak_local_max
-from skimage.measure import label as connected, regionprops_table
+from skimage.measure import find_contours, label as connected, regionprops_table
 from skimage.morphology import remove_small_objects
 from skimage.segmentation import watershed
 
@@ -113,6 +117,22 @@ def measure(objects, image):
     grey = image.mean(axis=2) if image.ndim == 3 else image
     table = regionprops_table(objects.astype(np.int32), intensity_image=grey, properties=MEASUREMENTS)
     return {name: values.tolist() for name, values in table.items()}
+
+
+def roi_set(objects):
+    """An ImageJ ROI set (the bytes of a RoiSet .zip for Fiji's ROI Manager): one polygon per object
+    along its outer edge, in ImageJ's coordinates (pixel x spans x to x + 1), named by its number."""
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as roi_zip:
+        for number, box in enumerate(ndimage.find_objects(objects), start=1):
+            if box is None:
+                continue
+            piece = np.pad(objects[box] == number, 1).astype(np.float32)
+            outline = max(find_contours(piece, 0.5), key=len)  # (row, col), halfway out to the next pixel
+            xy = outline[:, ::-1] + (box[1].start - 0.5, box[0].start - 0.5)  # less the padding, plus half a pixel
+            roi = ImagejRoi.frompoints(xy, name=f"{number:04d}")
+            roi_zip.writestr(f"{number:04d}.roi", roi.tobytes())
+    return archive.getvalue()
 
 
 def overlaps(pred, truth):

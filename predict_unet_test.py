@@ -30,7 +30,7 @@ from datasets import FORMATS, find_samples, read_sample_label
 from evaluate import format_table, score_binary, score_multiclass, write_json
 from files import DataError, atomic_write, write_png
 from inference import predict_sample
-from instances import METHODS, foreground, measure, objects_of
+from instances import METHODS, foreground, measure, objects_of, roi_set
 from unet import MIN_SIDE
 from visualize import class_colors, montage, outline_objects, overlay
 
@@ -67,8 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=ranged(int, 0, 256), default=0,
                    help="processes predicting images side by side (0: one per core with OneFlow on a CPU, "
                         "each with at least 4 images; else 1)")
-    p.add_argument("--instance-path", help="also write numbered objects (16-bit label PNGs, same names) and "
-                                           "objects.csv (a row per object) here (one class)")
+    p.add_argument("--instance-path", help="also write numbered objects here (one class): 16-bit label PNGs (same "
+                                           "names), ImageJ ROI sets (NAME_RoiSet.zip, for Fiji's ROI Manager) and "
+                                           "objects.csv (a row per object)")
     p.add_argument("--objects", choices=("auto",) + METHODS, default="auto",
                    help="how the probabilities become objects: interior: seeded at the interiors a network trained "
                         "for objects (--instances) predicts; watershed: the mask split at its distance maxima; "
@@ -101,6 +102,9 @@ def write_outputs(name, image, prob, truth, outputs, threshold=0.5, objects_from
         objects = objects_of(prob if objects_from is None else objects_from, threshold, outputs["objects"],
                              outputs["min_size"], outputs["min_distance"])
         write_png(os.path.join(outputs["instances"], name), objects)
+        rois = roi_set(objects)
+        atomic_write(os.path.join(outputs["instances"], os.path.splitext(name)[0] + "_RoiSet.zip"),
+                     lambda f: f.write(rois))
         table = dict(image=[name] * int(objects.max()), **measure(objects, image))
     if outputs.get("overlay"):
         picture = overlay(image, pred, truth)

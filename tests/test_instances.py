@@ -7,10 +7,14 @@ import os
 import cv2
 import numpy as np
 import pytest
+import roifile
+from skimage.draw import polygon2mask
+from skimage.morphology import disk
 
 from checkpoint import load_checkpoint
 from conftest import run_script, tiny_checkpoint, train_small
-from instances import connected_objects, measure, object_classes, object_scores, split_by_interior, split_objects
+from instances import (connected_objects, measure, object_classes, object_scores, roi_set, split_by_interior,
+                       split_objects)
 from visualize import outline_objects
 
 
@@ -108,6 +112,8 @@ def test_prediction_writes_a_16_bit_label_image_per_input_and_a_row_per_object(d
         mine = [row for row in rows if row["image"] == name]
         assert [int(row["label"]) for row in mine] == list(range(1, objects.max() + 1))
         assert [float(row["area"]) for row in mine] == [float(np.sum(objects == k)) for k in range(1, objects.max() + 1)]
+        rois = roifile.roiread(str(tmp_path / "objects" / name.replace(".png", "_RoiSet.zip")))
+        assert len(rois) == objects.max()
     assert f"{len(rows)} objects: label images and objects.csv in" in out
 
 
@@ -226,3 +232,17 @@ def test_interior_objects_need_a_network_trained_for_objects(dataset, tmp_path):
     assert refused.stderr.strip() == (f"error: {checkpoint}: --objects interior needs a network trained for objects "
                                       f"(--instances); this one predicts one class: use --objects watershed")
     assert not os.path.exists(tmp_path / "masks") and not os.path.exists(tmp_path / "objects")
+
+
+def test_imagej_roi_sets_outline_each_object_exactly(tmp_path):
+    objects = np.zeros((40, 50), np.uint16)
+    objects[2:10, 3:20] = 1
+    objects[15:36, 20:41][disk(10) > 0] = 2
+    objects[30:33, 2:4] = 3
+    (tmp_path / "RoiSet.zip").write_bytes(roi_set(objects))
+    rois = roifile.roiread(str(tmp_path / "RoiSet.zip"))
+    assert [roi.name for roi in rois] == ["0001", "0002", "0003"]
+    for number, roi in enumerate(rois, start=1):
+        # ImageJ fills the pixels whose centres (x + 0.5, y + 0.5) lie inside the polygon
+        inside = polygon2mask(objects.shape, roi.coordinates()[:, ::-1] - 0.5)
+        assert np.array_equal(inside, objects == number)
