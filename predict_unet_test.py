@@ -85,9 +85,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def write_outputs(name, image, prob, truth, outputs, threshold=0.5, objects_from=None):
-    """Write the mask (0/255), or class indices plus a colour picture, and the optional extras;
-    objects come from `objects_from` (a network for objects' three classes) or the cell probability."""
+def write_outputs(name, image, prob, maps, truth, outputs, threshold=0.5):
+    """Write the mask (0/255) of the cell probability `prob`, or class indices plus a colour picture,
+    and the optional extras; objects come from the network's probability `maps` (instances.objects_of)."""
     multiclass = prob.ndim == 3
     pred = prob.argmax(axis=2).astype(np.uint8) if multiclass else prob > threshold
     write_png(os.path.join(outputs["masks"], name), pred if multiclass else np.where(pred, 255, 0).astype(np.uint8))
@@ -99,8 +99,7 @@ def write_outputs(name, image, prob, truth, outputs, threshold=0.5, objects_from
                   np.round(prob * top).astype(np.uint16 if outputs["prob_bits"] == 16 else np.uint8))
     objects, table = None, None
     if outputs.get("instances") and not multiclass:
-        objects = objects_of(prob if objects_from is None else objects_from, threshold, outputs["objects"],
-                             outputs["min_size"], outputs["min_distance"])
+        objects = objects_of(maps, threshold, outputs["objects"], outputs["min_size"], outputs["min_distance"])
         write_png(os.path.join(outputs["instances"], name), objects)
         rois = roi_set(objects)
         atomic_write(os.path.join(outputs["instances"], os.path.splitext(name)[0] + "_RoiSet.zip"),
@@ -153,14 +152,13 @@ def _predict_one(index):
     data, classes = meta.get("data", {}), predicted_classes(meta)
     name, image = sample.name + ".png", sample.read_image()
     with backend.autocast(job["device"], job["amp"]):
-        prob = predict_sample(model, meta, image, job["device"], job["tile"], job["overlap"], job["tta"])
-    three_classes = prob if data.get("instances") else None
-    prob = foreground(prob) if data.get("instances") else prob
+        maps = predict_sample(model, meta, image, job["device"], job["tile"], job["overlap"], job["tta"])
+    prob = foreground(maps) if data.get("instances") else maps
     truth = None
     if sample.read_label:
         truth = read_sample_label(sample, image.shape[:2], classes, data.get("ignore_index", 255),
                                   data.get("instance_labels", False))[0]
-    pred, objects = write_outputs(name, image, prob, truth, job["outputs"], job["threshold"], three_classes)
+    pred, objects = write_outputs(name, image, prob, maps, truth, job["outputs"], job["threshold"])
     summary = f"cell {np.mean(pred):.1%}" if classes == 1 else f"classes {sorted(np.unique(pred).tolist())}"
     if objects is not None:
         summary += f", {len(objects['image'])} objects"
