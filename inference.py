@@ -140,8 +140,7 @@ def validate(model, dataset, weights, config, class_weights, device):
                 rows.append(dict(val_pixel_error=pixel["pixel_error"], val_dice=pixel["dice"],
                                  val_v_rand=isbi_scores(cell, label)["v_rand"]))
                 if dataset.instances is not None:  # numbered objects: the DSB 2018 object score too
-                    method = "interior" if config.instances else "watershed"
-                    rows[-1]["val_map"] = object_scores(objects_of(prob, method=method),
+                    rows[-1]["val_map"] = object_scores(objects_of(prob, method="watershed"),
                                                         dataset.instances[i])["map_05_095"]
     scores = dict(val_loss=float(np.mean(losses)))
     if config.classes > 1:

@@ -73,8 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--objects", choices=("auto",) + METHODS, default="auto",
                    help="how the probabilities become objects: interior: seeded at the interiors a network trained "
                         "for objects (--instances) predicts; watershed: the mask split at its distance maxima; "
-                        "cells: the regions between membranes (4-connected); auto: interior for networks trained "
-                        "for objects, cells for ISBI-like data, else watershed")
+                        "cells: the regions between membranes (4-connected); auto: cells for ISBI-like data, "
+                        "else watershed")
     p.add_argument("--min-size", type=ranged(int, 0), default=16, help="objects smaller than this many pixels are dropped")
     p.add_argument("--min-distance", type=ranged(int, 1), default=10,
                    help="watershed: least distance in pixels between the centres of two touching objects "
@@ -135,14 +135,15 @@ def _start_worker(job, threads, samples=None):
 
 
 def with_object_method(job, meta):
-    """The job with --objects auto settled for the checkpoint: interior for a network trained for
-    objects, cells for membranes (trained on image folders or TIFFs), else watershed."""
+    """The job with --objects auto settled for the checkpoint: cells for membranes (trained on image
+    folders or TIFFs), else watershed (on DSB 2018 it beat interior seeds, also for networks
+    trained for objects: BENCHMARKS.md)."""
     method, data = job["outputs"].get("objects"), meta.get("data", {})
     if method == "interior" and not data.get("instances"):
         raise CheckpointError(f"{job['checkpoint']}: --objects interior needs a network trained for objects "
                               f"(--instances); this one predicts one class: use --objects watershed")
     if method == "auto":
-        method = "interior" if data.get("instances") else "cells" if data.get("format") in ("pairs", "tiff") else "watershed"
+        method = "cells" if data.get("format") in ("pairs", "tiff") else "watershed"
     return dict(job, outputs=dict(job["outputs"], objects=method))
 
 
