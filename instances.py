@@ -3,8 +3,9 @@ their measurements, and the object scores of the Data Science Bowl 2018.
 
 A network trained for objects (--instances) predicts three classes: background, the interior of
 an object, and its boundary (the outer BOUNDARY_WIDTH pixels of every object, where it meets the
-background or another object). Its objects are seeded at the connected interiors and grown over
-the foreground (1 - background) by a watershed on the boundary probability ("interior").
+background or another object). Its foreground is 1 - background; "interior" seeds objects at the
+connected interiors and grows them by a watershed on the boundary probability (measured below the
+distance watershed on DSB 2018, so not the default: BENCHMARKS.md).
 
 From a one-class foreground map: the mask at a threshold, holes filled, objects smaller than
 `min_size` pixels removed, then objects that touch are split by a watershed on the distance to
