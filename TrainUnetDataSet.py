@@ -405,14 +405,18 @@ def main(argv=None):
     if processes == 1:
         return train_and_log(flags, rank, processes)
     join_launched_run(processes)
+    code = 0
     try:
         train_and_log(flags, rank, processes)
     except SystemExit as stop:  # exit at once: OneFlow's exit would wait for the other processes
         if isinstance(stop.code, str) and rank == 0:  # the others met the same error
             print(stop.code, file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(stop.code if isinstance(stop.code, int) else 1)
+        code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+    # Finished too: tearing down the process group at the interpreter's exit aborted now and then
+    # ("terminate called without an active exception"); everything is written and closed by now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def train_and_log(flags, rank, processes):
