@@ -30,12 +30,12 @@ from backend import flow
 from augment import DEFAULT_PROBABILITIES
 from checkpoint import CheckpointError, RunFolder, build_model, load_checkpoint, load_weights, restore_optimizer, update_meta
 from cli import ArgumentParser, probability, ranged
-from config import OBJECT_CLASSES, OBJECT_SCORES, ONE_CLASS_SCORES, PRESETS, ConfigError, as_dict, data_facts, describe, settle
+from config import OBJECT_SCORES, ONE_CLASS_SCORES, PRESETS, ConfigError, as_dict, data_facts, describe, settle
 from dataloader import SegmentationDataset, Sampler
 from datasets import FORMATS, detect_format, find_samples, labels_beside, load_dataset, voc_split_exists
 from files import DataError
 from inference import best_threshold, validate
-from instances import connected_objects, object_classes
+from instances import OBJECT_CLASSES, connected_objects, object_classes
 from log import Logger, append_json, json_log_path
 from losses import learning_rate, segmentation_loss
 from unet import MIN_SIDE, UNet, mirror_for_valid

@@ -14,6 +14,7 @@ import numpy as np
 
 from augment import DEFAULT_PROBABILITIES
 from backend import precision_problem
+from instances import OBJECT_CLASSES
 from losses import median_frequency_weights
 from unet import MIN_SIDE, VALID_MARGIN, smallest_side, valid_input_size
 
@@ -30,7 +31,6 @@ PRESETS = {
 WEIGHT_MAP_FORMATS = ("pairs", "tiff")
 # Trained for objects by default where the objects are numbered, touch, and are what gets scored.
 INSTANCE_FORMATS = ("dsb2018",)
-OBJECT_CLASSES = ("background", "interior", "boundary")  # instances.object_classes
 ONE_CLASS_SCORES = ("val_loss", "val_pixel_error", "val_dice", "val_v_rand")
 OBJECT_SCORES = ("val_map",)  # one class, objects numbered (DSB 2018 masks, --instance-labels, --instances)
 SEVERAL_CLASS_SCORES = ("val_loss", "val_pixel_accuracy", "val_miou")

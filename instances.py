@@ -31,7 +31,8 @@ from skimage.segmentation import watershed
 
 THRESHOLDS = np.round(np.arange(0.5, 1.0, 0.05), 2)
 METHODS = ("interior", "watershed", "cells")
-BOUNDARY_WIDTH = 2  # pixels; 1 and 2 compared in BENCHMARKS.md
+BOUNDARY_WIDTH = 2  # pixels (Caicedo et al. 2019 used 2; other widths not measured here)
+OBJECT_CLASSES = ("background", "interior", "boundary")  # the values 0, 1, 2 of object_classes
 MEASUREMENTS = ("label", "area", "centroid", "bbox", "intensity_mean", "eccentricity")
 
 
@@ -64,10 +65,10 @@ def _mask(prob, threshold, min_size):
     return remove_small_objects(ndimage.binary_fill_holes(prob > threshold), min_size)
 
 
-def _flood(elevation, seeds, mask, min_size):
-    """Watershed of `elevation` from numbered `seeds` over `mask`; a piece of the mask without a
-    seed (thin objects have no distance maximum, small ones no interior) is one object."""
-    components = connected(mask)
+def _flood(elevation, seeds, components, min_size):
+    """Watershed of `elevation` from numbered `seeds` over the mask's numbered `components`; a
+    component without a seed (thin objects have no distance maximum, small ones no interior) is one object."""
+    mask = components > 0
     unseeded = np.isin(components, np.setdiff1d(np.arange(1, components.max() + 1), components[seeds > 0]))
     seeds = np.where(unseeded, components + seeds.max(), seeds)
     return without_small(watershed(elevation, seeds, mask=mask, connectivity=2), min_size)  # and cut-off slivers
@@ -78,18 +79,19 @@ def split_by_interior(prob, threshold=0.5, min_size=16):
     small pieces removed) flooded from the connected regions where interior is the likeliest class."""
     mask = _mask(foreground(prob), threshold, min_size)
     seeds = connected(mask & (prob.argmax(axis=2) == 1))
-    return _flood(prob[..., 2], seeds, mask, min_size)
+    return _flood(prob[..., 2], seeds, connected(mask), min_size)
 
 
 def split_objects(prob, threshold=0.5, min_size=16, min_distance=10):
     """Objects of a foreground probability map (H x W): touching ones split by the watershed of
     the distance to the background, seeded at its maxima `min_distance` apart."""
     mask = _mask(prob, threshold, min_size)
+    components = connected(mask)
     distance = ndimage.distance_transform_edt(mask)
-    peaks = peak_local_max(distance, min_distance=min_distance, labels=connected(mask), exclude_border=False)
+    peaks = peak_local_max(distance, min_distance=min_distance, labels=components, exclude_border=False)
     seeds = np.zeros(mask.shape, np.int32)
     seeds[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-    return _flood(-distance, seeds, mask, min_size)
+    return _flood(-distance, seeds, components, min_size)
 
 
 def without_small(objects, min_size):
