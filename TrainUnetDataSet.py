@@ -31,7 +31,7 @@ from augment import DEFAULT_PROBABILITIES
 from checkpoint import CheckpointError, RunFolder, build_model, load_checkpoint, load_weights, restore_optimizer, update_meta
 from cli import ArgumentParser, probability, ranged
 from config import OBJECT_SCORES, ONE_CLASS_SCORES, PRESETS, ConfigError, as_dict, data_facts, describe, settle
-from dataloader import SegmentationDataset, Sampler
+from dataloader import DEFAULT_PERCENTILES, NORMALIZATIONS, SegmentationDataset, Sampler
 from datasets import FORMATS, detect_format, find_samples, labels_beside, load_dataset, voc_split_exists
 from files import DataError
 from inference import best_threshold, validate
@@ -68,6 +68,12 @@ def parse_args(argv=None):
     p.add_argument("--ignore-index", type=ranged(int, 0, 255), default=255, help="label value left out of loss and scores (classes > 1)")
     p.add_argument("--class-weights", help="classes > 1: cross-entropy weights, e.g. 1,2,2, or 'auto' "
                                            "(median frequency balancing on the training labels)")
+    p.add_argument("--normalize", choices=("auto",) + NORMALIZATIONS, default="auto",
+                   help="image intensities for the network, per image and channel: percentile (the --percentiles "
+                        "mapped to 0 and 1, as StarDist and Cellpose do), zscore, or range (divided by the type's "
+                        "largest value); auto: range for 8-bit images, else percentile. Prediction does the same")
+    p.add_argument("--percentiles", type=ranged(float, 0, 100), nargs=2, default=DEFAULT_PERCENTILES,
+                   metavar=("LOW", "HIGH"), help="--normalize percentile: the percentiles mapped to 0 and 1")
     p.add_argument("--img-size", type=ranged(int, MIN_SIDE, also=(0,)), default=0,
                    help="resize every image to this square for training, and for prediction (0: keep sizes; "
                         "predictions come back at each image's own size)")
@@ -129,15 +135,15 @@ def read_data(flags, rng):
     label_path = flags.label_path or ("train_label" if fmt == "pairs" and not labels_beside(flags.data_path) else None)
     voc_val = fmt == "voc" and voc_split_exists(flags.data_path, "val") and not flags.val_image_path
 
-    def read(path, labels, data_format, split, channels=None):
+    def read(path, labels, data_format, split, channels=None, normalization=(flags.normalize, flags.percentiles)):
         return load_dataset(find_samples(path, data_format, labels, split), flags.classes, flags.ignore_index,
-                            flags.img_size, channels, flags.instance_labels)
+                            flags.img_size, channels, flags.instance_labels, normalization)
 
     data = read(flags.data_path, label_path, fmt, "train")
     if flags.val_image_path or voc_val:
         val_format = flags.data_format if flags.val_image_path else fmt
         val = read(flags.val_image_path or flags.data_path, flags.val_label_path or label_path, val_format, "val",
-                   data.channels)
+                   data.channels, data.normalization)
         return fmt, data, val
     n_val = min(len(data) - 1, max(1, round(len(data) * flags.val_fraction))) if flags.val_fraction > 0 else 0
     order = rng.permutation(len(data))
@@ -149,7 +155,7 @@ def for_objects(dataset):
     from its numbered objects, or where it numbers none from its labels' 4-connected regions."""
     numbered = dataset.instances or [connected_objects(label, connectivity=1) for label in dataset.labels]
     return SegmentationDataset(dataset.images, [object_classes(n) for n in numbered], len(OBJECT_CLASSES),
-                               dataset.names, numbered)
+                               dataset.names, numbered, dataset.normalization)
 
 
 def pixel_weights(dataset, config):
@@ -165,7 +171,8 @@ def training_sampler(dataset, weights, config):
     unpadded net, of the images with borders mirrored as prediction mirrors them."""
     if config.padding == "valid":
         mirror = lambda arrays: None if arrays is None else [mirror_for_valid(a) for a in arrays]  # noqa: E731
-        dataset = SegmentationDataset(mirror(dataset.images), mirror(dataset.labels), dataset.classes, dataset.names)
+        dataset = SegmentationDataset(mirror(dataset.images), mirror(dataset.labels), dataset.classes, dataset.names,
+                                      normalization=dataset.normalization)
         weights = mirror(weights)
     return Sampler(dataset, config.crop, config.augment, weights)
 
@@ -285,7 +292,8 @@ def prepare(flags, processes):
         train_set, val_set = for_objects(train_set), val_set and for_objects(val_set)
     print(describe(config))
     print(f"data: {len(train_set)} training pairs from {config.data_path} ({data_format}, "
-          f"{'RGB' if config.channels == 3 else 'grey'}, {config.classes} class{'es' if config.classes > 1 else ''})"
+          f"{config.channels} channel{'s' if config.channels > 1 else ''}, {config.classes} "
+          f"class{'es' if config.classes > 1 else ''}, normalized by {config.normalize})"
           f", {len(val_set) if val_set else 0} for validation")
     if processes > 1:
         print(f"data parallel: {processes} processes, each {config.batch_size // processes} of the "
@@ -324,7 +332,8 @@ def train(flags, folder, stop, rank=0, processes=1):
 
     run = dict(best_metric=config.best_metric, input_scale=1.0, config=as_dict(config),
                data=dict(format=config.data_format, img_size=config.img_size, ignore_index=config.ignore_index,
-                         instance_labels=config.instance_labels, instances=config.instances))
+                         instance_labels=config.instance_labels, instances=config.instances,
+                         normalize=config.normalize, percentiles=config.percentiles))
 
     def save(path, epoch, with_optimizer=True, **more):  # rank 0 writes, with the run's state
         if rank == 0:

@@ -22,6 +22,7 @@ from collections import OrderedDict
 import numpy as np
 
 import backend
+from dataloader import DEFAULT_PERCENTILES, NORMALIZATIONS
 from files import atomic_write
 from unet import UNet
 
@@ -116,7 +117,7 @@ def _is_whole(value, low, high):
 
 
 MODEL_CHECKS = {
-    "n_channels": lambda v: v in (1, 3) and not isinstance(v, bool),
+    "n_channels": lambda v: _is_whole(v, 1, 1024),
     "n_classes": lambda v: _is_whole(v, 1, 255),
     "bilinear": lambda v: isinstance(v, bool),
     "base": lambda v: _is_whole(v, 1, 1024),
@@ -129,6 +130,8 @@ DATA_CHECKS = {
     "ignore_index": lambda v: _is_whole(v, 0, 255),
     "instance_labels": lambda v: isinstance(v, bool),
     "instances": lambda v: isinstance(v, bool),  # trained for objects: background, interior, boundary
+    "normalize": lambda v: v in NORMALIZATIONS,
+    "percentiles": lambda v: isinstance(v, list) and len(v) == 2 and all(_is_number(p) for p in v) and 0 <= v[0] < v[1] <= 100,
 }
 
 
@@ -207,6 +210,12 @@ def predicted_classes(meta):
     """Classes a checkpoint's masks hold: its outputs, or 1 for a network trained for objects (its
     three outputs are background, interior and boundary of one class)."""
     return 1 if meta.get("data", {}).get("instances") else meta["model"]["n_classes"]
+
+
+def input_normalization(meta):
+    """(method, percentiles) of dataloader.normalize the network was trained with (range before they were kept)."""
+    data = meta.get("data", {})
+    return data.get("normalize", "range"), tuple(data.get("percentiles", DEFAULT_PERCENTILES))
 
 
 def build_model(path, device):

@@ -14,6 +14,7 @@ import numpy as np
 
 from augment import DEFAULT_PROBABILITIES
 from backend import precision_problem
+from dataloader import DEFAULT_PERCENTILES
 from instances import OBJECT_CLASSES
 from losses import median_frequency_weights
 from unet import MIN_SIDE, VALID_MARGIN, smallest_side, valid_input_size
@@ -37,8 +38,9 @@ SEVERAL_CLASS_SCORES = ("val_loss", "val_pixel_accuracy", "val_miou")
 
 # What the data says, as TrainUnetDataSet.py read it: layout, channels, the image sizes, the
 # smallest image (name, side), whether objects are numbered, pixels per class (several classes),
-# and whether there is a validation set.
-DataFacts = namedtuple("DataFacts", "format channels sizes smallest numbered class_counts validation")
+# whether there is a validation set, and the (method, percentiles) its images were normalized with.
+DataFacts = namedtuple("DataFacts", "format channels sizes smallest numbered class_counts validation normalization",
+                       defaults=(("range", DEFAULT_PERCENTILES),))
 
 
 class ConfigError(ValueError):
@@ -61,7 +63,8 @@ def data_facts(data_format, train, val):
         counts = sum(np.bincount(label[label < train.classes].ravel(), minlength=train.classes)
                      for label in train.labels).tolist()
     return DataFacts(data_format, train.channels, sorted({image.shape[:2] for image in train.images}),
-                     (train.names[smallest], sides[smallest]), train.instances is not None, counts, val is not None)
+                     (train.names[smallest], sides[smallest]), train.instances is not None, counts, val is not None,
+                     train.normalization)
 
 
 def settle(flags, data, device, backend_name, processes=1):
@@ -74,7 +77,7 @@ def settle(flags, data, device, backend_name, processes=1):
         if s[key] is None:
             s[key] = value
     s.update(backend=backend_name, device=device, data_format=data.format, channels=data.channels,
-             processes=processes)
+             processes=processes, normalize=data.normalization[0], percentiles=tuple(data.normalization[1]))
     s["augment"] = types.MappingProxyType({name: s.pop(f"aug_{name}") for name in DEFAULT_PROBABILITIES})
     notes = []
     _check(s, data)
@@ -109,6 +112,9 @@ def _check(s, data):
                           f"weigh the classes with --class-weights instead")
     if s["class_weights"] and not several:
         raise ConfigError("--class-weights weighs several classes: it needs --classes 2 or more")
+    if not s["percentiles"][0] < s["percentiles"][1]:
+        raise ConfigError(f"--percentiles {s['percentiles'][0]:g} {s['percentiles'][1]:g}: the low percentile must "
+                          f"be below the high one")
     if s["val_label_path"] and not s["val_image_path"]:
         raise ConfigError("--val-label-path labels the images of --val-image-path: give both")
     name, side = data.smallest

@@ -1,22 +1,32 @@
 """Reading and checking image and label files, and cropping, augmenting and batching them for training.
 
 Framework-free: everything here is numpy, so the same data feeds OneFlow and PyTorch.
-Images become float32 in [0, 1], grey (H x W) or RGB (H x W x 3); labels become uint8 class
-indices: {0, 1} for one class (255 = cell = 1 in ISBI's labels), 0..N-1 (+ 255 = ignore) for N.
-Dataset layouts (DSB 2018, VOC, TIFF stacks) are found by datasets.py.
+Images are read in their own type (8-, 12-, 16-bit, float; PNG, TIFF compressed or not, JPEG, BMP)
+as H x W or H x W x C (any number of channels), then normalized into float32 (`normalize`: by the
+type's range, per-image percentiles or z-score); labels become uint8 class indices: {0, 1} for one
+class (255 = cell = 1 in ISBI's labels), 0..N-1 (+ 255 = ignore) for N.
+Dataset layouts (DSB 2018, VOC, nnU-Net, Cellpose, TIFF stacks) are found by datasets.py.
 """
 import os
 
 import cv2
 import numpy as np
+import tifffile
 from PIL import Image
 
 from augment import augment as augment_sample
 from files import DataError
 
+NORMALIZATIONS = ("percentile", "zscore", "range")
+DEFAULT_PERCENTILES = (1.0, 99.8)
+MAX_GUESSED_CHANNELS = 8
+
 def _read_file(path):
+    """A decoded image file in its own type: H x W, or H x W x C (RGB order; a PNG's alpha dropped)."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
+    if path.lower().endswith((".tif", ".tiff")):
+        return read_tiff_image(path)
     try:
         array = cv2.imread(path, cv2.IMREAD_UNCHANGED)
     except (cv2.error, MemoryError) as err:  # e.g. a header claiming more pixels than OpenCV allows
@@ -24,37 +34,109 @@ def _read_file(path):
     if array is None or array.size == 0:
         raise DataError(f"{path}: not a readable image (corrupt or unsupported format)")
     if array.ndim == 3:
-        array = cv2.cvtColor(array, cv2.COLOR_BGRA2RGBA if array.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+        array = cv2.cvtColor(array, cv2.COLOR_BGRA2RGB if array.shape[2] == 4 else cv2.COLOR_BGR2RGB)
     return array
 
 
+def read_tiff(path):
+    """(array, axes) of a TIFF file's first series, as tifffile names its axes (Y, X; C or S for channels;
+    Z, T, Q ... for pages); compressed files (LZW, Deflate, zstd) too."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            return series.asarray(), series.axes
+    except Exception as err:  # tifffile raises many kinds on damaged files
+        raise DataError(f"{path}: not a readable TIFF ({type(err).__name__}: {err})")
+
+
+def channels_last(array, axes):
+    """`array` with its channel axis (tifffile's C or S) moved last, and its axes in that order."""
+    channel = next((i for i, axis in enumerate(axes) if axis in "CS"), None)
+    if channel is None:
+        return array, axes
+    return np.moveaxis(array, channel, -1), axes[:channel] + axes[channel + 1:] + axes[channel]
+
+
+def read_tiff_image(path):
+    """One image from a TIFF: H x W, or H x W x C with the channels first or last in the file
+    (without metadata, an outer axis of at most MAX_GUESSED_CHANNELS counts as channels)."""
+    array, axes = channels_last(*read_tiff(path))
+    array = array.reshape([n for n, axis in zip(array.shape, axes) if n > 1 or axis in "YX"])
+    if array.ndim == 3 and array.shape[-1] > MAX_GUESSED_CHANNELS >= array.shape[0]:
+        array = np.moveaxis(array, 0, -1)  # channel-first, written without saying so
+    if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] <= MAX_GUESSED_CHANNELS):
+        return array
+    raise DataError(f"{path}: TIFF of shape {array.shape} ({axes}) is not one image; give a stack as a "
+                    f"volume (--data-format tiff)")
+
+
 def image_from_array(array, source):
-    """float32 [0, 1] image from a decoded one: H x W (grey) or H x W x 3 (RGB; alpha dropped)."""
+    """A decoded image as H x W (one channel) or H x W x C, in its own type, checked."""
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[..., 0]
-    if array.ndim == 3 and array.shape[2] in (3, 4):
-        array = array[..., :3]
-    elif array.ndim != 2:
-        raise DataError(f"{source}: image of shape {array.shape} is neither grey nor RGB")
-    if array.dtype == np.uint8 or array.dtype == np.uint16:
-        return array.astype(np.float32) / np.iinfo(array.dtype).max
-    if np.issubdtype(array.dtype, np.floating) and array.size and 0 <= array.min() and array.max() <= 1:
-        return array.astype(np.float32)
-    raise DataError(f"{source}: image of type {array.dtype} is not 8/16-bit or float in [0, 1]")
+    if array.ndim not in (2, 3) or array.size == 0:
+        raise DataError(f"{source}: image of shape {array.shape} is not H x W or H x W x channels")
+    if array.dtype.kind not in "uif" or array.dtype.itemsize > 8:
+        raise DataError(f"{source}: image of type {array.dtype} is not a grey, colour or channel image")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise DataError(f"{source}: image holds NaN or infinite values")
+    return array
 
 
-def read_image(path):
-    """An image file as float32 in [0, 1] scaled by its dtype's range: H x W grey or H x W x 3 RGB."""
+def read_raw_image(path):
+    """An image file's values in their own type (8-, 16-bit, float ...): H x W, or H x W x C."""
     return image_from_array(_read_file(path), path)
 
 
-def match_channels(image, channels):
-    """`image` with 1 (H x W) or 3 (H x W x 3) channels: grey repeated, or RGB converted to grey."""
-    if channels == 3 and image.ndim == 2:
+def normalize(image, method="range", percentiles=DEFAULT_PERCENTILES, source="image"):
+    """A raw image as float32 for the network, each channel on its own:
+      range       divided by its type's largest value (8, 16 bit); float images must lie in [0, 1]
+      percentile  the `percentiles` (low, high) of the image mapped to 0 and 1, not clipped (StarDist, Cellpose)
+      zscore      mean 0, standard deviation 1"""
+    if method == "range":
+        if image.dtype.kind in "ui":
+            return image.astype(np.float32) / np.iinfo(image.dtype).max
+        if image.min() < 0 or image.max() > 1:
+            raise DataError(f"{source}: float image with values in [{image.min():g}, {image.max():g}], "
+                            f"not [0, 1]: use --normalize percentile or zscore")
+        return image.astype(np.float32)
+    values = image.astype(np.float32)
+    if method == "percentile":
+        low, high = np.percentile(values, percentiles, axis=(0, 1))
+        spread = np.where(high > low, high - low, values.max(axis=(0, 1)) - low)
+    elif method == "zscore":
+        low, spread = values.mean(axis=(0, 1)), values.std(axis=(0, 1))
+    else:
+        raise ValueError(f"unknown normalization {method!r}")
+    return ((values - low) / np.where(spread > 0, spread, 1)).astype(np.float32)
+
+
+def auto_normalization(images):
+    """range for 8-bit images (as they always were read), percentile for anything else."""
+    return "range" if all(image.dtype == np.uint8 for image in images) else "percentile"
+
+
+def read_image(path, method="range", percentiles=DEFAULT_PERCENTILES):
+    """An image file normalized (`normalize`) as float32: H x W, or H x W x C."""
+    return normalize(read_raw_image(path), method, percentiles, path)
+
+
+def channels_of(image):
+    return image.shape[2] if image.ndim == 3 else 1
+
+
+def match_channels(image, channels, source="image"):
+    """`image` with `channels` channels: grey repeated to RGB, RGB converted to grey, else as it is."""
+    have = channels_of(image)
+    if have == channels:
+        return image
+    if channels == 3 and have == 1:
         return np.repeat(image[..., None], 3, axis=2)
-    if channels == 1 and image.ndim == 3:
+    if channels == 1 and have == 3:
         return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-    return image
+    raise DataError(f"{source}: image has {have} channels, the network takes {channels}")
 
 
 def read_label_array(path):
@@ -129,17 +211,18 @@ def random_crop(arrays, size, rng):
 
 
 class SegmentationDataset:
-    """Images (H x W or H x W x 3) and labels (class indices; 1 = cell or object with one class) held
+    """Images (H x W or H x W x C, normalized) and labels (class indices; 1 = cell or object with one class) held
     in memory, with their names and, where the data numbers its objects, the numbered instances."""
 
-    def __init__(self, images, labels, classes=1, names=None, instances=None):
+    def __init__(self, images, labels, classes=1, names=None, instances=None, normalization=("range", DEFAULT_PERCENTILES)):
         self.images, self.labels, self.classes = images, labels, classes
         self.names = names or [str(i) for i in range(len(images))]
         self.instances = instances  # numbered objects (DSB 2018's masks, GlaS) for the weight map, or None
+        self.normalization = normalization  # (method, percentiles) the images were normalized with
 
     @property
     def channels(self):
-        return 3 if self.images and self.images[0].ndim == 3 else 1
+        return channels_of(self.images[0]) if self.images else 1
 
     def __len__(self):
         return len(self.images)
@@ -147,7 +230,7 @@ class SegmentationDataset:
     def subset(self, indices):
         pick = lambda items: None if items is None else [items[i] for i in indices]  # noqa: E731
         return SegmentationDataset(pick(self.images), pick(self.labels), self.classes, pick(self.names),
-                                   pick(self.instances))
+                                   pick(self.instances), self.normalization)
 
 
 class Sampler:

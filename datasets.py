@@ -6,28 +6,36 @@
   dsb2018  Data Science Bowl 2018: <id>/images/<id>.png with <id>/masks/*.png, one mask per
            nucleus, merged into one foreground mask (numbered as instances for the weight map)
   voc      Pascal VOC: JPEGImages/, SegmentationClass/ palette PNGs, ImageSets/Segmentation/<split>.txt
-  tiff     multi-page TIFF volumes, e.g. ISBI's train-volume.tif with train-labels.tif
+  tiff     multi-page TIFF volumes, e.g. ISBI's train-volume.tif with train-labels.tif (channels by
+           the file's axes: ImageJ hyperstacks, RGB pages)
+  nnunet   nnU-Net's raw dataset: dataset.json, imagesTr/<case>_0000.png (one file per channel, as
+           its channel_names list them), labelsTr/<case>.png, imagesTs/ (predicted unless --split train)
+  cellpose Cellpose's folders: img.tif beside img_masks.tif (numbered objects, 0 = background)
 
 `find_samples` detects the layout when not given and lists Samples, read only when asked for;
 `load_dataset` reads and checks them into a SegmentationDataset. `python inspect_data.py PATH` says what was found.
 """
 import functools
+import json
 import os
 from collections import namedtuple
 
 import numpy as np
-import tifffile
 
-from dataloader import (SegmentationDataset, image_from_array, label_to_classes, match_channels, read_image,
-                        read_label_array, resize)
+from dataloader import (DEFAULT_PERCENTILES, SegmentationDataset, auto_normalization, channels_last,
+                        channels_of, image_from_array, label_to_classes, match_channels, normalize, read_raw_image,
+                        read_label_array, read_tiff, resize)
 from files import DataError, list_images
 
-FORMATS = ("pairs", "dsb2018", "voc", "tiff")
+FORMATS = ("pairs", "dsb2018", "voc", "tiff", "nnunet", "cellpose")
 LABEL_SUFFIXES = ("_anno", "_mask", "_label", "_labels", "_gt", "_seg")
+CELLPOSE_MASKS = "_masks"
 
 # name: the output file's stem; source, label_source: the image's and label's file, for messages;
-# read_*: callables (read_label and read_instances are None when the sample has none).
-Sample = namedtuple("Sample", "name source read_image read_label read_instances label_source", defaults=(None,))
+# read_image: the image's raw values (dataloader.read_raw_image); read_*: callables (read_label and
+# read_instances are None when the sample has none); stack: (volume path, page, pages) for a page of a TIFF.
+Sample = namedtuple("Sample", "name source read_image read_label read_instances label_source stack",
+                    defaults=(None, None))
 
 
 def detect_format(path):
@@ -39,15 +47,20 @@ def detect_format(path):
         raise DataError(f"{path}: no such file or folder")
     if os.path.isdir(os.path.join(path, "JPEGImages")):
         return "voc"
+    if os.path.isfile(os.path.join(path, "dataset.json")) and os.path.isdir(os.path.join(path, "imagesTr")):
+        return "nnunet"
     if any(os.path.isdir(os.path.join(path, name, "images")) for name in os.listdir(path)):
         return "dsb2018"
+    if any(_cellpose_base(name, path) for name in os.listdir(path)):
+        return "cellpose"
     return "pairs"
 
 
 def find_samples(path, data_format="auto", label_path=None, split=None):
     """The samples of the dataset at `path` (labels from `label_path` for pairs and tiff)."""
     data_format = detect_format(path) if data_format == "auto" else data_format
-    finder = {"pairs": _pairs, "dsb2018": _dsb2018, "voc": _voc, "tiff": _tiff}[data_format]
+    finder = {"pairs": _pairs, "dsb2018": _dsb2018, "voc": _voc, "tiff": _tiff, "nnunet": _nnunet,
+              "cellpose": _cellpose}[data_format]
     samples = finder(path, label_path, split)
     if not samples:
         raise DataError(f"{path}: no images found in its {data_format} layout")
@@ -59,7 +72,7 @@ def _stem(path):
 
 
 def _reader(path):
-    return lambda: read_image(path)
+    return lambda: read_raw_image(path)
 
 
 def _label_reader(path):
@@ -174,16 +187,10 @@ def voc_split_exists(root, split):
 
 
 def read_tiff_stack(path):
-    """The pages of a TIFF file as one array: N x H x W, or N x H x W x C for colour."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: file not found")
-    try:
-        with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            array, axes = series.asarray(), series.axes
-    except Exception as err:  # tifffile raises many kinds on damaged files
-        raise DataError(f"{path}: not a readable TIFF ({type(err).__name__}: {err})")
-    page_dims = 3 if axes.endswith("S") else 2
+    """The pages of a TIFF file as one array: N x H x W, or N x H x W x C where the file has channels
+    (RGB pages, an ImageJ hyperstack's C); every other axis (Z, T ...) counts as pages."""
+    array, axes = channels_last(*read_tiff(path))
+    page_dims = 3 if axes[-1] in "CS" else 2
     if array.size == 0 or array.ndim < page_dims:
         raise DataError(f"{path}: TIFF holds no image pages (shape {array.shape})")
     return array.reshape(-1, *array.shape[-page_dims:])
@@ -207,8 +214,93 @@ def _tiff(volume, label_path, split):
         source = f"{volume} page {i}"
         samples.append(Sample(f"{_stem(volume)}_{i:0{digits}d}", source,
                               lambda i=i, source=source: image_from_array(pages[i], source),
-                              None if labels is None else (lambda i=i: labels[i]), None, f"{label_path} page {i}"))
+                              None if labels is None else (lambda i=i: labels[i]), None, f"{label_path} page {i}",
+                              (volume, i, len(pages))))
     return samples
+
+
+def _nnunet(root, label_path, split):
+    """nnU-Net's raw layout: a case's channels are <case>_0000 ... files in imagesTr (imagesTs unless
+    `split` is train), its label <case> in labelsTr (labelsTs where there is one)."""
+    description = _read_json(os.path.join(root, "dataset.json"))
+    channels = len(description.get("channel_names") or description.get("modality") or {"0": ""})
+    ending = description.get("file_ending", "")
+    part = "Tr" if split == "train" else "Ts"
+    image_dir = os.path.join(root, "images" + part)
+    if not os.path.isdir(image_dir):
+        raise DataError(f"{image_dir}: no such folder (nnU-Net layout; predict imagesTr with --split train)")
+    cases = {}
+    for path in list_images(image_dir):
+        name = os.path.basename(path)
+        stem = name[:-len(ending)] if ending and name.endswith(ending) else _stem(path)
+        case, _, channel = stem.rpartition("_")
+        if case and len(channel) == 4 and channel.isdigit() and name.endswith(ending):
+            cases.setdefault(case, {})[int(channel)] = path
+    label_dir = os.path.join(root, "labels" + part)
+    samples = []
+    for case, files in sorted(cases.items()):
+        missing = [c for c in range(channels) if c not in files]
+        if missing:
+            raise DataError(f"{image_dir}: case {case} has no channel file {case}_{missing[0]:04d}{ending} "
+                            f"(dataset.json lists {channels} channels)")
+        paths = tuple(files[c] for c in range(channels))
+        label = next((os.path.join(label_dir, case + suffix) for suffix in (ending, ".png", ".tif", ".tiff")
+                      if suffix and os.path.isfile(os.path.join(label_dir, case + suffix))), None)
+        samples.append(Sample(case, paths[0], lambda p=paths: _stack_channels(p),
+                              label and _label_reader(label), None, label))
+    return samples
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: not a readable JSON file ({err})")
+
+
+def _stack_channels(paths):
+    """One H x W x C image from one file per channel (nnU-Net's _0000, _0001 ...)."""
+    planes = [read_raw_image(path) for path in paths]
+    for path, plane in zip(paths[1:], planes[1:]):
+        if plane.shape != planes[0].shape:
+            raise DataError(f"{path}: channel of shape {plane.shape}, its case's first channel {planes[0].shape}")
+    return planes[0] if len(planes) == 1 else np.stack(planes, axis=-1)
+
+
+def _cellpose_base(name, folder):
+    """The image a Cellpose masks file belongs to (img.tif for img_masks.tif), or None."""
+    stem, suffix = os.path.splitext(name)
+    if not stem.endswith(CELLPOSE_MASKS) or suffix.lower() not in (".tif", ".tiff", ".png"):
+        return None
+    base = stem[:-len(CELLPOSE_MASKS)]
+    return next((os.path.join(folder, base + s) for s in (".tif", ".tiff", ".png", suffix)
+                 if os.path.isfile(os.path.join(folder, base + s))), None)
+
+
+def _cellpose(folder, label_path, split):
+    """Cellpose's layout: every image beside its numbered masks (img.tif, img_masks.tif)."""
+    masks = {_cellpose_base(name, folder): os.path.join(folder, name) for name in os.listdir(folder)}
+    masks.pop(None, None)
+    samples = []
+    for path in list_images(folder):
+        if path in masks.values():
+            continue
+        label = masks.get(path)
+        samples.append(Sample(_stem(path), path, _reader(path),
+                              label and (lambda m=label: (_numbered_label(m) > 0).astype(np.uint8)),
+                              label and (lambda m=label: _numbered_label(m)), label))
+    return samples
+
+
+@functools.lru_cache(maxsize=1)  # a sample's label and instances come from one reading
+def _numbered_label(path):
+    """A label image that numbers its objects (Cellpose's _masks), as int32."""
+    array = read_raw_image(path)
+    if array.ndim != 2 or array.dtype.kind not in "ui":
+        raise DataError(f"{path}: masks of shape {array.shape} and type {array.dtype}, expected one "
+                        f"channel of whole numbers (0 = background, 1, 2 ... = objects)")
+    return array.astype(np.int32)
 
 
 def read_sample_label(sample, image_shape, classes=1, ignore_index=255, instance_labels=False):
@@ -221,9 +313,11 @@ def read_sample_label(sample, image_shape, classes=1, ignore_index=255, instance
     return label, raw
 
 
-def load_dataset(samples, classes=1, ignore_index=255, img_size=0, channels=None, instance_labels=False):
+def load_dataset(samples, classes=1, ignore_index=255, img_size=0, channels=None, instance_labels=False,
+                 normalization=("auto", DEFAULT_PERCENTILES)):
     """Read, check and convert labelled samples into a SegmentationDataset.
 
+    Images are normalized by `normalization` (method, percentiles); auto: dataloader.auto_normalization.
     Channels follow the data (RGB when any image is colour) unless `channels` is given;
     `img_size` > 0 resizes every pair to that square (labels by nearest neighbour);
     `instance_labels`: labels number the objects (GlaS), foreground is nonzero."""
@@ -240,10 +334,14 @@ def load_dataset(samples, classes=1, ignore_index=255, img_size=0, channels=None
         images.append(image)
         labels.append(label)
         instances.append(numbered)
-    channels = channels or (3 if any(image.ndim == 3 for image in images) else 1)
+    method, percentiles = normalization
+    method = auto_normalization(images) if method == "auto" else method
+    images = [normalize(image, method, percentiles, s.source) for image, s in zip(images, samples)]
+    channels = channels or max(channels_of(image) for image in images)
     if classes > 1 and not any(np.any((label > 0) & (label < classes)) for label in labels):
         raise DataError(f"{samples[0].source}: no label holds any class but 0 (and {ignore_index} = ignore): "
                         f"binary 0/255 masks? train them with --classes 1")
-    return SegmentationDataset([match_channels(image, channels) for image in images], labels, classes=classes,
-                               names=[s.name for s in samples],
-                               instances=instances if any(i is not None for i in instances) else None)
+    return SegmentationDataset([match_channels(image, channels, s.source) for image, s in zip(images, samples)],
+                               labels, classes=classes, names=[s.name for s in samples],
+                               instances=instances if any(i is not None for i in instances) else None,
+                               normalization=(method, tuple(percentiles)))

@@ -97,9 +97,10 @@ def predict_probability(model, image, device, input_scale=1.0, tile=1024, overla
     return total / 8
 
 
-def predict_sample(model, meta, image, device, tile=1024, overlap=128, tta=False):
-    """Probability map of an image at its own size, whatever its channels and the size trained on."""
-    image = match_channels(image, model.n_channels)
+def predict_sample(model, meta, image, device, tile=1024, overlap=128, tta=False, source="image"):
+    """Probability map of a normalized image at its own size, whatever the size trained on
+    (grey and RGB fit networks for either; other channel counts must match the network's)."""
+    image = match_channels(image, model.n_channels, source)
     size = meta.get("data", {}).get("img_size", 0)
     resized = resize(image, (size, size)) if size else image
     prob = predict_probability(model, resized, device, meta.get("input_scale", 1.0), tile, overlap, tta)

@@ -13,6 +13,7 @@ import numpy as np
 
 from augment import DEFAULT_PROBABILITIES, augment
 from cli import ArgumentParser, ranged
+from dataloader import auto_normalization, channels_of, normalize
 from datasets import FORMATS, detect_format, find_samples, read_sample_label
 from files import DataError, write_png
 from visualize import grid, overlay, weight_picture
@@ -24,7 +25,8 @@ def summary(path, data_format, samples):
     sizes = Counter()
     for sample in samples:
         image = sample.read_image()
-        sizes[f"{image.shape[1]}x{image.shape[0]}{' RGB' if image.ndim == 3 else ''}"] += 1
+        channels = channels_of(image)
+        sizes[f"{image.shape[1]}x{image.shape[0]} {image.dtype}{f' x {channels} channels' if channels > 1 else ''}"] += 1
     labelled = [s for s in samples if s.read_label]
     lines = [f"{path}: {data_format}, {len(samples)} images ({len(labelled)} labelled)",
              "sizes: " + ", ".join(f"{k} ({v})" for k, v in sizes.most_common())]
@@ -63,7 +65,8 @@ def main(argv=None):
             first = next((s for s in samples if s.read_label), None)
             if first is None:
                 raise DataError(f"{args.path}: no labelled image to draw")
-            image = first.read_image()
+            raw = first.read_image()
+            image = normalize(raw, auto_normalization([raw]), source=first.source)
             # nonzero = cell or object, for binary masks and numbered objects alike
             label = read_sample_label(first, image.shape[:2], instance_labels=True)[0]
         if args.augmented:

@@ -24,7 +24,8 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 import backend
-from checkpoint import CheckpointError, build_model, predicted_classes
+from checkpoint import CheckpointError, build_model, input_normalization, predicted_classes
+from dataloader import normalize
 from cli import ArgumentParser, probability, ranged
 from datasets import FORMATS, find_samples, read_sample_label
 from evaluate import format_table, score_binary, score_multiclass, write_json
@@ -151,9 +152,10 @@ def _predict_one(index):
     """Predict sample `index` and write its outputs; returns what the report and the scores need."""
     job, model, meta, sample = _worker["job"], _worker["model"], _worker["meta"], _worker["samples"][index]
     data, classes = meta.get("data", {}), predicted_classes(meta)
-    name, image = sample.name + ".png", sample.read_image()
+    name = sample.name + ".png"
+    image = normalize(sample.read_image(), *input_normalization(meta), sample.source)
     with backend.autocast(job["device"], job["amp"]):
-        maps = predict_sample(model, meta, image, job["device"], job["tile"], job["overlap"], job["tta"])
+        maps = predict_sample(model, meta, image, job["device"], job["tile"], job["overlap"], job["tta"], sample.source)
     prob = foreground(maps) if data.get("instances") else maps
     truth = None
     if sample.read_label:

@@ -53,7 +53,7 @@ def test_inspect_data_says_what_was_found_and_draws_augmented_samples_and_the_we
     out = run_script("inspect_data.py", f"{dataset}/train_image", "--label-path", f"{dataset}/train_label",
                      "--augmented", tmp_path / "aug.png", "--samples", 5, "--weight-map", tmp_path / "w.png",
                      cwd=tmp_path).stdout
-    assert f"{dataset}/train_image: pairs, 4 images (4 labelled)\nsizes: 64x64 (4)\nlabel values: 0, 255\n" in out
+    assert f"{dataset}/train_image: pairs, 4 images (4 labelled)\nsizes: 64x64 uint8 (4)\nlabel values: 0, 255\n" in out
     augmented = cv2.imread(str(tmp_path / "aug.png"))
     assert augmented.shape == (2 * 256, 3 * 256, 3)  # the image and 5 samples, 3 to a row
     assert len({augmented[y:y + 256, x:x + 256].tobytes() for y in (0, 256) for x in (0, 256, 512)}) == 6
