@@ -301,7 +301,7 @@ def test_voc_trains_several_classes_and_predicts_class_indices_and_colours(tmp_p
     root = write_voc(tmp_path / "voc")
     out = run_script("TrainUnetDataSet.py", "--data-path", root, "--classes", 3, "--checkpoint-dir", "ck", "--progress", "",
                      "--log", "log.txt", "--base", 4, "--crop", 32, "--epochs", 2, cwd=tmp_path).stdout
-    assert "(voc, RGB, 3 classes), 2 for validation" in out and "val_miou" in out
+    assert "(voc, 3 channels, 3 classes, normalized by range), 2 for validation" in out and "val_miou" in out
     out = run_script("predict_unet_test.py", "--checkpoint", "ck/best.npz", "--test-data-path", root, "--no-tta",
                      "--save-res-path", "pred", "--color-path", "color", cwd=tmp_path).stdout
     assert "class   2: IoU" in out
