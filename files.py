@@ -1,10 +1,12 @@
 """File helpers at the bottom of the project: the image suffixes read, listing image folders,
-writing files atomically (PNG or anything else), and DataError, the one-line error of bad input."""
+writing files atomically (PNG, ImageJ TIFF or anything else), and DataError, the one-line error of bad input."""
+import io
 import os
 import re
 import tempfile
 
 import cv2
+import tifffile
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 
@@ -44,6 +46,13 @@ def write_png(path, array):
     if not ok:
         raise DataError(f"{path}: could not encode image")
     atomic_write(path, lambda f: f.write(encoded.tobytes()))
+
+
+def write_tiff(path, array):
+    """Write an image or a stack (N x H x W) as an ImageJ TIFF atomically: 8-, 16-bit or float32."""
+    encoded = io.BytesIO()
+    tifffile.imwrite(encoded, array, imagej=True, metadata={"axes": "ZYX" if array.ndim == 3 else "YX"})
+    atomic_write(path, lambda f: f.write(encoded.getbuffer()))
 
 
 def _natural_key(path):

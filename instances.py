@@ -124,17 +124,23 @@ def measure(objects, image):
 
 def roi_set(objects):
     """An ImageJ ROI set (the bytes of a RoiSet .zip for Fiji's ROI Manager): one polygon per object
-    along its outer edge, in ImageJ's coordinates (pixel x spans x to x + 1), named by its number."""
+    along its outer edge, in ImageJ's coordinates (pixel x spans x to x + 1), named by its number;
+    for a stack (N x H x W) each ROI sits on its slice (ImageJ's position) and is named slice-number."""
     archive = io.BytesIO()
+    pages = objects[None] if objects.ndim == 2 else objects
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as roi_zip:
-        for number, box in enumerate(ndimage.find_objects(objects), start=1):
-            if box is None:
-                continue
-            piece = np.pad(objects[box] == number, 1).astype(np.float32)
-            outline = max(find_contours(piece, 0.5), key=len)  # (row, col), halfway out to the next pixel
-            xy = outline[:, ::-1] + (box[1].start - 0.5, box[0].start - 0.5)  # less the padding, plus half a pixel
-            roi = ImagejRoi.frompoints(xy, name=f"{number:04d}")
-            roi_zip.writestr(f"{number:04d}.roi", roi.tobytes())
+        for page, plane in enumerate(pages, start=1):
+            for number, box in enumerate(ndimage.find_objects(plane), start=1):
+                if box is None:
+                    continue
+                piece = np.pad(plane[box] == number, 1).astype(np.float32)
+                outline = max(find_contours(piece, 0.5), key=len)  # (row, col), halfway out to the next pixel
+                xy = outline[:, ::-1] + (box[1].start - 0.5, box[0].start - 0.5)  # less the padding, plus half a pixel
+                name = f"{number:04d}" if objects.ndim == 2 else f"{page:04d}-{number:04d}"
+                roi = ImagejRoi.frompoints(xy, name=name)
+                if objects.ndim == 3:
+                    roi.position = page
+                roi_zip.writestr(f"{name}.roi", roi.tobytes())
     return archive.getvalue()
 
 

@@ -1,17 +1,19 @@
-"""Predict a mask for every image of a dataset, one PNG per image named after it, at its own size.
+"""Predict a mask for every image of a dataset, one PNG per image named after it, at its own size
+(a TIFF volume: one ImageJ TIFF stack named after it, a slice per page).
 
     python predict_unet_test.py                                   # checkpoints/best.npz, test_image/
     python predict_unet_test.py --checkpoint pretrained/checkpoints --test-data-path my_images/
     python predict_unet_test.py --pretrained                      # the original example's weights
     python predict_unet_test.py --save-prob --overlay-path predict_overlay/ --label-path test_label/
     python predict_unet_test.py --test-data-path stage1_test/     # DSB 2018 layout: <id>.png each
+    python predict_unet_test.py --test-data-path test-volume.tif --save-prob --prob-bits 32   # stacks out
 
 One class: masks hold 255 where the network's cell (object) probability exceeds --threshold, else 0
 (a network trained for objects, --instances, counts as one class: its object probability is
 1 - background).
 Several classes: masks hold class indices (argmax), and --color-path gets them in VOC's colours.
-The checkpoint says how to rebuild the network and what input it wants (channels, size), so no
-model flags are needed.
+The checkpoint says how to rebuild the network and what input it wants (channels, size, how its
+intensities were normalized), so no model flags are needed.
 """
 import argparse
 import csv
@@ -29,7 +31,7 @@ from dataloader import normalize
 from cli import ArgumentParser, probability, ranged
 from datasets import FORMATS, find_samples, read_sample_label
 from evaluate import format_table, score_binary, score_multiclass, write_json
-from files import DataError, atomic_write, write_png
+from files import DataError, atomic_write, write_png, write_tiff
 from inference import predict_sample
 from instances import METHODS, foreground, measure, objects_of, roi_set
 from unet import MIN_SIDE
@@ -53,7 +55,10 @@ def parse_args(argv=None):
     p.add_argument("--save-prob", action="store_true",
                    help="also write cell-probability maps (what the ISBI scores and evaluate.py want)")
     p.add_argument("--prob-path", default="predict_prob/", help="folder for --save-prob")
-    p.add_argument("--prob-bits", type=int, choices=[8, 16], default=16, help="PNG depth of probability maps")
+    p.add_argument("--prob-bits", type=int, choices=[8, 16, 32], default=16,
+                   help="probability maps as 8- or 16-bit integers (PNG, or TIFF for stacks), or 32: float32 TIFFs")
+    p.add_argument("--slices", action="store_true",
+                   help="a TIFF volume's predictions as one PNG per page, instead of TIFF stacks named after it")
     p.add_argument("--overlay-path", help="also write each image with its predicted membranes tinted here")
     p.add_argument("--label-path", help="label folder or TIFF of the test images (DSB and VOC bring their own): "
                                         "then scores are printed, errors marked in overlays, plus montage.png")
@@ -86,30 +91,65 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def write_outputs(name, image, prob, maps, truth, outputs, threshold=0.5):
+def probability_values(prob, bits):
+    """Probabilities in [0, 1] as written: 8- or 16-bit integers (0 .. 2^bits - 1), or float32."""
+    if bits == 32:
+        return prob.astype(np.float32)
+    return np.round(prob * (2 ** bits - 1)).astype(np.uint16 if bits == 16 else np.uint8)
+
+
+def write_outputs(name, image, prob, maps, truth, outputs, threshold=0.5, in_stack=False):
     """Write the mask (0/255) of the cell probability `prob`, or class indices plus a colour picture,
-    and the optional extras; objects come from the network's probability `maps` (instances.objects_of)."""
+    and the optional extras; objects come from the network's probability `maps` (instances.objects_of).
+    A page of a stack (`in_stack`) writes only its overlay: its mask, probability and objects are
+    returned for write_stacks. Returns (mask, objects or None, objects' table or None)."""
     multiclass = prob.ndim == 3
-    pred = prob.argmax(axis=2).astype(np.uint8) if multiclass else prob > threshold
-    write_png(os.path.join(outputs["masks"], name), pred if multiclass else np.where(pred, 255, 0).astype(np.uint8))
-    if multiclass:
-        write_png(os.path.join(outputs["colors"], name), class_colors(pred))
-    elif outputs.get("prob"):
-        top = 2 ** outputs["prob_bits"] - 1
-        write_png(os.path.join(outputs["prob"], name),
-                  np.round(prob * top).astype(np.uint16 if outputs["prob_bits"] == 16 else np.uint8))
+    mask = prob.argmax(axis=2).astype(np.uint8) if multiclass else np.where(prob > threshold, 255, 0).astype(np.uint8)
     objects, table = None, None
     if outputs.get("instances") and not multiclass:
         objects = objects_of(maps, threshold, outputs["objects"], outputs["min_size"], outputs["min_distance"])
-        write_png(os.path.join(outputs["instances"], name), objects)
-        rois = roi_set(objects)
-        atomic_write(os.path.join(outputs["instances"], os.path.splitext(name)[0] + "_RoiSet.zip"),
-                     lambda f: f.write(rois))
         table = dict(image=[name] * int(objects.max()), **measure(objects, image))
+    if not in_stack:
+        write_png(os.path.join(outputs["masks"], name), mask)
+        if multiclass:
+            write_png(os.path.join(outputs["colors"], name), class_colors(mask))
+        elif outputs.get("prob"):
+            write_image(os.path.join(outputs["prob"], name), probability_values(prob, outputs["prob_bits"]))
+        if objects is not None:
+            write_png(os.path.join(outputs["instances"], name), objects)
+            rois = roi_set(objects)
+            atomic_write(os.path.join(outputs["instances"], os.path.splitext(name)[0] + "_RoiSet.zip"),
+                         lambda f: f.write(rois))
     if outputs.get("overlay"):
-        picture = overlay(image, pred, truth)
+        picture = overlay(image, mask if multiclass else mask > 0, truth)
         write_png(os.path.join(outputs["overlay"], name), picture if objects is None else outline_objects(picture, objects))
-    return pred, table
+    return mask, objects, table
+
+
+def write_image(path, array):
+    """A PNG, or an ImageJ TIFF beside where PNG cannot hold it (float32)."""
+    if array.dtype == np.float32:
+        write_tiff(os.path.splitext(path)[0] + ".tif", array)
+    else:
+        write_png(path, array)
+
+
+def write_stacks(volume, pages, outputs):
+    """The predictions of a TIFF volume's pages as stacks named after it (ImageJ TIFFs, a slice per
+    page): masks 8-bit, probabilities as --prob-bits, objects 16-bit with one ROI set. Returns the mask stack's path."""
+    stem = os.path.splitext(os.path.basename(volume))[0]
+    path = os.path.join(outputs["masks"], stem + ".tif")
+    write_tiff(path, np.stack([page["mask"] for page in pages]))
+    if pages[0]["prob"] is not None:
+        write_tiff(os.path.join(outputs["prob"], stem + ".tif"),
+                   probability_values(np.stack([page["prob"] for page in pages]), outputs["prob_bits"]))
+    if pages[0]["objects"] is not None:
+        objects = np.stack([page["objects"] for page in pages])
+        write_tiff(os.path.join(outputs["instances"], stem + ".tif"),
+                   objects.astype(np.uint16 if objects.max() <= 65535 else np.float32))
+        rois = roi_set(objects)
+        atomic_write(os.path.join(outputs["instances"], stem + "_RoiSet.zip"), lambda f: f.write(rois))
+    return path
 
 
 def write_objects_csv(path, tables):
@@ -161,13 +201,17 @@ def _predict_one(index):
     if sample.read_label:
         truth = read_sample_label(sample, image.shape[:2], classes, data.get("ignore_index", 255),
                                   data.get("instance_labels", False))[0]
-    pred, objects = write_outputs(name, image, prob, maps, truth, job["outputs"], job["threshold"])
-    summary = f"cell {np.mean(pred):.1%}" if classes == 1 else f"classes {sorted(np.unique(pred).tolist())}"
-    if objects is not None:
-        summary += f", {len(objects['image'])} objects"
-    return dict(source=sample.source, path=os.path.join(job["outputs"]["masks"], name), summary=summary, objects=objects,
+    in_stack = sample.stack is not None and not job["outputs"].get("slices")
+    mask, objects, table = write_outputs(name, image, prob, maps, truth, job["outputs"], job["threshold"], in_stack)
+    summary = f"cell {np.mean(mask > 0):.1%}" if classes == 1 else f"classes {sorted(np.unique(mask).tolist())}"
+    if table is not None:
+        summary += f", {len(table['image'])} objects"
+    wants_prob = job["outputs"].get("prob") and classes == 1
+    return dict(source=sample.source, path=os.path.join(job["outputs"]["masks"], name), summary=summary, objects=table,
                 scored=None if truth is None else (name, prob, truth),
-                montage=(image, pred, truth) if index in job["montage"] and classes == 1 else None)
+                montage=(image, mask > 0, truth) if index in job["montage"] and classes == 1 else None,
+                stack=sample.stack if in_stack else None,
+                page=dict(mask=mask, prob=prob if wants_prob else None, objects=objects) if in_stack else None)
 
 
 def default_workers(images):
@@ -205,11 +249,19 @@ def predict_dataset(checkpoint, data_path, outputs, data_format="auto", label_pa
                                    initializer=_start_worker, initargs=(job, threads))
         results = pool.map(_predict_one, range(len(samples)))
     classes, ignore_index = predicted_classes(meta), meta.get("data", {}).get("ignore_index", 255)
-    written, montage_rows, scored, tables = [], [], [], []
+    written, montage_rows, scored, tables, stacks = [], [], [], [], {}
     try:
         for result in results:
-            print(f"{result['source']} -> {result['path']} ({result['summary']})")
-            written.append(result["path"])
+            if result["stack"]:
+                volume, _, pages = result["stack"]
+                stacks.setdefault(volume, []).append(result["page"])
+                print(f"{result['source']} ({result['summary']})")
+                if len(stacks[volume]) == pages:
+                    written.append(write_stacks(volume, stacks.pop(volume), outputs))
+                    print(f"{volume} -> {written[-1]} ({pages} slices)")
+            else:
+                print(f"{result['source']} -> {result['path']} ({result['summary']})")
+                written.append(result["path"])
             scored += [result["scored"]] if result["scored"] else []
             montage_rows += [result["montage"]] if result["montage"] else []
             tables += [result["objects"]] if result["objects"] is not None else []
@@ -233,7 +285,7 @@ def main(argv=None):
     if args.tile and not 0 <= args.overlap < args.tile:
         sys.exit(f"error: --overlap must be at least 0 and smaller than --tile ({args.tile})")
     outputs = dict(masks=args.save_res_path, colors=args.color_path, prob=args.prob_path if args.save_prob else None,
-                   prob_bits=args.prob_bits, overlay=args.overlay_path, instances=args.instance_path,
+                   prob_bits=args.prob_bits, overlay=args.overlay_path, instances=args.instance_path, slices=args.slices,
                    objects=args.objects, min_size=args.min_size, min_distance=args.min_distance)
     try:
         if args.pretrained:

@@ -6,6 +6,7 @@ import os
 import cv2
 import numpy as np
 import pytest
+import roifile
 import tifffile
 from PIL import Image
 
@@ -325,13 +326,33 @@ def test_several_classes_are_learned_from_rgb(tmp_path):
     assert score_folder(str(tmp_path / "pred"), root, classes=3)["mean"]["mean_iou"] > 0.8
 
 
-def test_tiff_volumes_train_and_predict_one_png_per_page(tmp_path):
+def test_tiff_volumes_train_and_predict_a_stack_or_on_request_one_png_per_page(tmp_path):
     volume = write_tiff(str(tmp_path))
     run_script("TrainUnetDataSet.py", "--data-path", volume, "--checkpoint-dir", "ck", "--log", "log.txt", "--progress", "", *TINY,
                cwd=tmp_path)
-    run_script("predict_unet_test.py", "--checkpoint", "ck/best.npz", "--test-data-path", volume, "--no-tta",
-               "--save-res-path", "pred", cwd=tmp_path)
-    assert sorted(os.listdir(tmp_path / "pred")) == [f"train-volume_0{i}.png" for i in range(4)]
+    predict = ("predict_unet_test.py", "--checkpoint", "ck/best.npz", "--test-data-path", volume, "--no-tta")
+    run_script(*predict, "--save-res-path", "pred", "--save-prob", "--prob-path", "prob", "--prob-bits", 32,
+               "--instance-path", "objects", cwd=tmp_path)
+    run_script(*predict, "--save-res-path", "slices", "--slices", "--save-prob", "--prob-path", "prob_slices",
+               "--instance-path", "objects_slices", cwd=tmp_path)
+    assert os.listdir(tmp_path / "pred") == ["train-volume.tif"]
+    assert sorted(os.listdir(tmp_path / "slices")) == [f"train-volume_0{i}.png" for i in range(4)]
+    with tifffile.TiffFile(tmp_path / "pred" / "train-volume.tif") as tif:
+        assert tif.is_imagej and tif.imagej_metadata["images"] == 4
+        masks = tif.asarray()
+    assert masks.dtype == np.uint8 and masks.shape == (4, 64, 64)
+    for i in range(4):
+        assert np.array_equal(masks[i], cv2.imread(str(tmp_path / "slices" / f"train-volume_0{i}.png"), 0))
+    prob = tifffile.imread(tmp_path / "prob" / "train-volume.tif")
+    assert prob.dtype == np.float32 and prob.shape == (4, 64, 64)
+    prob_16bit = cv2.imread(str(tmp_path / "prob_slices" / "train-volume_02.png"), cv2.IMREAD_UNCHANGED)
+    assert np.abs(prob[2] - prob_16bit / 65535).max() <= 0.5 / 65535 + 1e-6
+    objects = tifffile.imread(tmp_path / "objects" / "train-volume.tif")
+    assert objects.dtype == np.uint16 and np.array_equal(
+        objects[3], cv2.imread(str(tmp_path / "objects_slices" / "train-volume_03.png"), cv2.IMREAD_UNCHANGED))
+    rois = roifile.roiread(tmp_path / "objects" / "train-volume_RoiSet.zip")
+    assert len(rois) == sum(int(page.max()) for page in objects)
+    assert sorted({roi.position for roi in rois}) == [i + 1 for i in range(4) if objects[i].max()]
 
 
 def write_glas(folder, n=3, seed=0):
