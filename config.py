@@ -31,7 +31,7 @@ PRESETS = {
 # DSB 2018 nuclei it cost 0.04 Dice (0.888 -> 0.848), and it is defined for one class only.
 WEIGHT_MAP_FORMATS = ("pairs", "tiff")
 # Trained for objects by default where the objects are numbered, touch, and are what gets scored.
-INSTANCE_FORMATS = ("dsb2018",)
+INSTANCE_FORMATS = ("dsb2018", "cellpose")
 ONE_CLASS_SCORES = ("val_loss", "val_pixel_error", "val_dice", "val_v_rand")
 OBJECT_SCORES = ("val_map",)  # one class, objects numbered (DSB 2018 masks, --instance-labels, --instances)
 SEVERAL_CLASS_SCORES = ("val_loss", "val_pixel_accuracy", "val_miou")
