@@ -102,8 +102,10 @@ class Up(nn.Module):
         dx = skip.shape[3] - x.shape[3]
         if self.crop_skip:
             skip = center_crop(skip, x.shape[2], x.shape[3])
-        elif dy or dx:
+        else:
             # Odd sizes: pooling floored them, so the upsampled map can be a pixel short of the skip.
+            # Padded always (by 0 mostly), not under an `if`: an exported graph (export.py) keeps no
+            # branch, and must pad at every size.
             x = F.pad(x, [dx // 2, dx - dx // 2, dy // 2, dy - dy // 2])
         return self.conv(flow.cat([skip, x], dim=1))
 

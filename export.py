@@ -1,0 +1,283 @@
+"""Export a trained checkpoint to the tools biologists use: ONNX, and a bioimage.io model package
+(which deepImageJ, ilastik, napari and QuPath open). Runs on the PyTorch backend: the same weights.
+
+    bash export.sh checkpoints/best.npz --onnx unet.onnx
+    bash export.sh checkpoints/best.npz --bioimageio unet_bioimageio/ --sample test_image/0.png
+
+The exported network takes normalized images (1 x C x H x W float32, any height and width of at
+least its smallest side) and gives probabilities (sigmoid for one class, softmax over several).
+The bioimage.io package says how to normalize (the checkpoint's --normalize as its preprocessing),
+and holds ONNX and TorchScript weights, a test input and output, a cover picture and a README.
+Every export is checked: the ONNX file with onnxruntime, the TorchScript file with PyTorch, against
+the project's own prediction of the sample, to EXPORT_TOLERANCE.
+"""
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+
+import numpy as np
+import tifffile
+
+import backend
+from checkpoint import CheckpointError, build_model, input_normalization
+from cli import ArgumentParser
+from dataloader import normalize, read_raw_image
+from files import DataError, atomic_write, write_png
+from inference import predict_probability
+from instances import OBJECT_CLASSES
+from unet import smallest_side
+
+EXPORT_TOLERANCE = 1e-4
+OPSET = 17
+SIZE_STEP = 16  # tiles a consumer picks: multiples of the U-Net's four poolings
+U_NET_PAPER = dict(text="Ronneberger, Fischer, Brox. U-Net: Convolutional Networks for Biomedical Image "
+                        "Segmentation. MICCAI 2015", doi="10.1007/978-3-319-24574-4_28")
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("checkpoint", help="our .npz checkpoint (or the original example's OneFlow folder)")
+    p.add_argument("--onnx", help="write the network as an ONNX file here")
+    p.add_argument("--bioimageio", help="write a bioimage.io model package into this new folder")
+    p.add_argument("--sample", help="an image like those trained on: the test input and the cover "
+                                    "(default: a random image)")
+    p.add_argument("--name", help="the model's name (default: from the checkpoint's data)")
+    p.add_argument("--author", default=os.environ.get("USER") or "unknown", help="the package's author")
+    p.add_argument("--license", default="MIT", help="the package's license (SPDX identifier)")
+    args = p.parse_args(argv)
+    if not args.onnx and not args.bioimageio:
+        p.error("nothing to do: give --onnx FILE and/or --bioimageio FOLDER")
+    return args
+
+
+class Probabilities(backend.flow.nn.Module):
+    """What an exported file computes: the network on a normalized image, then sigmoid or softmax."""
+
+    def __init__(self, model, input_scale=1.0):
+        super().__init__()
+        self.model, self.input_scale, self.softmax = model, input_scale, model.n_classes > 1
+
+    def forward(self, image):
+        logits = self.model(image * self.input_scale)
+        return backend.flow.softmax(logits, dim=1) if self.softmax else backend.flow.sigmoid(logits)
+
+
+def load_for_export(path):
+    """(Probabilities module, checkpoint meta), or a CheckpointError saying why it cannot be exported."""
+    if backend.NAME != "torch":
+        raise CheckpointError(f"{path}: export runs on PyTorch (UNET_BACKEND=torch; bash export.sh sets it)")
+    model, meta = build_model(path, "cpu")
+    if model.padding == "valid":
+        raise CheckpointError(f"{path}: the unpadded U-Net (--padding valid) gives smaller outputs than its "
+                              f"inputs; export supports the padded one (--padding same)")
+    return Probabilities(model, meta.get("input_scale", 1.0)).eval(), meta
+
+
+def sample_image(path, channels, side):
+    """(raw image H x W x C, its name): --sample, or a reproducible random 8-bit image."""
+    if path:
+        raw = read_raw_image(path)
+        raw = raw[..., None] if raw.ndim == 2 else raw
+        if raw.shape[2] != channels:
+            raise DataError(f"{path}: image has {raw.shape[2]} channels, the network takes {channels}")
+        if min(raw.shape[:2]) < side:
+            raise DataError(f"{path}: image smaller than {side} pixels a side, the least the network takes")
+        return raw, os.path.basename(path)
+    return np.random.default_rng(0).integers(0, 256, (side * 2, side * 2, channels)).astype(np.uint8), "random"
+
+
+def project_prediction(module, meta, normalized):
+    """The project's own prediction (inference.py) of a normalized H x W x C image, as 1 x N x H x W."""
+    image = normalized[..., 0] if normalized.shape[2] == 1 else normalized
+    prob = predict_probability(module.model, image, "cpu", module.input_scale, tile=0)
+    return (prob[None, None] if prob.ndim == 2 else prob.transpose(2, 0, 1)[None]).astype(np.float32)
+
+
+def write_onnx(module, path, channels, side):
+    import torch
+    example = torch.zeros(1, channels, side, side)
+    dynamic = {0: "batch", 2: "height", 3: "width"}
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as scratch:
+        torch.onnx.export(module, example, os.path.join(scratch, "model.onnx"), input_names=["raw"],
+                          output_names=["probability"], dynamic_axes={"raw": dynamic, "probability": dynamic},
+                          opset_version=OPSET, dynamo=False)
+        os.replace(os.path.join(scratch, "model.onnx"), path)
+
+
+def write_torchscript(module, path, channels, side):
+    import torch
+    traced = torch.jit.trace(module, torch.zeros(1, channels, side, side))
+    atomic_write(path, lambda f: torch.jit.save(traced, f))
+
+
+def onnx_output(path, batch):
+    import onnxruntime
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return session.run(None, {"raw": batch})[0]
+
+
+def torchscript_output(path, batch):
+    import torch
+    with torch.no_grad():
+        return torch.jit.load(path)(torch.from_numpy(batch)).numpy()
+
+
+def check_export(name, output, expected):
+    """Stop unless an exported file's output matches the project's prediction to EXPORT_TOLERANCE."""
+    difference = float(np.abs(output - expected).max()) if output.shape == expected.shape else float("inf")
+    if not difference <= EXPORT_TOLERANCE:
+        raise CheckpointError(f"{name}: exported output differs from the project's prediction by {difference:.2g} "
+                              f"(shape {output.shape}, expected {expected.shape})")
+    return difference
+
+
+def preprocessing(meta, raw_dtype):
+    """bioimage.io preprocessing doing what dataloader.normalize does for the checkpoint."""
+    method, (low, high) = input_normalization(meta)
+    if method == "percentile":
+        return [dict(id="scale_range", kwargs=dict(axes=["y", "x"], min_percentile=low, max_percentile=high))]
+    if method == "zscore":
+        return [dict(id="zero_mean_unit_variance", kwargs=dict(axes=["y", "x"]))]
+    top = float(np.iinfo(raw_dtype).max) if np.issubdtype(raw_dtype, np.integer) else 1.0
+    return [dict(id="scale_linear", kwargs=dict(gain=1.0 / top, offset=0.0))]
+
+
+def output_names(meta):
+    classes = meta["model"]["n_classes"]
+    if meta.get("data", {}).get("instances"):
+        return list(OBJECT_CLASSES)
+    return ["foreground"] if classes == 1 else [f"class{i}" for i in range(classes)]
+
+
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def cover(normalized, prob):
+    """A 2:1 picture: the sample's first channel beside the first output channel that is not background."""
+    grey = np.clip(normalized[..., 0], 0, 1)
+    shown = prob[0, 0] if prob.shape[1] == 1 else 1 - prob[0, 0]
+    return (np.concatenate([grey, shown], axis=1) * 255).round().astype(np.uint8)
+
+
+def rdf(meta, name, author, license_name, files, raw, side):
+    """The bioimage.io model description (format 0.5) of the package's `files`."""
+    config = meta.get("config", {})
+    channels = [f"channel{i}" for i in range(raw.shape[2])]
+    space = [dict(type="space", id=axis, size=dict(min=side, step=SIZE_STEP)) for axis in ("y", "x")]
+    same_size = [dict(type="space", id=axis, size=dict(tensor_id="raw", axis_id=axis)) for axis in ("y", "x")]
+    trained_on = config.get("data_path", "unknown data")
+    return dict(
+        format_version="0.5.4", type="model", name=name,
+        description=f"U-Net ({meta['model']['base']} channels at the top, {meta['model']['norm']} norm) for "
+                    f"segmentation, trained with the OneFlow U-Net project on {os.path.basename(str(trained_on))}.",
+        authors=[dict(name=author)], cite=[U_NET_PAPER], license=license_name,
+        tags=["unet", "segmentation", "2d", "pytorch", "onnx"],
+        documentation="README.md", covers=["cover.png"],
+        inputs=[dict(id="raw", description=f"image, {len(channels)} channel(s)",
+                     axes=[dict(type="batch"), dict(type="channel", channel_names=channels)] + space,
+                     test_tensor=dict(source="test_input.npy", sha256=files["test_input.npy"]),
+                     sample_tensor=dict(source="sample_input.tif", sha256=files["sample_input.tif"]),
+                     data=dict(type="float32"), preprocessing=preprocessing(meta, raw.dtype))],
+        outputs=[dict(id="probability", description="probability of each class per pixel",
+                      axes=[dict(type="batch"), dict(type="channel", channel_names=output_names(meta))] + same_size,
+                      test_tensor=dict(source="test_output.npy", sha256=files["test_output.npy"]),
+                      sample_tensor=dict(source="sample_output.tif", sha256=files["sample_output.tif"]),
+                      data=dict(type="float32", range=[0.0, 1.0]))],
+        weights=dict(torchscript=dict(source="model.pt", sha256=files["model.pt"],
+                                      pytorch_version=backend.flow.__version__.split("+")[0]),
+                     onnx=dict(source="model.onnx", sha256=files["model.onnx"], opset_version=OPSET,
+                               parent="torchscript")),  # both traced from the same PyTorch module
+        training_data=dict(type="dataset", format_version="0.3.0", name=os.path.basename(str(trained_on)) or "data",
+                           description=f"{config.get('data_format', 'images')} data at {trained_on}, normalized by "
+                                       f"{input_normalization(meta)[0]}", authors=[dict(name=author)],
+                           cite=[U_NET_PAPER], license=license_name),
+        config=dict(unet=dict(model=meta["model"], data=meta.get("data", {}))),
+    )
+
+
+def readme(meta, name):
+    method, (low, high) = input_normalization(meta)
+    norm = f"the {low:g}th and {high:g}th percentiles of each channel mapped to 0 and 1" if method == "percentile" \
+        else "each channel to mean 0 and standard deviation 1" if method == "zscore" else "divided by the type's range"
+    return (f"# {name}\n\nA U-Net for 2D segmentation, exported from the OneFlow U-Net project.\n\n"
+            f"- Input: a float32 image, batch x channel x y x x, normalized per image: {norm}.\n"
+            f"- Output: per-pixel probabilities of {', '.join(output_names(meta))} (same size as the input).\n"
+            f"- Sides of at least {smallest_side(meta['model']['norm'])} pixels; any size works, "
+            f"multiples of {SIZE_STEP} avoid padding inside the network.\n"
+            f"- Network: {meta['model']}.\n\n# Validation\n\nThe project checked the ONNX and TorchScript weights "
+            f"against its own prediction of the test input to {EXPORT_TOLERANCE:g} (test_input.npy, test_output.npy); "
+            f"its own scores of the network are in its training log.\n")
+
+
+def write_package(folder, module, meta, raw, normalized, expected, name, author, license_name, side):
+    """A bioimage.io model package in `folder` (written beside, then moved in place: all or nothing)."""
+    import yaml
+    if os.path.exists(folder) and os.listdir(folder):
+        raise DataError(f"{folder}: folder exists and is not empty; give a new one")
+    parent = os.path.dirname(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=parent, prefix=".tmp-bioimageio-")
+    try:
+        path = lambda file: os.path.join(staging, file)  # noqa: E731
+        write_onnx(module, path("model.onnx"), raw.shape[2], side)
+        write_torchscript(module, path("model.pt"), raw.shape[2], side)
+        batch = normalized.transpose(2, 0, 1)[None].astype(np.float32)
+        check_export("model.onnx", onnx_output(path("model.onnx"), batch), expected)
+        check_export("model.pt", torchscript_output(path("model.pt"), batch), expected)
+        np.save(path("test_input.npy"), raw.transpose(2, 0, 1)[None].astype(np.float32))
+        np.save(path("test_output.npy"), expected)
+        tifffile.imwrite(path("sample_input.tif"), raw.transpose(2, 0, 1))
+        tifffile.imwrite(path("sample_output.tif"), expected[0])
+        write_png(path("cover.png"), cover(normalized, expected))
+        with open(path("README.md"), "w") as f:
+            f.write(readme(meta, name))
+        files = {file: sha256(path(file)) for file in ("model.onnx", "model.pt", "test_input.npy", "test_output.npy",
+                                                       "sample_input.tif", "sample_output.tif")}
+        with open(path("rdf.yaml"), "w") as f:
+            yaml.safe_dump(rdf(meta, name, author, license_name, files, raw, side), f, sort_keys=False)
+        if os.path.isdir(folder):
+            os.rmdir(folder)
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def export(args):
+    module, meta = load_for_export(args.checkpoint)
+    side = smallest_side(meta["model"]["norm"])
+    raw, sample_name = sample_image(args.sample, meta["model"]["n_channels"], side)
+    normalized = normalize(raw, *input_normalization(meta), args.sample or "sample")
+    expected = project_prediction(module, meta, normalized)
+    batch = normalized.transpose(2, 0, 1)[None].astype(np.float32)
+    if args.onnx:
+        write_onnx(module, args.onnx, raw.shape[2], side)
+        difference = check_export(args.onnx, onnx_output(args.onnx, batch), expected)
+        print(f"wrote {args.onnx}: onnxruntime's output of {sample_name} ({raw.shape[1]}x{raw.shape[0]}) "
+              f"within {difference:.1e} of the project's prediction")
+    if args.bioimageio:
+        name = args.name or f"U-Net {os.path.basename(str(meta.get('config', {}).get('data_path', ''))) or 'model'}"
+        write_package(args.bioimageio, module, meta, raw, normalized, expected, name, args.author, args.license, side)
+        print(f"wrote {args.bioimageio}/rdf.yaml with ONNX and TorchScript weights, test tensors of {sample_name}, "
+              f"cover and README (checked to {EXPORT_TOLERANCE:g})")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        backend.set_threads(backend.cores())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracing's notes on shapes and the exporter's on itself: check_export decides
+            export(args)
+    except (CheckpointError, DataError, OSError) as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()
