@@ -70,8 +70,10 @@ def flip_rotate(arrays, rng):
 
 
 def adjust_intensity(image, rng):
+    """Gamma (on the image's own range: normalized images need not lie in [0, 1]), contrast, brightness."""
     gamma = np.exp(rng.uniform(np.log(0.7), np.log(1.4)))
-    image = np.clip(image, 0, 1) ** gamma
+    low, spread = image.min(), max(float(np.ptp(image)), 1e-6)
+    image = ((image - low) / spread) ** gamma * spread + low
     mean = image.mean()
     return (image - mean) * rng.uniform(0.8, 1.2) + mean + rng.uniform(-0.1, 0.1)
 
@@ -93,4 +95,4 @@ def augment(image, label, weights, rng, probabilities):
         image = image + rng.normal(0, rng.uniform(0, 0.05), image.shape).astype(np.float32)
     if rng.random() < p["blur"]:
         image = cv2.GaussianBlur(image, (0, 0), rng.uniform(0.5, 1.5))
-    return np.clip(image, 0, 1).astype(np.float32), label, weights
+    return image.astype(np.float32), label, weights  # not clipped: prediction sees the normalized values as they are

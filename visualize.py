@@ -23,8 +23,11 @@ def voc_palette(n=256):
 
 
 def _bgr(image):
-    """A [0, 1] grey or RGB image (or a mask) as 8-bit BGR for OpenCV."""
-    pixels = np.clip(np.asarray(image, np.float32) * 255, 0, 255).astype(np.uint8)
+    """A [0, 1] grey or RGB image (or a mask) as 8-bit BGR for OpenCV; of other channel counts, the first."""
+    image = np.asarray(image, np.float32)
+    if image.ndim == 3 and image.shape[2] != 3:
+        image = image[..., 0]
+    pixels = np.clip(image * 255, 0, 255).astype(np.uint8)
     return cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR if pixels.ndim == 3 else cv2.COLOR_GRAY2BGR)
 
 

@@ -45,8 +45,18 @@ def test_intensity_noise_and_blur_change_the_image_only():
     image = rng.random((32, 32)).astype(np.float32)
     label = blobs(32)
     out = augment(image, label, None, rng, dict(flip=0.0, intensity=1.0, noise=1.0, blur=1.0))
-    assert not np.allclose(out[0], image) and out[0].min() >= 0 and out[0].max() <= 1
+    assert not np.allclose(out[0], image) and out[0].dtype == np.float32
+    assert -0.5 < out[0].min() and out[0].max() < 1.5  # about the image's own range
     np.testing.assert_array_equal(out[1], label)
+
+
+def test_normalized_values_outside_0_to_1_are_kept_as_prediction_sees_them():
+    rng = np.random.default_rng(0)
+    zscored = rng.normal(0, 1, (32, 32)).astype(np.float32)  # --normalize zscore: half of it negative
+    flipped = augment(zscored, blobs(32), None, rng, dict(flip=1.0))[0]
+    assert sorted(flipped.ravel()) == sorted(zscored.ravel())
+    shifted = augment(zscored, blobs(32), None, rng, dict(flip=0.0, intensity=1.0))[0]
+    assert shifted.min() < -1 and shifted.max() > 1
 
 
 def test_inspect_data_says_what_was_found_and_draws_augmented_samples_and_the_weight_map(tmp_path, dataset):

@@ -113,10 +113,12 @@ def test_a_two_channel_16_bit_network_keeps_its_input_in_the_checkpoint_and_pred
     brighter, _ = write_two_channel_dataset(str(tmp_path / "brighter"), scale=4)  # 4x the signal: 14-bit
     for name, folder in (("dim", images), ("bright", brighter)):
         run_script("predict_unet_test.py", "--checkpoint", "ck/best.npz", "--test-data-path", folder, "--no-tta",
-                   "--save-res-path", name, "--save-prob", "--prob-path", f"{name}_prob", cwd=out)
+                   "--save-res-path", name, "--save-prob", "--prob-path", f"{name}_prob", "--overlay-path",
+                   f"{name}_overlay", cwd=out)
     dim = cv2.imread(str(out / "dim_prob" / "0.png"), cv2.IMREAD_UNCHANGED).astype(int)
     bright = cv2.imread(str(out / "bright_prob" / "0.png"), cv2.IMREAD_UNCHANGED).astype(int)
     assert np.abs(dim - bright).max() <= 1  # percentiles: the same input, whatever the brightness
+    assert cv2.imread(str(out / "dim_overlay" / "0.png")).shape == (64, 64, 3)  # the first channel, tinted
 
 
 def test_prediction_images_with_another_channel_count_stop_with_one_line(tmp_path):
