@@ -222,7 +222,7 @@ def _tiff(volume, label_path, split):
 def _nnunet(root, label_path, split):
     """nnU-Net's raw layout: a case's channels are <case>_0000 ... files in imagesTr (imagesTs unless
     `split` is train), its label <case> in labelsTr (labelsTs where there is one)."""
-    description = _read_json(os.path.join(root, "dataset.json"))
+    description = nnunet_description(root)
     channels = len(description.get("channel_names") or description.get("modality") or {"0": ""})
     ending = description.get("file_ending", "")
     part = "Tr" if split == "train" else "Ts"
@@ -251,12 +251,17 @@ def _nnunet(root, label_path, split):
     return samples
 
 
-def _read_json(path):
+def nnunet_description(root):
+    """The dataset.json of an nnU-Net raw dataset (channel_names, labels, file_ending ...)."""
+    path = os.path.join(root, "dataset.json")
     try:
         with open(path) as f:
-            return json.load(f)
+            description = json.load(f)
     except (OSError, ValueError) as err:
         raise DataError(f"{path}: not a readable JSON file ({err})")
+    if not isinstance(description, dict):
+        raise DataError(f"{path}: not an nnU-Net dataset description (a JSON object)")
+    return description
 
 
 def _stack_channels(paths):

@@ -14,7 +14,7 @@ import numpy as np
 from augment import DEFAULT_PROBABILITIES, augment
 from cli import ArgumentParser, ranged
 from dataloader import auto_normalization, channels_of, normalize
-from datasets import FORMATS, detect_format, find_samples, read_sample_label
+from datasets import FORMATS, detect_format, find_samples, nnunet_description, read_sample_label
 from files import DataError, write_png
 from visualize import grid, overlay, weight_picture
 from weightmap import weight_map
@@ -30,6 +30,11 @@ def summary(path, data_format, samples):
     labelled = [s for s in samples if s.read_label]
     lines = [f"{path}: {data_format}, {len(samples)} images ({len(labelled)} labelled)",
              "sizes: " + ", ".join(f"{k} ({v})" for k, v in sizes.most_common())]
+    if data_format == "nnunet":
+        description = nnunet_description(path)
+        channels = description.get("channel_names") or description.get("modality") or {}
+        lines.append("dataset.json: channels " + ", ".join(f"{k} {v}" for k, v in channels.items()) +
+                     "; labels " + ", ".join(f"{k} = {v}" for k, v in (description.get("labels") or {}).items()))
     if labelled:
         values = np.unique(np.concatenate([np.unique(s.read_label()) for s in labelled]))
         lines.append("label values: " + ", ".join(str(v) for v in values))
@@ -46,7 +51,7 @@ def augmented_samples(image, label, count, seed):
 
 def main(argv=None):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("path", help="image folder, DSB 2018 folder, VOC root or TIFF volume")
+    p.add_argument("path", help="image folder, DSB 2018 folder, VOC root, nnU-Net or Cellpose dataset, or TIFF volume")
     p.add_argument("--label-path", help="label folder or TIFF (pairs, tiff)")
     p.add_argument("--data-format", choices=("auto",) + FORMATS, default="auto")
     p.add_argument("--split", help="VOC split (train, val, ...)")

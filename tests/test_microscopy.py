@@ -169,6 +169,9 @@ def test_nnunet_raw_datasets_stack_a_case_s_channel_files_in_order(tmp_path):
     data = load_dataset(samples)
     assert data.channels == 2 and data.normalization[0] == "percentile" and data.labels[1].sum() == 22 * 24
     assert [s.name for s in find_samples(root)] == ["case_000", "case_001"]  # imagesTs, for prediction
+    out = run_script("inspect_data.py", root, "--split", "train", cwd=tmp_path).stdout
+    assert "nnunet, 3 images (3 labelled)\nsizes: 48x48 uint16 x 2 channels (3)\n" in out
+    assert "dataset.json: channels 0 DAPI, 1 inverse; labels background = 0, nucleus = 1\nlabel values: 0, 1" in out
     os.remove(f"{root}/imagesTr/case_002_0001.png")
     with pytest.raises(DataError, match="case case_002 has no channel file case_002_0001.png"):
         find_samples(root, split="train")
