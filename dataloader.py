@@ -144,11 +144,14 @@ def read_label_array(path):
     files their grey values, colour files their grey value where all channels agree."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
-    try:
-        with Image.open(path) as picture:
-            array = np.array(picture)  # mode "P": the palette indices, not the colours
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path}: not a readable label image ({err})")
+    if path.lower().endswith((".tif", ".tiff")):
+        array = read_tiff_image(path)  # compressed ones too, which Pillow may not read
+    else:
+        try:
+            with Image.open(path) as picture:
+                array = np.array(picture)  # mode "P": the palette indices, not the colours
+        except (OSError, ValueError) as err:
+            raise DataError(f"{path}: not a readable label image ({err})")
     if array.ndim == 3:
         if not all(np.array_equal(array[..., 0], array[..., c]) for c in (1, 2)):
             raise DataError(f"{path}: label is a colour image; expected class indices (grey or palette PNG)")

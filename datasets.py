@@ -196,6 +196,12 @@ def read_tiff_stack(path):
     return array.reshape(-1, *array.shape[-page_dims:])
 
 
+def page_names(volume, count):
+    """The names of a volume's pages: <stem>_00, <stem>_01 ..."""
+    digits = max(2, len(str(count - 1)))
+    return [f"{_stem(volume)}_{i:0{digits}d}" for i in range(count)]
+
+
 def _guess_tiff_labels(volume):
     folder, name = os.path.split(volume)
     guess = os.path.join(folder, name.replace("volume", "labels"))
@@ -208,11 +214,11 @@ def _tiff(volume, label_path, split):
     labels = read_tiff_stack(label_path) if label_path else None
     if labels is not None and len(labels) != len(pages):
         raise DataError(f"{label_path}: {len(labels)} label pages for the {len(pages)} pages of {volume}")
-    digits = max(2, len(str(len(pages) - 1)))
+    names = page_names(volume, len(pages))
     samples = []
     for i in range(len(pages)):
         source = f"{volume} page {i}"
-        samples.append(Sample(f"{_stem(volume)}_{i:0{digits}d}", source,
+        samples.append(Sample(names[i], source,
                               lambda i=i, source=source: image_from_array(pages[i], source),
                               None if labels is None else (lambda i=i: labels[i]), None, f"{label_path} page {i}",
                               (volume, i, len(pages))))

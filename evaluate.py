@@ -21,8 +21,8 @@ import sys
 import numpy as np
 
 from cli import ArgumentParser, ranged
-from dataloader import label_to_classes, read_image, read_label_array
-from datasets import FORMATS, detect_format, find_samples, label_files
+from dataloader import label_to_classes, normalize, read_label_array
+from datasets import FORMATS, detect_format, find_samples, label_files, page_names, read_tiff_stack
 from files import DataError, atomic_write, list_images
 from instances import object_scores
 from metrics import all_scores, confusion_matrix, confusion_scores
@@ -94,27 +94,41 @@ def read_labels(label_path, data_format="auto", split=None, instances=False):
     return {s.name: (s.label_source, s.read_label()) for s in samples if s.read_label}
 
 
+def predictions(pred_dir):
+    """(name, source, values) of every prediction in a folder: an image file each (named by its
+    file), or each page of a TIFF stack (what prediction writes for a volume), named as datasets.py
+    names a volume's pages."""
+    for path in list_images(pred_dir):
+        if path.lower().endswith((".tif", ".tiff")):
+            pages = read_tiff_stack(path)
+            if len(pages) > 1:
+                yield from ((name, f"{path} page {i}", page) for i, (name, page) in
+                            enumerate(zip(page_names(path, len(pages)), pages)))
+                continue
+        yield os.path.splitext(os.path.basename(path))[0], path, read_label_array(path)
+
+
 def score_folder(pred_dir, label_path, classes=1, ignore_index=255, data_format="auto", split=None,
                  instance_labels=False, instances=False):
     """Scores of every prediction in `pred_dir` against its label (every prediction needs one);
     `instances`: per object, of label images against numbered labels."""
     labels = read_labels(label_path, data_format, split, instances)
     items = []
-    for pred_path in list_images(pred_dir):
-        name = os.path.splitext(os.path.basename(pred_path))[0]
+    for name, pred_path, raw_pred in predictions(pred_dir):
         if name not in labels:
             raise DataError(f"{pred_path}: no label named {name} in {label_path}")
         source, raw = labels[name]
         if instances:
-            truth, pred = raw, read_label_array(pred_path)
+            truth, pred = raw, raw_pred
         else:
             truth = label_to_classes(raw, source, classes, ignore_index, instance_labels)
-            pred = read_image(pred_path) if classes == 1 else label_to_classes(read_label_array(pred_path),
-                                                                               pred_path, classes, ignore_index)
+            pred = normalize(raw_pred, "range", source=pred_path) if classes == 1 else label_to_classes(
+                raw_pred, pred_path, classes, ignore_index)
         if pred.shape[:2] != truth.shape:
             raise DataError(f"{pred_path}: prediction is {pred.shape[1]}x{pred.shape[0]}, "
                             f"label {source} is {truth.shape[1]}x{truth.shape[0]}")
-        items.append((os.path.basename(pred_path), pred if pred.ndim == 2 else pred[..., 0], truth))
+        shown = name + ".png" if " page " in pred_path else os.path.basename(pred_path)
+        items.append((shown, pred if pred.ndim == 2 else pred[..., 0], truth))
     if instances:
         return score_instances(items)
     return score_binary(items) if classes == 1 else score_multiclass(items, classes, ignore_index)

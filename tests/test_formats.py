@@ -350,6 +350,9 @@ def test_tiff_volumes_train_and_predict_a_stack_or_on_request_one_png_per_page(t
     objects = tifffile.imread(tmp_path / "objects" / "train-volume.tif")
     assert objects.dtype == np.uint16 and np.array_equal(
         objects[3], cv2.imread(str(tmp_path / "objects_slices" / "train-volume_03.png"), cv2.IMREAD_UNCHANGED))
+    stack_scores = run_script("evaluate.py", "pred", volume, cwd=tmp_path).stdout
+    assert "train-volume_03.png" in stack_scores
+    assert stack_scores == run_script("evaluate.py", "slices", volume, cwd=tmp_path).stdout
     rois = roifile.roiread(tmp_path / "objects" / "train-volume_RoiSet.zip")
     assert len(rois) == sum(int(page.max()) for page in objects)
     assert sorted({roi.position for roi in rois}) == [i + 1 for i in range(4) if objects[i].max()]
