@@ -46,7 +46,7 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
     p.add_argument("--data-path", "--data_path", default="train_image",
                    help="training images: a folder (labels in --label-path), a DSB 2018 stage1_train folder, "
-                        "a VOC root or a TIFF volume")
+                        "a VOC root, an nnU-Net or Cellpose dataset, or a TIFF volume")
     p.add_argument("--label-path", "--label_path",
                    help="labels matched to images by file name (255 = cell, 0 = membrane), or the labels' TIFF; "
                         "default: train_label/, or for a TIFF volume its name with 'volume' -> 'labels'")

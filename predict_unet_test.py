@@ -47,7 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--pretrained", action="store_true",
                    help="download (once) and use the original example's published OneFlow checkpoint")
     p.add_argument("--test-data-path", "--Test_Data_path", default="test_image/",
-                   help="image folder, DSB 2018 folder, VOC root or TIFF volume (datasets.py)")
+                   help="image folder, DSB 2018 folder, VOC root, nnU-Net or Cellpose dataset, or TIFF volume "
+                        "(datasets.py)")
     p.add_argument("--data-format", choices=("auto",) + FORMATS, default="auto", help="layout of --test-data-path")
     p.add_argument("--split", default="val", help="VOC: the ImageSets/Segmentation list to predict")
     p.add_argument("--save-res-path", "--save_res_path", default="predict_image/", help="output folder")

@@ -4,7 +4,8 @@
 # classes: class-index masks, and their colour pictures in predict_color/).
 #   CHECKPOINT       default checkpoints/best.npz (or the original's OneFlow checkpoint folder)
 #   PRETRAINED=1     use the original example's published checkpoint (downloaded once)
-#   TEST_DATA_PATH   default test_image/; also a DSB 2018 folder, a VOC root or a TIFF volume
+#   TEST_DATA_PATH   default test_image/; also a DSB 2018 folder, a VOC root, an nnU-Net or
+#                    Cellpose dataset, or a TIFF volume (then TIFF stacks out)
 #   SAVE_RES_PATH    default predict_image/
 #   INSTANCE_PATH    default predict_instances/: numbered objects (16-bit label PNGs: the cells
 #                    between membranes, or touching nuclei split by a watershed) and objects.csv

@@ -84,6 +84,7 @@ def test_the_best_checkpoint_is_picked_by_the_score_that_fits_the_task():
     (["--classes", "3", "--class-weights", "1,a,2"], VOC, "--class-weights '1,a,2': expected numbers separated"),
     (["--classes", "3", "--class-weights", "1,-2,2"], VOC, "expected 3 weights (one per class), each >= 0"),
     (["--val-label-path", "v"], ISBI, "--val-label-path labels the images of --val-image-path: give both"),
+    (["--percentiles", "99", "1"], ISBI, "--percentiles 99 1: the low percentile must be below the high one"),
     (["--best-metric", "val_miou"], ISBI, "--best-metric val_miou is not scored with --classes 1"),
     (["--best-metric", "val_dice"], ISBI._replace(validation=False), "there is no validation set"),
     ([], ISBI._replace(smallest=("tiny.png", 20)), "tiny.png: image smaller than 32 pixels a side"),
