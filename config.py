@@ -71,6 +71,9 @@ def settle(flags, data, device, backend_name, processes=1):
     """The complete Config of a run from the parsed flags (argparse.Namespace), the DataFacts, the
     device and the number of data-parallel processes; raises ConfigError on combinations that cannot work."""
     s = dict(vars(flags))
+    if not flags.percentiles[0] < flags.percentiles[1]:
+        raise ConfigError(f"--percentiles {flags.percentiles[0]:g} {flags.percentiles[1]:g}: the low percentile must "
+                          f"be below the high one")
     s["preset"] = flags.preset if flags.preset != "auto" else ("gpu" if device.startswith("cuda") else "cpu")
     s["batch_size"] = _global_batch(flags.batch_size, PRESETS[s["preset"]]["batch_size"], processes)
     for key, value in PRESETS[s["preset"]].items():
@@ -112,9 +115,6 @@ def _check(s, data):
                           f"weigh the classes with --class-weights instead")
     if s["class_weights"] and not several:
         raise ConfigError("--class-weights weighs several classes: it needs --classes 2 or more")
-    if not s["percentiles"][0] < s["percentiles"][1]:
-        raise ConfigError(f"--percentiles {s['percentiles'][0]:g} {s['percentiles'][1]:g}: the low percentile must "
-                          f"be below the high one")
     if s["val_label_path"] and not s["val_image_path"]:
         raise ConfigError("--val-label-path labels the images of --val-image-path: give both")
     name, side = data.smallest
