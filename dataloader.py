@@ -21,6 +21,7 @@ NORMALIZATIONS = ("percentile", "zscore", "range")
 DEFAULT_PERCENTILES = (1.0, 99.8)
 MAX_GUESSED_CHANNELS = 8
 
+
 def _read_file(path):
     """A decoded image file in its own type: H x W, or H x W x C (RGB order; a PNG's alpha dropped)."""
     if not os.path.isfile(path):
