@@ -332,22 +332,25 @@ def load_dataset(samples, classes=1, ignore_index=255, img_size=0, channels=None
     Channels follow the data (RGB when any image is colour) unless `channels` is given;
     `img_size` > 0 resizes every pair to that square (labels by nearest neighbour);
     `instance_labels`: labels number the objects (GlaS), foreground is nonzero."""
-    images, labels, instances = [], [], []
+    raw_images, labels, instances = [], [], []
     for sample in samples:
         if sample.read_label is None:
             raise DataError(f"{sample.source}: has no label")
         image = sample.read_image()
         label, raw = read_sample_label(sample, image.shape[:2], classes, ignore_index, instance_labels)
-        numbered = raw.astype(np.int32) if instance_labels else (sample.read_instances() if sample.read_instances else None)
-        if img_size:
-            image, label = resize(image, (img_size, img_size)), resize(label, (img_size, img_size), nearest=True)
-            numbered = None if numbered is None else resize(numbered, (img_size, img_size), nearest=True)
-        images.append(image)
+        raw_images.append(image)
         labels.append(label)
-        instances.append(numbered)
+        instances.append(raw.astype(np.int32) if instance_labels else
+                         (sample.read_instances() if sample.read_instances else None))
     method, percentiles = normalization
-    method = auto_normalization(images) if method == "auto" else method
-    images = [normalize(image, method, percentiles, s.source) for image, s in zip(images, samples)]
+    method = auto_normalization(raw_images) if method == "auto" else method
+    # normalized at the image's own size, then resized: as prediction does (predict_unet_test.py)
+    images = [normalize(image, method, percentiles, s.source) for image, s in zip(raw_images, samples)]
+    if img_size:
+        size = (img_size, img_size)
+        images = [resize(image, size) for image in images]
+        labels = [resize(label, size, nearest=True) for label in labels]
+        instances = [None if numbered is None else resize(numbered, size, nearest=True) for numbered in instances]
     channels = channels or max(channels_of(image) for image in images)
     if classes > 1 and not any(np.any((label > 0) & (label < classes)) for label in labels):
         raise DataError(f"{samples[0].source}: no label holds any class but 0 (and {ignore_index} = ignore): "
