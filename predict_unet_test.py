@@ -27,8 +27,8 @@ import numpy as np
 
 import backend
 from checkpoint import CheckpointError, build_model, input_normalization, predicted_classes
-from dataloader import normalize
 from cli import ArgumentParser, probability, ranged
+from dataloader import normalize
 from datasets import FORMATS, find_samples, read_sample_label
 from evaluate import format_table, score_binary, score_multiclass, write_json
 from files import DataError, atomic_write, write_png, write_tiff
