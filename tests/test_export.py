@@ -1,5 +1,6 @@
 """export.py: a checkpoint out as ONNX (checked with onnxruntime) and as a bioimage.io model package
-(validated by bioimageio.spec). Export runs on PyTorch; on OneFlow it says so in one line."""
+(validated by bioimageio.spec and run by bioimageio.core, as bioimage.io's tools do). Export runs on
+PyTorch; on OneFlow it says so in one line."""
 import json
 import os
 
@@ -56,9 +57,11 @@ def test_onnx_export_predicts_as_the_project_does_at_any_size(tmp_path):
 
 
 @needs_torch
-def test_bioimageio_package_validates_and_describes_the_preprocessing(tmp_path):
-    from bioimageio.spec import load_description
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")  # bioimage.io's TorchScript weights still are
+def test_bioimageio_package_validates_runs_and_describes_the_preprocessing(tmp_path):
     import yaml
+    from bioimageio.core import test_model
+    from bioimageio.spec import load_description
     checkpoint = tiny_checkpoint(tmp_path / "three.npz", n_channels=2, n_classes=3,
                                  data=dict(instances=True, normalize="percentile", percentiles=[2.0, 99.5]))
     raw = two_channel_sample(tmp_path / "sample.tif")
@@ -70,6 +73,9 @@ def test_bioimageio_package_validates_and_describes_the_preprocessing(tmp_path):
     description = load_description(str(tmp_path / "pkg" / "rdf.yaml"), perform_io_checks=True)
     summary = description.validation_summary
     assert summary.status == "valid-format", summary.format()
+    for weights in ("onnx", "torchscript"):  # run as bioimage.io tools run it: preprocessing, inference, test output
+        ran = test_model(str(tmp_path / "pkg" / "rdf.yaml"), weight_format=weights)
+        assert ran.status == "passed", ran.format()
     rdf = yaml.safe_load((tmp_path / "pkg" / "rdf.yaml").read_text())
     assert rdf["inputs"][0]["preprocessing"] == [dict(id="scale_range", kwargs=dict(
         axes=["y", "x"], min_percentile=2.0, max_percentile=99.5))]
