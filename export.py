@@ -25,7 +25,7 @@ import tifffile
 import backend
 from checkpoint import CheckpointError, build_model, input_normalization
 from cli import ArgumentParser
-from dataloader import normalize, read_raw_image, resize
+from dataloader import match_channels, normalize, read_raw_image, resize
 from files import DataError, atomic_write, write_png
 from inference import predict_probability
 from instances import OBJECT_CLASSES
@@ -73,8 +73,9 @@ def spatial_mean(x):
 
 
 class TwoPassInstanceNorm(backend.flow.nn.Module):
-    """InstanceNorm2d (affine) as explicit means (spatial_mean), exported so. onnxruntime's own
-    InstanceNormalization drifted 4e-4 from float64 on a 512x640 DSB image (PyTorch: 9e-6)."""
+    """InstanceNorm2d (affine) as explicit means (spatial_mean), exported so: with onnxruntime's own
+    InstanceNormalization the probabilities of a 640x512 DSB image were 2e-4 off (PyTorch float32: 1e-6
+    from float64); so, 3e-6 (BENCHMARKS.md)."""
 
     def __init__(self, norm):
         super().__init__()
@@ -112,10 +113,8 @@ def load_for_export(path):
 def sample_image(path, channels, side):
     """(raw image H x W x C, its name): --sample, or a reproducible random 8-bit image."""
     if path:
-        raw = read_raw_image(path)
+        raw = match_channels(read_raw_image(path), channels, path)  # grey and RGB fit either, as in prediction
         raw = raw[..., None] if raw.ndim == 2 else raw
-        if raw.shape[2] != channels:
-            raise DataError(f"{path}: image has {raw.shape[2]} channels, the network takes {channels}")
         if min(raw.shape[:2]) < side:
             raise DataError(f"{path}: image smaller than {side} pixels a side, the least the network takes")
         return raw, os.path.basename(path)
