@@ -28,7 +28,8 @@ from tqdm import tqdm
 import backend
 from backend import flow
 from augment import DEFAULT_PROBABILITIES
-from checkpoint import CheckpointError, RunFolder, build_model, load_checkpoint, load_weights, restore_optimizer, update_meta
+from checkpoint import (CheckpointError, RunFolder, build_model, input_normalization, load_checkpoint, load_weights,
+                        restore_optimizer, update_meta)
 from cli import ArgumentParser, probability, ranged
 from config import OBJECT_SCORES, ONE_CLASS_SCORES, PRESETS, ConfigError, as_dict, data_facts, describe, settle
 from dataloader import DEFAULT_PERCENTILES, NORMALIZATIONS, SegmentationDataset, Sampler
@@ -242,6 +243,10 @@ def resume(path, model, optimizer, rng, config):
     written_with = written.get("optimizer", "adam") if isinstance(written, dict) else None
     if written_with != config.optimizer:
         raise CheckpointError(f"{path}: written with --optimizer {written_with}; resume with the same")
+    trained_on = input_normalization(meta)
+    if trained_on != (config.normalize, tuple(config.percentiles)):
+        raise CheckpointError(f"{path}: trained on images normalized by {trained_on[0]} {trained_on[1]}, these by "
+                              f"{config.normalize} {tuple(config.percentiles)}: resume with the same --normalize")
     load_weights(model, weights, path)
     restore_optimizer(optimizer, meta, arrays, path)
     try:

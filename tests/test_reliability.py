@@ -121,6 +121,10 @@ def test_a_diverging_run_stops_with_a_clear_message_and_keeps_the_last_good_chec
     other = train_small(dataset, tmp_path, "--epochs", 2, "--resume", "--optimizer", "adam", check=False)
     assert last_line(other) == f"error: {tmp_path}/checkpoints/last.npz: written with --optimizer sgd; " \
                                f"resume with the same"
+    normalized = train_small(dataset, tmp_path, "--epochs", 2, "--resume", "--optimizer", "sgd", "--normalize",
+                             "zscore", check=False)
+    assert last_line(normalized) == f"error: {tmp_path}/checkpoints/last.npz: trained on images normalized by " \
+                                    f"range (1.0, 99.8), these by zscore (1.0, 99.8): resume with the same --normalize"
 
     fresh = train_small(dataset, tmp_path, "--epochs", 3, "--optimizer", "sgd", "--lr", 1e30, check=False)
     assert "training diverged" in last_line(fresh)  # a new run that never wrote moved nothing aside
