@@ -26,6 +26,7 @@ from dataloader import (DEFAULT_PERCENTILES, SegmentationDataset, auto_normaliza
                         channels_of, image_from_array, label_to_classes, match_channels, normalize, read_raw_image,
                         read_label_array, read_tiff, resize)
 from files import DataError, list_images
+from instances import connected_objects
 
 FORMATS = ("pairs", "dsb2018", "voc", "tiff", "nnunet", "cellpose")
 LABEL_SUFFIXES = ("_anno", "_mask", "_label", "_labels", "_gt", "_seg")
@@ -306,11 +307,14 @@ def _cellpose(folder, label_path, split):
 
 @functools.lru_cache(maxsize=1)  # a sample's label and instances come from one reading
 def _numbered_label(path):
-    """A label image that numbers its objects (Cellpose's _masks), as int32."""
+    """A label image that numbers its objects (Cellpose's _masks), as int32; a binary one (0/255)
+    numbers its connected regions."""
     array = read_raw_image(path)
     if array.ndim != 2 or array.dtype.kind not in "ui":
         raise DataError(f"{path}: masks of shape {array.shape} and type {array.dtype}, expected one "
                         f"channel of whole numbers (0 = background, 1, 2 ... = objects)")
+    if len(np.unique(array)) <= 2:
+        return connected_objects(array, connectivity=1).astype(np.int32)
     return array.astype(np.int32)
 
 

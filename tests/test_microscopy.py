@@ -209,6 +209,10 @@ def test_cellpose_folders_pair_images_with_their_numbered_masks(tmp_path):
     assert np.array_equal(samples[2].read_label(), (numbered > 0).astype(np.uint8))
     data = load_dataset(samples)
     assert data.instances is not None and data.channels == 2
+    binary = np.zeros((48, 48), np.uint8)
+    binary[5:20, 5:20], binary[30:40, 30:40] = 255, 255  # 0/255 masks: their regions are the objects
+    tifffile.imwrite(os.path.join(folder, "img0_masks.tif"), binary)
+    assert sorted(np.unique(find_samples(folder)[0].read_instances()).tolist()) == [0, 1, 2]
 
 
 def test_cellpose_folders_train_for_objects_scored_by_val_map(tmp_path):
