@@ -9,7 +9,7 @@ least its smallest side) and gives probabilities (sigmoid for one class, softmax
 The bioimage.io package says how to normalize (the checkpoint's --normalize as its preprocessing),
 and holds ONNX and TorchScript weights, a test input and output, a cover picture and a README.
 Every export is checked: the ONNX file with onnxruntime, the TorchScript file with PyTorch, against
-the project's own prediction of the sample, to EXPORT_TOLERANCE.
+the project's own prediction of the sample, to 1e-4 (EXPORT_TOLERANCE).
 """
 import copy
 import hashlib
