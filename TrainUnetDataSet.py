@@ -244,9 +244,9 @@ def resume(path, model, optimizer, rng, config):
     if written_with != config.optimizer:
         raise CheckpointError(f"{path}: written with --optimizer {written_with}; resume with the same")
     trained_on = input_normalization(meta)
-    if trained_on != (config.normalize, tuple(config.percentiles)):
+    if trained_on != (config.normalize, config.percentiles):
         raise CheckpointError(f"{path}: trained on images normalized by {trained_on[0]} {trained_on[1]}, these by "
-                              f"{config.normalize} {tuple(config.percentiles)}: resume with the same --normalize")
+                              f"{config.normalize} {config.percentiles}: resume with the same --normalize")
     load_weights(model, weights, path)
     restore_optimizer(optimizer, meta, arrays, path)
     try:

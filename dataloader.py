@@ -73,6 +73,16 @@ def read_tiff_image(path):
                     f"volume (--data-format tiff)")
 
 
+def read_tiff_stack(path):
+    """The pages of a TIFF file as one array: N x H x W, or N x H x W x C where the file has channels
+    (RGB pages, an ImageJ hyperstack's C); every other axis (Z, T ...) counts as pages."""
+    array, axes = channels_last(*read_tiff(path))
+    page_dims = 3 if axes[-1] in "CS" else 2
+    if array.size == 0 or array.ndim < page_dims:
+        raise DataError(f"{path}: TIFF holds no image pages (shape {array.shape})")
+    return array.reshape(-1, *array.shape[-page_dims:])
+
+
 def image_from_array(array, source):
     """A decoded image as H x W (one channel) or H x W x C, in its own type, checked."""
     if array.ndim == 3 and array.shape[2] == 1:

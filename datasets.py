@@ -22,9 +22,9 @@ from collections import namedtuple
 
 import numpy as np
 
-from dataloader import (DEFAULT_PERCENTILES, SegmentationDataset, auto_normalization, channels_last,
-                        channels_of, image_from_array, label_to_classes, match_channels, normalize, read_raw_image,
-                        read_label_array, read_tiff, resize)
+from dataloader import (DEFAULT_PERCENTILES, SegmentationDataset, auto_normalization, channels_of, image_from_array,
+                        label_to_classes, match_channels, normalize, read_label_array, read_raw_image, read_tiff_stack,
+                        resize)
 from files import DataError, list_images
 from instances import connected_objects
 
@@ -185,16 +185,6 @@ def _voc(root, label_path, split):
 
 def voc_split_exists(root, split):
     return os.path.isfile(os.path.join(root, "ImageSets", "Segmentation", f"{split}.txt"))
-
-
-def read_tiff_stack(path):
-    """The pages of a TIFF file as one array: N x H x W, or N x H x W x C where the file has channels
-    (RGB pages, an ImageJ hyperstack's C); every other axis (Z, T ...) counts as pages."""
-    array, axes = channels_last(*read_tiff(path))
-    page_dims = 3 if axes[-1] in "CS" else 2
-    if array.size == 0 or array.ndim < page_dims:
-        raise DataError(f"{path}: TIFF holds no image pages (shape {array.shape})")
-    return array.reshape(-1, *array.shape[-page_dims:])
 
 
 def page_names(volume, count):

@@ -21,8 +21,8 @@ import sys
 import numpy as np
 
 from cli import ArgumentParser, ranged
-from dataloader import label_to_classes, normalize, read_label_array
-from datasets import FORMATS, detect_format, find_samples, label_files, page_names, read_tiff_stack
+from dataloader import label_to_classes, normalize, read_label_array, read_tiff_stack
+from datasets import FORMATS, detect_format, find_samples, label_files, page_names
 from files import DataError, atomic_write, list_images
 from instances import object_scores
 from metrics import all_scores, confusion_matrix, confusion_scores

@@ -129,22 +129,20 @@ def project_prediction(model, meta, normalized):
 
 
 def write_onnx(module, path, channels, side):
-    import torch
-    example = torch.zeros(1, channels, side, side)
+    example = backend.flow.zeros(1, channels, side, side)
     dynamic = {0: "batch", 2: "height", 3: "width"}
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as scratch:
-        torch.onnx.export(module, example, os.path.join(scratch, "model.onnx"), input_names=["raw"],
+        backend.flow.onnx.export(module, example, os.path.join(scratch, "model.onnx"), input_names=["raw"],
                           output_names=["probability"], dynamic_axes={"raw": dynamic, "probability": dynamic},
                           opset_version=OPSET, dynamo=False)
         os.replace(os.path.join(scratch, "model.onnx"), path)
 
 
 def write_torchscript(module, path, channels, side):
-    import torch
-    traced = torch.jit.trace(module, torch.zeros(1, channels, side, side))
-    atomic_write(path, lambda f: torch.jit.save(traced, f))
+    traced = backend.flow.jit.trace(module, backend.flow.zeros(1, channels, side, side))
+    atomic_write(path, lambda f: backend.flow.jit.save(traced, f))
 
 
 def onnx_output(path, batch):
@@ -154,9 +152,8 @@ def onnx_output(path, batch):
 
 
 def torchscript_output(path, batch):
-    import torch
-    with torch.no_grad():
-        return torch.jit.load(path)(torch.from_numpy(batch)).numpy()
+    with backend.flow.no_grad():
+        return backend.flow.jit.load(path)(backend.flow.from_numpy(batch)).numpy()
 
 
 def check_export(name, output, expected):
