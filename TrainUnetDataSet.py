@@ -28,14 +28,14 @@ from tqdm import tqdm
 import backend
 from backend import flow
 from augment import DEFAULT_PROBABILITIES
-from checkpoint import (CheckpointError, RunFolder, build_model, input_normalization, load_checkpoint, load_weights,
+from checkpoint import (CheckpointError, RunFolder, input_normalization, load_checkpoint, load_weights, model_weights,
                         restore_optimizer, update_meta)
 from cli import ArgumentParser, probability, ranged
 from config import OBJECT_SCORES, ONE_CLASS_SCORES, PRESETS, ConfigError, as_dict, data_facts, describe, settle
 from dataloader import DEFAULT_PERCENTILES, NORMALIZATIONS, SegmentationDataset, Sampler
 from datasets import FORMATS, detect_format, find_samples, labels_beside, load_dataset, voc_split_exists
 from files import DataError
-from inference import best_threshold, validate
+from inference import best_threshold, threshold_errors, validate
 from instances import OBJECT_CLASSES, connected_objects, object_classes
 from log import Logger, append_json, json_log_path
 from losses import learning_rate, segmentation_loss
@@ -261,14 +261,21 @@ def resume(path, model, optimizer, rng, config):
     return epochs_done, best, stale, partial
 
 
-def calibrate(path, train_set, device):
-    """Record in the checkpoint at `path` the output shift that puts probability 0.5 on the threshold
-    with the best pixel accuracy on the training images. Weighted losses (--weight-map) bias the
-    network towards membranes; this moves its decision back (V_rand's sweep is unaffected)."""
-    threshold, error, error_at_half = best_threshold(build_model(path, device)[0], train_set, device)
-    update_meta(path, output_shift=float(np.log(threshold / (1 - threshold))), calibrated_threshold=threshold)
-    print(f"calibrated {path}: cell threshold {threshold:.2f} on the training images "
-          f"(pixel error there {error:.4f}, {error_at_half:.4f} at 0.5)")
+def calibrate(model, checkpoints, train_set, config, rank, processes):
+    """Record in each checkpoint (path, its weights) the output shift that puts probability 0.5 on
+    the threshold with the best pixel accuracy on the training images. Weighted losses (--weight-map)
+    bias the network towards membranes; this moves its decision back (V_rand's sweep is unaffected).
+    Every process sweeps its share of the images (the shares' sums are the sweep of all); rank 0 writes."""
+    mine = train_set.subset(range(rank, len(train_set), processes))
+    for path, weights in checkpoints:
+        load_weights(model, weights, path)
+        model.eval()
+        errors = backend.all_sum(threshold_errors(model, mine, config.device).tolist(), config.device, processes)
+        threshold, error, error_at_half = best_threshold(np.array(errors) / len(train_set))
+        if rank == 0:
+            update_meta(path, output_shift=float(np.log(threshold / (1 - threshold))), calibrated_threshold=threshold)
+        print(f"calibrated {path}: cell threshold {threshold:.2f} on the training images "
+              f"(pixel error there {error:.4f}, {error_at_half:.4f} at 0.5)")
 
 
 def report_epoch(epoch, scores, lr, seconds, improved, config):
@@ -318,6 +325,50 @@ def build_network(config):
     return model, flow.optim.Adam(model.parameters(), lr=config.lr)
 
 
+def checkpoint_writer(folder, model, optimizer, rng, config, rank):
+    """save(path, epoch, best, stale, with_optimizer=True, **more): the checkpoint of the run so far,
+    written by rank 0 alone, with what --resume and prediction need to know of the run."""
+    run = dict(best_metric=config.best_metric, input_scale=1.0, config=as_dict(config),
+               data=dict(format=config.data_format, img_size=config.img_size, ignore_index=config.ignore_index,
+                         instance_labels=config.instance_labels, instances=config.instances,
+                         normalize=config.normalize, percentiles=config.percentiles))
+
+    def save(path, epoch, best, stale, with_optimizer=True, **more):
+        if rank == 0:
+            folder.save(path, model, optimizer if with_optimizer else None, **run, epoch=epoch, best=best,
+                        stale_epochs=stale, rng=rng.bit_generator.state, **more)
+    return save
+
+
+def set_learning_rate(optimizer, epoch, config):
+    lr = learning_rate(epoch, config)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def step_loss(net, batch, config, class_weights, stop, processes):
+    """(loss tensor of this process's share of a batch, the step's mean loss over the processes,
+    whether any process was asked to stop): one exchange per step, so every process agrees."""
+    images, labels, weights = batch
+    with backend.autocast(config.device, config.amp):
+        logits = net(backend.to_tensor(images, config.device))
+    loss = segmentation_loss(logits.float(), labels, weights, config, class_weights, config.device)
+    loss_sum, stops = backend.all_sum([loss.item(), float(bool(stop.signal))], config.device, processes)
+    return loss, loss_sum / processes, stops > 0
+
+
+def apply_gradients(optimizer, scaler, loss):
+    optimizer.zero_grad()
+    if scaler:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+
+
 def train(flags, folder, stop, rank=0, processes=1):
     """The run the flags ask for, into the RunFolder `folder`; `stop` (a StopRequest) ends it early.
     In a data-parallel run every process trains on its share of each step and validates alike (so
@@ -331,26 +382,15 @@ def train(flags, folder, stop, rank=0, processes=1):
     model, optimizer = build_network(config)
     net = backend.data_parallel(model, device) if processes > 1 else model
     scaler = backend.grad_scaler(config.amp)
-    start_epoch, best, stale, partial = 0, None, 0, None
+    save = checkpoint_writer(folder, model, optimizer, rng, config, rank)
+    start_epoch, best, stale, partial, best_weights = 0, None, 0, None, None
     if config.resume:
         start_epoch, best, stale, partial = resume(last, model, optimizer, rng, config)
-
-    run = dict(best_metric=config.best_metric, input_scale=1.0, config=as_dict(config),
-               data=dict(format=config.data_format, img_size=config.img_size, ignore_index=config.ignore_index,
-                         instance_labels=config.instance_labels, instances=config.instances,
-                         normalize=config.normalize, percentiles=config.percentiles))
-
-    def save(path, epoch, with_optimizer=True, **more):  # rank 0 writes, with the run's state
-        if rank == 0:
-            folder.save(path, model, optimizer if with_optimizer else None, **run, epoch=epoch, best=best,
-                        stale_epochs=stale, rng=rng.bit_generator.state, **more)
-
+        best_weights = load_checkpoint(best_path)[1] if os.path.exists(best_path) else None
     first_loss = None
     for epoch in range(start_epoch, config.epochs):
         begin = time.perf_counter()
-        lr = learning_rate(epoch, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_learning_rate(optimizer, epoch, config)
         model.train()
         if partial:  # an epoch stopped midway: the same order, from the next step on
             order, first_step, losses = np.array(partial["order"]), partial["step"], partial["losses"]
@@ -362,35 +402,24 @@ def train(flags, folder, stop, rank=0, processes=1):
         for step in tqdm(range(first_step, steps), total=steps, initial=first_step, leave=False,
                          desc=f"epoch {epoch + 1}/{config.epochs}", file=sys.stderr):
             step_indices = order[step * config.batch_size:(step + 1) * config.batch_size]
-            images, labels, weights = sampler.batch(step_indices[rank::processes], (config.seed, epoch))
-            with backend.autocast(device, config.amp):
-                logits = net(backend.to_tensor(images, device))
-            loss = segmentation_loss(logits.float(), labels, weights, config, class_weights, device)
-            # One exchange per step: every process sees the mean loss and any stop request, so all agree.
-            loss_sum, stops = backend.all_sum([loss.item(), float(bool(stop.signal))], device, processes)
-            value, stop_now = loss_sum / processes, stops > 0
+            batch = sampler.batch(step_indices[rank::processes], (config.seed, epoch))
+            loss, value, stop_now = step_loss(net, batch, config, class_weights, stop, processes)
             check_loss(value, first_loss, epoch, step, config.lr)  # before the step: a NaN never reaches the weights
             first_loss = value if first_loss is None else first_loss
-            optimizer.zero_grad()
-            if scaler:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+            apply_gradients(optimizer, scaler, loss)
             losses.append(value)
             if stop_now and step + 1 < steps:
-                save(last, epoch, partial=dict(step=step + 1, order=order.tolist(), losses=losses))
+                save(last, epoch, best, stale, partial=dict(step=step + 1, order=order.tolist(), losses=losses))
                 stop.stop(f"in epoch {epoch + 1}, after step {step + 1} of {steps}: {last} holds that state")
         scores = dict(train_loss=float(np.mean(losses)))
         if val_set is not None:
             scores.update(validate_share(model, val_set, val_weights, config, class_weights, rank, processes))
         improved = improves(scores[config.best_metric], best, config.best_metric)
         best, stale = (scores[config.best_metric], 0) if improved else (best, stale + 1)
-        save(last, epoch + 1, scores=scores)
+        save(last, epoch + 1, best, stale, scores=scores)
         if improved:
-            save(best_path, epoch + 1, with_optimizer=False, scores=scores)
+            best_weights = model_weights(model)
+            save(best_path, epoch + 1, best, stale, with_optimizer=False, scores=scores)
         if rank == 0:
             report_epoch(epoch, scores, lr, time.perf_counter() - begin, improved, config)
         stop_now = backend.all_sum([float(bool(stop.signal))], device, processes)[0] > 0
@@ -399,10 +428,11 @@ def train(flags, folder, stop, rank=0, processes=1):
         if config.patience and stale >= config.patience:
             print(f"early stop: {config.best_metric} has not improved for {stale} epochs")
             break
-    if rank == 0 and config.calibrate and config.outputs == 1:
-        for path in (best_path, last):
-            calibrate(path, train_set, device)
+    if config.calibrate and config.outputs == 1:
+        checkpoints = ([(best_path, best_weights)] if best_weights else []) + [(last, model_weights(model))]
+        calibrate(model, checkpoints, train_set, config, rank, processes)
     print(f"checkpoints: {best_path} (best {config.best_metric} {best:.4f}), {last}")
+    backend.wait_for_all(device, processes)
 
 
 def join_launched_run(processes):

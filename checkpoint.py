@@ -77,10 +77,15 @@ def write_npz(f, arrays):
                 np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
 
 
+def model_weights(model):
+    """A copy of the model's weights as numpy arrays by name, as a checkpoint holds them."""
+    return {k: np.array(backend.to_numpy(v)) for k, v in model.state_dict().items()}
+
+
 def save_checkpoint(path, model, optimizer=None, **info):
     """Write weights, model config, optional optimizer state and `info` atomically to `path`;
     weights or optimizer state that are not finite (a diverged run) are never written."""
-    arrays = {f"model/{k}": backend.to_numpy(v) for k, v in model.state_dict().items()}
+    arrays = {f"model/{k}": v for k, v in model_weights(model).items()}
     meta = {"format": FORMAT, "backend": backend.NAME, "model": model.config(), **info}
     if optimizer is not None:
         meta["optimizer"] = _encode(optimizer.state_dict(), arrays, "optimizer")

@@ -107,14 +107,24 @@ def predict_sample(model, meta, image, device, tile=1024, overlap=128, tta=False
     return resize(prob, image.shape[:2]) if size else prob
 
 
-def best_threshold(model, dataset, device):
-    """(threshold, pixel error there, pixel error at 0.5): the cell-probability threshold, in steps of
-    0.05, with the fewest wrong pixels over a dataset's images (one class)."""
-    probs = [predict_probability(model, image, device, tile=0) for image in dataset.images]
-    thresholds = np.round(np.arange(0.05, 0.96, 0.05), 2)
-    errors = [np.mean([np.mean((p > t) != label) for p, label in zip(probs, dataset.labels)]) for t in thresholds]
+THRESHOLDS = np.round(np.arange(0.05, 0.96, 0.05), 2)  # the cell-probability thresholds calibration tries
+
+
+def threshold_errors(model, dataset, device):
+    """Per threshold of THRESHOLDS, the pixel error (share of wrong pixels) of each of a dataset's
+    images summed over the images (one class): sums of a dataset's parts add up to the whole's."""
+    totals = np.zeros(len(THRESHOLDS))
+    for image, label in zip(dataset.images, dataset.labels):
+        prob = predict_probability(model, image, device, tile=0)
+        totals += [np.mean((prob > t) != label) for t in THRESHOLDS]
+    return totals
+
+
+def best_threshold(errors):
+    """(threshold, its pixel error, the pixel error at 0.5) of the mean `errors` per threshold of THRESHOLDS:
+    the threshold with the fewest wrong pixels."""
     best = int(np.argmin(errors))
-    return float(thresholds[best]), float(errors[best]), float(errors[list(thresholds).index(0.5)])
+    return float(THRESHOLDS[best]), float(errors[best]), float(errors[list(THRESHOLDS).index(0.5)])
 
 
 def validate(model, dataset, weights, config, class_weights, device):

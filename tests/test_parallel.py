@@ -15,7 +15,7 @@ from checkpoint import load_checkpoint
 from conftest import ROOT, train_small, write_dataset
 
 # SGD: Adam turns the float rounding of a summed gradient into whole steps where gradients are ~0.
-FLAGS = ["--epochs", 2, "--batch-size", 2, "--val-fraction", 0.34, "--schedule", "constant", "--no-calibrate",
+FLAGS = ["--epochs", 2, "--batch-size", 2, "--val-fraction", 0.34, "--schedule", "constant",
          "--optimizer", "sgd", "--lr", 0.01, "--momentum", 0.9]
 
 
@@ -52,6 +52,10 @@ def assert_same_weights(a, b):
         np.testing.assert_allclose(second[name], first[name], atol=1e-5, err_msg=name)
 
 
+def calibrated_thresholds(run):
+    return [load_checkpoint(f"{run}/checkpoints/{name}")[0]["calibrated_threshold"] for name in ("best.npz", "last.npz")]
+
+
 @pytest.fixture
 def data(tmp_path):
     return write_dataset(tmp_path / "data", n_train=6, n_test=0)  # 4 to train on, 2 to validate
@@ -68,6 +72,16 @@ def test_two_processes_train_the_weights_of_one_process_with_the_same_global_bat
     for score in ("train_loss", "val_loss", "val_pixel_error", "val_dice", "val_v_rand"):  # validation shared out
         assert two[score] == pytest.approx(alone[score], abs=1e-4), score
     assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["best.npz", "last.npz"]
+    assert calibrated_thresholds(tmp_path / "two") == calibrated_thresholds(tmp_path / "alone")  # the sweep shared out
+
+
+def test_a_launched_run_calibrating_slices_of_isbi_size_ends_with_every_process_and_calibrated_checkpoints(tmp_path):
+    # Rank 0 calibrating alone for seconds while rank 1 had left made OneFlow abort rank 0 ("Machine 1 lost").
+    data = write_dataset(tmp_path / "data", n_train=4, n_test=0, size=512)
+    out, _ = finished(launched(data, tmp_path / "two", launcher(2), "--base", 16, "--crop", 64, "--optimizer", "adam",
+                               "--lr", 1e-3))
+    assert out.count("calibrated ") == 2 and "checkpoints: " in out
+    assert all(0 < t < 1 for t in calibrated_thresholds(tmp_path / "two"))
 
 
 @pytest.mark.xfail(backend.NAME == "oneflow", strict=True, reason="OneFlow 0.9 aborts a second node on the "
