@@ -32,7 +32,7 @@ from checkpoint import (CheckpointError, RunFolder, input_normalization, load_ch
                         restore_optimizer, update_meta)
 from cli import ArgumentParser, probability, ranged
 from config import OBJECT_SCORES, ONE_CLASS_SCORES, PRESETS, ConfigError, as_dict, data_facts, describe, settle
-from dataloader import DEFAULT_PERCENTILES, NORMALIZATIONS, SegmentationDataset, Sampler
+from dataloader import DEFAULT_PERCENTILES, NORMALIZATIONS, SegmentationDataset, Sampler, intensity_levels
 from datasets import FORMATS, detect_format, find_samples, labels_beside, load_dataset, voc_split_exists
 from files import DataError
 from inference import best_threshold, threshold_errors, validate
@@ -156,7 +156,7 @@ def for_objects(dataset):
     from its numbered objects, or where it numbers none from its labels' 4-connected regions."""
     numbered = dataset.instances or [connected_objects(label, connectivity=1) for label in dataset.labels]
     return SegmentationDataset(dataset.images, [object_classes(n) for n in numbered], len(OBJECT_CLASSES),
-                               dataset.names, numbered, dataset.normalization)
+                               dataset.names, numbered, dataset.normalization, dataset.input_types)
 
 
 def pixel_weights(dataset, config):
@@ -325,13 +325,17 @@ def build_network(config):
     return model, flow.optim.Adam(model.parameters(), lr=config.lr)
 
 
-def checkpoint_writer(folder, model, optimizer, rng, config, rank):
+def checkpoint_writer(folder, model, optimizer, rng, config, train_set, rank):
     """save(path, epoch, best, stale, with_optimizer=True, **more): the checkpoint of the run so far,
-    written by rank 0 alone, with what --resume and prediction need to know of the run."""
-    run = dict(best_metric=config.best_metric, input_scale=1.0, config=as_dict(config),
-               data=dict(format=config.data_format, img_size=config.img_size, ignore_index=config.ignore_index,
-                         instance_labels=config.instance_labels, instances=config.instances,
-                         normalize=config.normalize, percentiles=config.percentiles))
+    written by rank 0 alone, with what --resume and prediction need to know of the run (a network
+    trained on images divided by their type's range also keeps their types and intensity levels, so
+    that prediction can map images of other types onto them: checkpoint.network_input)."""
+    data = dict(format=config.data_format, img_size=config.img_size, ignore_index=config.ignore_index,
+                instance_labels=config.instance_labels, instances=config.instances,
+                normalize=config.normalize, percentiles=config.percentiles)
+    if config.normalize == "range":
+        data.update(input_types=train_set.input_types, input_levels=intensity_levels(train_set.images, config.percentiles))
+    run = dict(best_metric=config.best_metric, input_scale=1.0, config=as_dict(config), data=data)
 
     def save(path, epoch, best, stale, with_optimizer=True, **more):
         if rank == 0:
@@ -382,7 +386,7 @@ def train(flags, folder, stop, rank=0, processes=1):
     model, optimizer = build_network(config)
     net = backend.data_parallel(model, device) if processes > 1 else model
     scaler = backend.grad_scaler(config.amp)
-    save = checkpoint_writer(folder, model, optimizer, rng, config, rank)
+    save = checkpoint_writer(folder, model, optimizer, rng, config, train_set, rank)
     start_epoch, best, stale, partial, best_weights = 0, None, 0, None, None
     if config.resume:
         start_epoch, best, stale, partial = resume(last, model, optimizer, rng, config)
@@ -400,7 +404,7 @@ def train(flags, folder, stop, rank=0, processes=1):
         # Alone, the last step takes what is left; data parallel, every process needs its equal share.
         steps = math.ceil(len(order) / config.batch_size) if processes == 1 else len(order) // config.batch_size
         for step in tqdm(range(first_step, steps), total=steps, initial=first_step, leave=False,
-                         desc=f"epoch {epoch + 1}/{config.epochs}", file=sys.stderr):
+                         desc=f"epoch {epoch + 1}/{config.epochs}", file=sys.stderr, disable=rank > 0):
             step_indices = order[step * config.batch_size:(step + 1) * config.batch_size]
             batch = sampler.batch(step_indices[rank::processes], (config.seed, epoch))
             loss, value, stop_now = step_loss(net, batch, config, class_weights, stop, processes)

@@ -22,7 +22,7 @@ from collections import OrderedDict
 import numpy as np
 
 import backend
-from dataloader import DEFAULT_PERCENTILES, NORMALIZATIONS
+from dataloader import DEFAULT_PERCENTILES, NORMALIZATIONS, map_onto_levels, normalize
 from files import atomic_write
 from unet import UNet
 
@@ -130,6 +130,7 @@ MODEL_CHECKS = {
     "padding": lambda v: v in ("same", "valid"),
     "dropout": lambda v: _is_number(v) and 0 <= v < 1,
 }
+IMAGE_TYPES = {"uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64", "float16", "float32", "float64"}
 DATA_CHECKS = {
     "img_size": lambda v: _is_whole(v, 0, 1 << 16),
     "ignore_index": lambda v: _is_whole(v, 0, 255),
@@ -137,6 +138,9 @@ DATA_CHECKS = {
     "instances": lambda v: isinstance(v, bool),  # trained for objects: background, interior, boundary
     "normalize": lambda v: v in NORMALIZATIONS,
     "percentiles": lambda v: isinstance(v, list) and len(v) == 2 and all(_is_number(p) for p in v) and 0 <= v[0] < v[1] <= 100,
+    "input_types": lambda v: isinstance(v, list) and all(t in IMAGE_TYPES for t in v),
+    "input_levels": lambda v: isinstance(v, list) and 1 <= len(v) <= 1024 and all(
+        isinstance(pair, list) and len(pair) == 2 and all(_is_number(x) for x in pair) for pair in v),
 }
 
 
@@ -221,6 +225,23 @@ def input_normalization(meta):
     """(method, percentiles) of dataloader.normalize the network was trained with (range before they were kept)."""
     data = meta.get("data", {})
     return data.get("normalize", "range"), tuple(data.get("percentiles", DEFAULT_PERCENTILES))
+
+
+def network_input(meta, raw, source="image"):
+    """(image, note or None): a raw image normalized for the network as its training images were.
+
+    A network trained on images divided by their type's range (8-bit PNGs, say) would see a 12- or
+    16-bit image of the same scene at another brightness (a 12-bit image in a 16-bit file at 1/16):
+    an image of a type it was not trained on has its percentiles mapped onto the training images'
+    normalized ones instead, and the note says so."""
+    method, percentiles = input_normalization(meta)
+    data = meta.get("data", {})
+    trained_on = data.get("input_types")
+    if method != "range" or str(raw.dtype) in (trained_on or [str(raw.dtype)]) or "input_levels" not in data:
+        return normalize(raw, method, percentiles, source), None
+    note = (f"{raw.dtype} image, the network was trained on {'/'.join(trained_on)}: its {percentiles[0]:g}-"
+            f"{percentiles[1]:g} percentiles mapped onto the training images' levels")
+    return map_onto_levels(raw, percentiles, data["input_levels"]), note
 
 
 def build_model(path, device):

@@ -60,6 +60,18 @@ def channels_last(array, axes):
     return np.moveaxis(array, channel, -1), axes[:channel] + axes[channel + 1:] + axes[channel]
 
 
+def rgb_planes(path):
+    """True when a TIFF holds colour planes stored one after the other (tagged RGB, planar configuration
+    separate): what tifffile writes for a 3 x H x W array unless told photometric='minisblack', so
+    often three slices rather than one colour image."""
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.series[0].keyframe
+            return page.photometric == tifffile.PHOTOMETRIC.RGB and page.planarconfig == tifffile.PLANARCONFIG.SEPARATE
+    except Exception:  # not a readable TIFF: its reader says so
+        return False
+
+
 def read_tiff_image(path):
     """One image from a TIFF: H x W, or H x W x C with the channels first or last in the file
     (without metadata, an outer axis of at most MAX_GUESSED_CHANNELS counts as channels)."""
@@ -122,6 +134,23 @@ def normalize(image, method="range", percentiles=DEFAULT_PERCENTILES, source="im
     else:
         raise ValueError(f"unknown normalization {method!r}")
     return ((values - low) / np.where(spread > 0, spread, 1)).astype(np.float32)
+
+
+def intensity_levels(images, percentiles=DEFAULT_PERCENTILES):
+    """Where normalized images' intensities lie: per channel, [low, high], the medians over the
+    images of their `percentiles` (what a network trained on them is used to)."""
+    per_image = [np.percentile(image.reshape(-1, channels_of(image)), percentiles, axis=0) for image in images]
+    return np.median(per_image, axis=0).T.round(6).tolist()
+
+
+def map_onto_levels(image, percentiles, levels):
+    """`image` (raw, any type) with each channel's `percentiles` mapped linearly onto `levels` ([low, high]
+    per channel, as intensity_levels gives them; one pair for all channels where the counts differ)."""
+    levels = np.array(levels, np.float32)
+    if len(levels) != channels_of(image):
+        levels = levels.mean(axis=0, keepdims=True)
+    low, high = (levels[:, 0], levels[:, 1]) if image.ndim == 3 else (levels[0, 0], levels[0, 1])
+    return (normalize(image, "percentile", percentiles) * (high - low) + low).astype(np.float32)
 
 
 def auto_normalization(images):
@@ -228,11 +257,13 @@ class SegmentationDataset:
     """Images (H x W or H x W x C, normalized) and labels (class indices; 1 = cell or object with one class) held
     in memory, with their names and, where the data numbers its objects, the numbered instances."""
 
-    def __init__(self, images, labels, classes=1, names=None, instances=None, normalization=("range", DEFAULT_PERCENTILES)):
+    def __init__(self, images, labels, classes=1, names=None, instances=None, normalization=("range", DEFAULT_PERCENTILES),
+                 input_types=None):
         self.images, self.labels, self.classes = images, labels, classes
         self.names = names or [str(i) for i in range(len(images))]
         self.instances = instances  # numbered objects (DSB 2018's masks, GlaS) for the weight map, or None
         self.normalization = normalization  # (method, percentiles) the images were normalized with
+        self.input_types = input_types  # the image files' types ("uint8", "uint16" ...), as read
 
     @property
     def channels(self):
@@ -244,7 +275,7 @@ class SegmentationDataset:
     def subset(self, indices):
         pick = lambda items: None if items is None else [items[i] for i in indices]  # noqa: E731
         return SegmentationDataset(pick(self.images), pick(self.labels), self.classes, pick(self.names),
-                                   pick(self.instances), self.normalization)
+                                   pick(self.instances), self.normalization, self.input_types)
 
 
 class Sampler:

@@ -352,4 +352,5 @@ def load_dataset(samples, classes=1, ignore_index=255, img_size=0, channels=None
     return SegmentationDataset([match_channels(image, channels, s.source) for image, s in zip(images, samples)],
                                labels, classes=classes, names=[s.name for s in samples],
                                instances=instances if any(i is not None for i in instances) else None,
-                               normalization=(method, tuple(percentiles)))
+                               normalization=(method, tuple(percentiles)),
+                               input_types=sorted({str(image.dtype) for image in raw_images}))

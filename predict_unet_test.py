@@ -26,9 +26,9 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 import backend
-from checkpoint import CheckpointError, build_model, input_normalization, predicted_classes
+from checkpoint import CheckpointError, build_model, network_input, predicted_classes
 from cli import ArgumentParser, probability, ranged
-from dataloader import normalize
+from dataloader import channels_of, rgb_planes
 from datasets import FORMATS, find_samples, read_sample_label
 from evaluate import format_table, score_binary, score_multiclass, write_json
 from files import DataError, atomic_write, write_png, write_tiff
@@ -194,7 +194,8 @@ def _predict_one(index):
     job, model, meta, sample = _worker["job"], _worker["model"], _worker["meta"], _worker["samples"][index]
     data, classes = meta.get("data", {}), predicted_classes(meta)
     name = sample.name + ".png"
-    image = normalize(sample.read_image(), *input_normalization(meta), sample.source)
+    raw = sample.read_image()
+    image, note = network_input(meta, raw, sample.source)
     with backend.autocast(job["device"], job["amp"]):
         maps = predict_sample(model, meta, image, job["device"], job["tile"], job["overlap"], job["tta"], sample.source)
     prob = foreground(maps) if data.get("instances") else maps
@@ -207,12 +208,25 @@ def _predict_one(index):
     summary = f"cell {np.mean(mask > 0):.1%}" if classes == 1 else f"classes {sorted(np.unique(mask).tolist())}"
     if table is not None:
         summary += f", {len(table['image'])} objects"
+    if note:
+        summary += f"; {note}"
     wants_prob = job["outputs"].get("prob") and classes == 1
-    return dict(source=sample.source, path=os.path.join(job["outputs"]["masks"], name), summary=summary, objects=table,
+    return dict(source=sample.source, warning=planes_warning(sample, raw, model.n_channels), path=os.path.join(job["outputs"]["masks"], name), summary=summary, objects=table,
                 scored=None if truth is None else (name, prob, truth),
                 montage=(image, mask > 0, truth) if index in job["montage"] and classes == 1 else None,
                 stack=sample.stack if in_stack else None,
                 page=dict(mask=mask, prob=prob if wants_prob else None, objects=objects) if in_stack else None)
+
+
+def planes_warning(sample, raw, channels):
+    """What to tell of a one-channel network given a TIFF's 3 planes tagged RGB (tifffile's default for
+    3 x H x W arrays): predicted as one grey image, not as 3 slices. None otherwise."""
+    path = sample.stack[0] if sample.stack else sample.source
+    if channels != 1 or channels_of(raw) != 3 or not path.lower().endswith((".tif", ".tiff")) or not rgb_planes(path):
+        return None
+    return (f"warning: {path}: 3 planes tagged RGB are read as one colour image and predicted as one grey image "
+            f"(the network takes one channel); to predict them as 3 slices, save them with "
+            f"tifffile.imwrite(path, array, photometric='minisblack')")
 
 
 def default_workers(images):
@@ -253,6 +267,8 @@ def predict_dataset(checkpoint, data_path, outputs, data_format="auto", label_pa
     written, montage_rows, scored, tables, stacks = [], [], [], [], {}
     try:
         for result in results:
+            if result["warning"]:
+                print(result["warning"], file=sys.stderr)
             if result["stack"]:
                 volume, _, pages = result["stack"]
                 stacks.setdefault(volume, []).append(result["page"])

@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 import tifffile
 
+from checkpoint import build_model, update_meta
 from conftest import run_script, tiny_checkpoint, write_dataset
-from dataloader import normalize, read_image, read_raw_image
+from dataloader import intensity_levels, normalize, read_image, read_raw_image
+from fetch_data import synthetic_em_slice
+from inference import predict_sample
 from datasets import detect_format, find_samples, load_dataset, read_tiff_stack
 from files import DataError
 
@@ -119,6 +122,62 @@ def test_a_two_channel_16_bit_network_keeps_its_input_in_the_checkpoint_and_pred
     bright = cv2.imread(str(out / "bright_prob" / "0.png"), cv2.IMREAD_UNCHANGED).astype(int)
     assert np.abs(dim - bright).max() <= 1  # percentiles: the same input, whatever the brightness
     assert cv2.imread(str(out / "dim_overlay" / "0.png")).shape == (64, 64, 3)  # the first channel, tinted
+
+
+def dice(a, b):
+    return 2 * np.sum(a & b) / (np.sum(a) + np.sum(b))
+
+
+def masks_of_one_slice_in_three_bit_depths(tmp_path, checkpoint, slice_8bit):
+    """Masks predicted from one slice stored as an 8-bit PNG, as 12 bits in a 16-bit TIFF and as full-range 16 bits."""
+    folder = tmp_path / "slices"
+    os.makedirs(folder, exist_ok=True)
+    cv2.imwrite(str(folder / "eight.png"), slice_8bit)
+    tifffile.imwrite(folder / "twelve.tif", slice_8bit.astype(np.uint16) * 16)
+    tifffile.imwrite(folder / "sixteen.tif", slice_8bit.astype(np.uint16) * 257)
+    result = run_script("predict_unet_test.py", "--checkpoint", checkpoint, "--test-data-path", folder, "--no-tta",
+                        "--save-res-path", tmp_path / "masks", cwd=tmp_path)
+    masks = [cv2.imread(str(tmp_path / "masks" / f"{name}.png"), cv2.IMREAD_UNCHANGED) > 0
+             for name in ("eight", "twelve", "sixteen")]
+    return masks, result.stdout
+
+
+@pytest.mark.parametrize("norm", ["batch", "instance"])
+def test_a_network_trained_on_8_bit_images_predicts_a_slice_alike_whether_stored_in_8_12_or_16_bits(tmp_path, norm):
+    rng = np.random.default_rng(0)
+    slices = [synthetic_em_slice(128, rng, cell_size=16)[0] for _ in range(4)]
+    trained_on = dict(normalize="range", input_types=["uint8"], input_levels=intensity_levels([s / 255 for s in slices[1:]]))
+    checkpoint = tiny_checkpoint(tmp_path / "net.npz", norm=norm, data=trained_on)
+    model, meta = build_model(checkpoint, "cpu")
+    prob = predict_sample(model, meta, slices[0] / 255, "cpu")
+    update_meta(checkpoint, output_shift=float(np.log(np.median(prob) / (1 - np.median(prob)))))  # half the slice cell
+    (eight, twelve, sixteen), out = masks_of_one_slice_in_three_bit_depths(tmp_path, checkpoint, slices[0])
+    assert 0.3 < eight.mean() < 0.7
+    assert min(dice(eight, twelve), dice(eight, sixteen), dice(twelve, sixteen)) >= 0.95
+    assert out.count("uint16 image, the network was trained on uint8: its 1-99.8 percentiles mapped onto the "
+                     "training images' levels") == 2
+    assert "uint8" not in next(line for line in out.splitlines() if "eight.png ->" in line)  # 8-bit: as before
+    if norm == "batch":  # divided by the 16-bit range instead, the 12-bit slice reaches this network 16x too dark
+        update_meta(checkpoint, data=dict(normalize="range"))
+        (eight, twelve, _), _ = masks_of_one_slice_in_three_bit_depths(tmp_path, checkpoint, slices[0])
+        assert dice(eight, twelve) < 0.9
+
+
+def test_three_planes_tagged_rgb_predicted_by_a_grey_network_say_so_in_one_line_and_how_to_save_slices(tmp_path):
+    checkpoint = tiny_checkpoint(tmp_path / "grey.npz", data=dict(normalize="range", input_types=["uint8"],
+                                                                  input_levels=[[0.0, 1.0]]))
+    planes = np.random.default_rng(0).integers(0, 256, (3, 64, 64)).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "rgb.tif", planes, photometric="rgb", planarconfig="separate")  # tifffile's default
+    tifffile.imwrite(tmp_path / "slices.tif", planes, photometric="minisblack")
+    rgb = run_script("predict_unet_test.py", "--checkpoint", checkpoint, "--test-data-path", "rgb.tif", "--no-tta",
+                     "--save-res-path", "rgb", cwd=tmp_path)
+    assert rgb.stderr.count("warning: rgb.tif: 3 planes tagged RGB are read as one colour image and predicted as one "
+                            "grey image (the network takes one channel); to predict them as 3 slices, save them "
+                            "with tifffile.imwrite(path, array, photometric='minisblack')") == 1
+    assert tifffile.imread(tmp_path / "rgb" / "rgb.tif").shape == (64, 64)
+    slices = run_script("predict_unet_test.py", "--checkpoint", checkpoint, "--test-data-path", "slices.tif",
+                        "--no-tta", "--save-res-path", "slices", cwd=tmp_path)
+    assert "warning" not in slices.stderr and tifffile.imread(tmp_path / "slices" / "slices.tif").shape == (3, 64, 64)
 
 
 def test_prediction_images_with_another_channel_count_stop_with_one_line(tmp_path):
