@@ -32,6 +32,7 @@ from checkpoint import (CheckpointError, RunFolder, input_normalization, load_ch
                         restore_optimizer, update_meta)
 from cli import ArgumentParser, probability, ranged
 from config import OBJECT_SCORES, ONE_CLASS_SCORES, PRESETS, ConfigError, as_dict, data_facts, describe, settle
+from curves import plot_curves, read_log
 from dataloader import DEFAULT_PERCENTILES, NORMALIZATIONS, SegmentationDataset, Sampler, intensity_levels
 from datasets import FORMATS, detect_format, find_samples, labels_beside, load_dataset, voc_split_exists
 from files import DataError
@@ -45,6 +46,14 @@ from weightmap import weight_map
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
+    for add_flags in (data_flags, schedule_flags, network_flags, loss_flags, run_flags):
+        add_flags(p)
+    return p.parse_args(argv)
+
+
+def data_flags(p):
+    """What to train on, how to read it and what to predict."""
+    p = p.add_argument_group("data")
     p.add_argument("--data-path", "--data_path", default="train_image",
                    help="training images: a folder (labels in --label-path), a DSB 2018 stage1_train folder, "
                         "a VOC root, an nnU-Net or Cellpose dataset, or a TIFF volume")
@@ -78,6 +87,11 @@ def parse_args(argv=None):
     p.add_argument("--img-size", type=ranged(int, MIN_SIDE, also=(0,)), default=0,
                    help="resize every image to this square for training, and for prediction (0: keep sizes; "
                         "predictions come back at each image's own size)")
+
+
+def schedule_flags(p):
+    """How long and how fast: the preset, epochs, batches, the optimizer."""
+    p = p.add_argument_group("schedule")
     p.add_argument("--preset", choices=["auto", "cpu", "gpu"], default="auto",
                    help="defaults for the flags below: auto = gpu on CUDA, else cpu; %s" % PRESETS)
     p.add_argument("--epochs", type=ranged(int, 1), help="passes over the training images (default: from --preset)")
@@ -88,6 +102,11 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=ranged(float, 0), help="learning rate at the start (default: from --preset)")
     p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
                    help="learning rate over the epochs: cosine decay to lr/100, or constant")
+
+
+def network_flags(p):
+    """The U-Net and what it sees of each image."""
+    p = p.add_argument_group("network")
     p.add_argument("--base", type=ranged(int, 1, 1024), help="channels of the first level (64 = the paper's U-Net) (default: from --preset)")
     p.add_argument("--crop", type=ranged(int, MIN_SIDE, also=(0,)), help="train on random crops of this size (0: whole images) (default: from --preset)")
     p.add_argument("--bilinear", action="store_true", help="bilinear upsampling instead of transposed convs")
@@ -95,6 +114,11 @@ def parse_args(argv=None):
     p.add_argument("--padding", choices=["same", "valid"], default="same",
                    help="valid: the paper's unpadded U-Net (572 -> 388), trained on mirrored tiles")
     p.add_argument("--dropout", type=ranged(float, 0, below=1), default=0.0, help="dropout at the end of the contracting path")
+
+
+def loss_flags(p):
+    """The loss, the augmentations, the decision threshold, and what picks best.npz."""
+    p = p.add_argument_group("loss and checkpoints")
     p.add_argument("--dice-weight", type=ranged(float, 0),
                    help="weight of a soft-Dice term added to the cross-entropy (default 0 with one class, 1 with more)")
     p.add_argument("--weight-map", action=argparse.BooleanOptionalAction,
@@ -115,6 +139,11 @@ def parse_args(argv=None):
                         "val_map: the DSB 2018 object score, where labels number objects")
     p.add_argument("--patience", type=ranged(int, 0), default=0,
                    help="stop after this many epochs without a better --best-metric (0: never)")
+
+
+def run_flags(p):
+    """Where it runs and what it writes."""
+    p = p.add_argument_group("run")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
     p.add_argument("--amp", choices=backend.PRECISIONS, default="off",
                    help="mixed precision of the forward pass: bf16 or fp16 (with loss scaling) on CUDA; "
@@ -126,7 +155,6 @@ def parse_args(argv=None):
                    help="human-readable training log; one JSON line per epoch goes beside it (.jsonl), read by plot.py")
     p.add_argument("--progress", default="progress.png",
                    help="picture of the curves so far, redrawn after every epoch ('' : none)")
-    return p.parse_args(argv)
 
 
 def read_data(flags, rng):
@@ -285,9 +313,8 @@ def report_epoch(epoch, scores, lr, seconds, improved, config):
     append_json(json_log_path(config.log), dict(epoch=epoch + 1, epochs=config.epochs, **scores, lr=lr,
                                                 time=round(seconds, 2), best=improved))
     if config.progress:
-        import plot
         try:
-            plot.plot_curves(plot.read_log(json_log_path(config.log)), config.progress)
+            plot_curves(read_log(json_log_path(config.log)), config.progress)
         except (OSError, ValueError) as err:  # a picture must not stop training
             print(f"warning: {config.progress} not drawn ({err})", file=sys.stderr)
 
@@ -303,6 +330,8 @@ def prepare(flags, processes):
     if config.instances:
         train_set, val_set = for_objects(train_set), val_set and for_objects(val_set)
     print(describe(config))
+    if note := backend.cpu_speed_note(device, "bash train.sh", "trains 5-7x faster"):
+        print(note)
     print(f"data: {len(train_set)} training pairs from {config.data_path} ({data_format}, "
           f"{config.channels} channel{'s' if config.channels > 1 else ''}, {config.classes} "
           f"class{'es' if config.classes > 1 else ''}, normalized by {config.normalize})"

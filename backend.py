@@ -161,6 +161,14 @@ def default_processes():
     return 1
 
 
+def cpu_speed_note(device, command, faster):
+    """The line a OneFlow run on a CPU starts with: what the other framework would cost here."""
+    if NAME != "oneflow" or not device.startswith("cpu"):
+        return None
+    return (f"note: OneFlow 0.9 convolves at 6-25 GFLOP/s on one CPU core, PyTorch at 77-190 on two here "
+            f"(BENCHMARKS.md): `UNET_BACKEND=torch {command}` {faster} on this machine")
+
+
 def before_processes_share_the_cores():
     """Called before starting processes that share the cores: OneFlow computes on their main thread
     (measured: its second busy thread per process cost ~10% of a two-process training run)."""

@@ -35,3 +35,4 @@ def test_library_modules_import_no_script_and_the_bottom_imports_nothing_of_ours
     assert {"TrainUnetDataSet", "predict_unet_test", "plot", "evaluate", "inspect_data"} <= scripts
     assert {module: graph[module] & scripts for module in graph if module not in scripts and graph[module] & scripts} == {}
     assert graph["files"] == graph["cli"] == graph["backend"] == set()
+    assert graph["TrainUnetDataSet"] & scripts == set()  # training draws its curves with curves.py, as plot.py does
