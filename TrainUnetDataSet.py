@@ -380,6 +380,14 @@ def set_learning_rate(optimizer, epoch, config):
     return lr
 
 
+def epoch_plan(partial, rng, pairs):
+    """(order of the pairs, first step, losses so far) of an epoch: a new permutation, or for an epoch
+    stopped midway (`partial`, from --resume) the same order from the next step on."""
+    if partial:
+        return np.array(partial["order"]), partial["step"], partial["losses"]
+    return rng.permutation(pairs), 0, []
+
+
 def step_loss(net, batch, config, class_weights, stop, processes):
     """(loss tensor of this process's share of a batch, the step's mean loss over the processes,
     whether any process was asked to stop): one exchange per step, so every process agrees."""
@@ -425,11 +433,8 @@ def train(flags, folder, stop, rank=0, processes=1):
         begin = time.perf_counter()
         lr = set_learning_rate(optimizer, epoch, config)
         model.train()
-        if partial:  # an epoch stopped midway: the same order, from the next step on
-            order, first_step, losses = np.array(partial["order"]), partial["step"], partial["losses"]
-            partial = None
-        else:
-            order, first_step, losses = rng.permutation(len(sampler)), 0, []
+        order, first_step, losses = epoch_plan(partial, rng, len(sampler))
+        partial = None
         # Alone, the last step takes what is left; data parallel, every process needs its equal share.
         steps = math.ceil(len(order) / config.batch_size) if processes == 1 else len(order) // config.batch_size
         for step in tqdm(range(first_step, steps), total=steps, initial=first_step, leave=False,
