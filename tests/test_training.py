@@ -169,6 +169,18 @@ def test_calibration_puts_the_decision_at_the_threshold_that_fits_the_training_i
     assert np.mean((calibrated > 0.5) == (predict_probability(raw.eval(), image, "cpu") > threshold)) > 0.999
 
 
+def test_a_resumed_run_recalibrates_an_unchanged_best_checkpoint_from_its_weights_not_its_shifted_decision(
+        dataset, tmp_path):
+    train_small(dataset, tmp_path, "--weight-map", "--epochs", 2, "--lr", 1e-2)
+    first = load_checkpoint(str(tmp_path / "checkpoints" / "best.npz"))[0]
+    assert first["calibrated_threshold"] != 0.5  # else recalibrating the shifted decision would change nothing
+    train_small(dataset, tmp_path, "--weight-map", "--epochs", 3, "--resume", "--lr", 0)  # no better epoch
+    again = load_checkpoint(str(tmp_path / "checkpoints" / "best.npz"))[0]
+    assert again["epoch"] == first["epoch"]
+    assert again["calibrated_threshold"] == first["calibrated_threshold"]
+    assert again["output_shift"] == pytest.approx(first["output_shift"])
+
+
 def test_without_calibration_the_checkpoint_keeps_the_plain_decision(dataset, tmp_path):
     result = train_small(dataset, tmp_path, "--no-calibrate")
     assert "calibrated" not in result.stdout
