@@ -424,10 +424,12 @@ def train(flags, folder, stop, rank=0, processes=1):
     net = backend.data_parallel(model, device) if processes > 1 else model
     scaler = backend.grad_scaler(config.amp)
     save = checkpoint_writer(folder, model, optimizer, rng, config, train_set, rank)
+    calibrating = config.calibrate and config.outputs == 1  # then every process keeps best.npz's weights
     start_epoch, best, stale, partial, best_weights = 0, None, 0, None, None
     if config.resume:
         start_epoch, best, stale, partial = resume(last, model, optimizer, rng, config)
-        best_weights = load_checkpoint(best_path)[1] if os.path.exists(best_path) else None
+        if calibrating and os.path.exists(best_path):
+            best_weights = load_checkpoint(best_path)[1]
     first_loss = None
     for epoch in range(start_epoch, config.epochs):
         begin = time.perf_counter()
@@ -456,7 +458,7 @@ def train(flags, folder, stop, rank=0, processes=1):
         best, stale = (scores[config.best_metric], 0) if improved else (best, stale + 1)
         save(last, epoch + 1, best, stale, scores=scores)
         if improved:
-            best_weights = model_weights(model)
+            best_weights = model_weights(model) if calibrating else None
             save(best_path, epoch + 1, best, stale, with_optimizer=False, scores=scores)
         if rank == 0:
             report_epoch(epoch, scores, lr, time.perf_counter() - begin, improved, config)
@@ -466,7 +468,7 @@ def train(flags, folder, stop, rank=0, processes=1):
         if config.patience and stale >= config.patience:
             print(f"early stop: {config.best_metric} has not improved for {stale} epochs")
             break
-    if config.calibrate and config.outputs == 1:
+    if calibrating:
         checkpoints = ([(best_path, best_weights)] if best_weights else []) + [(last, model_weights(model))]
         calibrate(model, checkpoints, train_set, config, rank, processes)
     print(f"checkpoints: {best_path} (best {config.best_metric} {best:.4f}), {last}")

@@ -78,14 +78,15 @@ def write_npz(f, arrays):
 
 
 def model_weights(model):
-    """A copy of the model's weights as numpy arrays by name, as a checkpoint holds them."""
+    """A copy of the model's weights as numpy arrays by name, as a checkpoint holds them (to_numpy alone
+    shares a CPU tensor's memory, which the next step overwrites)."""
     return {k: np.array(backend.to_numpy(v)) for k, v in model.state_dict().items()}
 
 
 def save_checkpoint(path, model, optimizer=None, **info):
     """Write weights, model config, optional optimizer state and `info` atomically to `path`;
     weights or optimizer state that are not finite (a diverged run) are never written."""
-    arrays = {f"model/{k}": v for k, v in model_weights(model).items()}
+    arrays = {f"model/{k}": backend.to_numpy(v) for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "backend": backend.NAME, "model": model.config(), **info}
     if optimizer is not None:
         meta["optimizer"] = _encode(optimizer.state_dict(), arrays, "optimizer")
@@ -235,13 +236,12 @@ def network_input(meta, raw, source="image"):
     an image of a type it was not trained on has its percentiles mapped onto the training images'
     normalized ones instead, and the note says so."""
     method, percentiles = input_normalization(meta)
-    data = meta.get("data", {})
-    trained_on = data.get("input_types")
-    if method != "range" or str(raw.dtype) in (trained_on or [str(raw.dtype)]) or "input_levels" not in data:
+    trained_on, levels = meta.get("data", {}).get("input_types"), meta.get("data", {}).get("input_levels")
+    if method != "range" or not trained_on or not levels or str(raw.dtype) in trained_on:
         return normalize(raw, method, percentiles, source), None
     note = (f"{raw.dtype} image, the network was trained on {'/'.join(trained_on)}: its {percentiles[0]:g}-"
             f"{percentiles[1]:g} percentiles mapped onto the training images' levels")
-    return map_onto_levels(raw, percentiles, data["input_levels"]), note
+    return map_onto_levels(raw, percentiles, levels), note
 
 
 def build_model(path, device):

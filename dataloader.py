@@ -61,13 +61,14 @@ def channels_last(array, axes):
 
 
 def rgb_planes(path):
-    """True when a TIFF holds colour planes stored one after the other (tagged RGB, planar configuration
-    separate): what tifffile writes for a 3 x H x W array unless told photometric='minisblack', so
-    often three slices rather than one colour image."""
+    """True when a TIFF is one image of 3 colour planes stored one after the other (tagged RGB, planar
+    configuration separate): what tifffile writes for a 3 x H x W array unless told
+    photometric='minisblack', so often three slices rather than one colour image."""
     try:
         with tifffile.TiffFile(path) as tif:
-            page = tif.series[0].keyframe
-            return page.photometric == tifffile.PHOTOMETRIC.RGB and page.planarconfig == tifffile.PLANARCONFIG.SEPARATE
+            series = tif.series[0]
+            return (series.shape[0] == 3 and len(series.shape) == 3 and series.keyframe.photometric ==
+                    tifffile.PHOTOMETRIC.RGB and series.keyframe.planarconfig == tifffile.PLANARCONFIG.SEPARATE)
     except Exception:  # not a readable TIFF: its reader says so
         return False
 

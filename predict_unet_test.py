@@ -211,7 +211,8 @@ def _predict_one(index):
     if note:
         summary += f"; {note}"
     wants_prob = job["outputs"].get("prob") and classes == 1
-    return dict(source=sample.source, warning=planes_warning(sample, raw, model.n_channels), path=os.path.join(job["outputs"]["masks"], name), summary=summary, objects=table,
+    return dict(source=sample.source, path=os.path.join(job["outputs"]["masks"], name), summary=summary, objects=table,
+                warning=planes_warning(sample, raw, model.n_channels),
                 scored=None if truth is None else (name, prob, truth),
                 montage=(image, mask > 0, truth) if index in job["montage"] and classes == 1 else None,
                 stack=sample.stack if in_stack else None,
