@@ -161,6 +161,13 @@ def default_processes():
     return 1
 
 
+def default_workers(tasks):
+    """Processes that share out `tasks` (images, blocks) by default: OneFlow computes on one core per
+    process, so on a CPU one per core, each with at least 4 tasks (a process takes seconds to
+    start); PyTorch uses all cores from one process."""
+    return max(1, min(default_processes(), tasks // 4))
+
+
 def cpu_speed_note(device, command, faster):
     """The line a OneFlow run on a CPU starts with: what the other framework would cost here."""
     if NAME != "oneflow" or not device.startswith("cpu"):

@@ -22,7 +22,8 @@ from collections import OrderedDict
 import numpy as np
 
 import backend
-from dataloader import DEFAULT_PERCENTILES, NORMALIZATIONS, map_onto_levels, normalize
+from dataloader import (DEFAULT_PERCENTILES, NORMALIZATIONS, apply_normalization, map_onto_levels,
+                        normalization_of)
 from files import atomic_write
 from unet import UNet
 
@@ -229,7 +230,14 @@ def input_normalization(meta):
 
 
 def network_input(meta, raw, source="image"):
-    """(image, note or None): a raw image normalized for the network as its training images were.
+    """(image, note or None): a raw image normalized for the network as its training images were."""
+    mapping = input_mapping(meta, raw, source)
+    return map_input(raw, mapping), mapping[2]
+
+
+def input_mapping(meta, raw, source="image"):
+    """(normalization, levels or None, note or None): how network_input maps raw images like `raw`
+    (map_input), taken from `raw` (a whole image, or a sample of a slice too large to hold).
 
     A network trained on images divided by their type's range (8-bit PNGs, say) would see a 12- or
     16-bit image of the same scene at another brightness (a 12-bit image in a 16-bit file at 1/16):
@@ -238,10 +246,18 @@ def network_input(meta, raw, source="image"):
     method, percentiles = input_normalization(meta)
     trained_on, levels = meta.get("data", {}).get("input_types"), meta.get("data", {}).get("input_levels")
     if method != "range" or not trained_on or not levels or str(raw.dtype) in trained_on:
-        return normalize(raw, method, percentiles, source), None
+        return normalization_of(raw, method, percentiles, source), None, None
     note = (f"{raw.dtype} image, the network was trained on {'/'.join(trained_on)}: its {percentiles[0]:g}-"
             f"{percentiles[1]:g} percentiles mapped onto the training images' levels")
-    return map_onto_levels(raw, percentiles, levels), note
+    return normalization_of(raw, "percentile", percentiles, source), levels, note
+
+
+def map_input(raw, mapping):
+    """A raw image (or a block of one) normalized by the `mapping` of input_mapping."""
+    normalization, levels, _ = mapping
+    if levels is None:
+        return apply_normalization(raw, normalization)
+    return map_onto_levels(raw, None, levels, normalization)
 
 
 def build_model(path, device):

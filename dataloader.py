@@ -119,22 +119,31 @@ def normalize(image, method="range", percentiles=DEFAULT_PERCENTILES, source="im
       range       divided by its type's largest value (8, 16 bit); float images must lie in [0, 1]
       percentile  the `percentiles` (low, high) of the image mapped to 0 and 1, not clipped (StarDist, Cellpose)
       zscore      mean 0, standard deviation 1"""
+    return apply_normalization(image, normalization_of(image, method, percentiles, source))
+
+
+def normalization_of(image, method="range", percentiles=DEFAULT_PERCENTILES, source="image"):
+    """(low, spread) of `normalize`: the image becomes (value - low) / spread, per channel. Taken from
+    one image and applied to others (apply_normalization): the blocks of a slice too large to hold."""
     if method == "range":
         if image.dtype.kind in "ui":
-            return image.astype(np.float32) / np.iinfo(image.dtype).max
+            return 0, np.iinfo(image.dtype).max
         if image.min() < 0 or image.max() > 1:
             raise DataError(f"{source}: float image with values in [{image.min():g}, {image.max():g}], "
                             f"not [0, 1]: use --normalize percentile or zscore")
-        return image.astype(np.float32)
+        return 0, 1
     values = image.astype(np.float32)
     if method == "percentile":
         low, high = np.percentile(values, percentiles, axis=(0, 1))
-        spread = np.where(high > low, high - low, values.max(axis=(0, 1)) - low)
-    elif method == "zscore":
-        low, spread = values.mean(axis=(0, 1)), values.std(axis=(0, 1))
-    else:
-        raise ValueError(f"unknown normalization {method!r}")
-    return ((values - low) / np.where(spread > 0, spread, 1)).astype(np.float32)
+        return low, np.where(high > low, high - low, values.max(axis=(0, 1)) - low)
+    if method == "zscore":
+        return values.mean(axis=(0, 1)), values.std(axis=(0, 1))
+    raise ValueError(f"unknown normalization {method!r}")
+
+
+def apply_normalization(image, normalization):
+    low, spread = normalization
+    return ((image.astype(np.float32) - low) / np.where(spread > 0, spread, 1)).astype(np.float32)
 
 
 def intensity_levels(images, percentiles=DEFAULT_PERCENTILES):
@@ -144,14 +153,16 @@ def intensity_levels(images, percentiles=DEFAULT_PERCENTILES):
     return np.median(per_image, axis=0).T.round(6).tolist()
 
 
-def map_onto_levels(image, percentiles, levels):
+def map_onto_levels(image, percentiles, levels, normalization=None):
     """`image` (raw, any type) with each channel's `percentiles` mapped linearly onto `levels` ([low, high]
-    per channel, as intensity_levels gives them; one pair for all channels where the counts differ)."""
+    per channel, as intensity_levels gives them; one pair for all channels where the counts differ).
+    `normalization`: the percentiles' (low, spread) where taken from elsewhere (normalization_of)."""
     levels = np.array(levels, np.float32)
     if len(levels) != channels_of(image):
         levels = levels.mean(axis=0, keepdims=True)
     low, high = (levels[:, 0], levels[:, 1]) if image.ndim == 3 else (levels[0, 0], levels[0, 1])
-    return (normalize(image, "percentile", percentiles) * (high - low) + low).astype(np.float32)
+    normalization = normalization or normalization_of(image, "percentile", percentiles)
+    return (apply_normalization(image, normalization) * (high - low) + low).astype(np.float32)
 
 
 def auto_normalization(images):

@@ -107,6 +107,13 @@ def predict_sample(model, meta, image, device, tile=1024, overlap=128, tta=False
     return resize(prob, image.shape[:2]) if size else prob
 
 
+def probability_values(prob, bits):
+    """Probabilities in [0, 1] as written: 8- or 16-bit integers (0 .. 2^bits - 1), or float32."""
+    if bits == 32:
+        return prob.astype(np.float32)
+    return np.round(prob * (2 ** bits - 1)).astype(np.uint16 if bits == 16 else np.uint8)
+
+
 THRESHOLDS = np.round(np.arange(0.05, 0.96, 0.05), 2)  # the cell-probability thresholds calibration tries
 
 

@@ -26,13 +26,14 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 import backend
+import volumes
 from checkpoint import CheckpointError, build_model, network_input, predicted_classes
 from cli import ArgumentParser, probability, ranged
 from dataloader import channels_of, rgb_planes
 from datasets import FORMATS, find_samples, read_sample_label
 from evaluate import format_table, score_binary, score_multiclass, write_json
 from files import DataError, atomic_write, write_png, write_tiff
-from inference import predict_sample
+from inference import predict_sample, probability_values
 from instances import METHODS, foreground, measure, objects_of, roi_set
 from unet import MIN_SIDE
 from visualize import class_colors, montage, outline_objects, overlay
@@ -72,8 +73,21 @@ def parse_args(argv=None):
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                    help="average the 8 flips/90-degree rotations of each image (8x the time; --no-tta: once)")
     p.add_argument("--workers", type=ranged(int, 0, 256), default=0,
-                   help="processes predicting images side by side (0: one per core with OneFlow on a CPU, "
-                        "each with at least 4 images; else 1)")
+                   help="processes predicting images (or a volume's blocks, on a local Dask cluster) side by side "
+                        "(0: one per core with OneFlow on a CPU, each with at least 4 images; else 1)")
+    volume = p.add_argument_group("volumes and slides larger than memory (volumes.py): zarr / OME-Zarr inputs, "
+                                  "or a TIFF with --blockwise, predicted block by block into OME-Zarr stores")
+    volume.add_argument("--blockwise", action="store_true",
+                        help="a TIFF volume or slide block by block (read as tifffile's zarr store, never whole) into "
+                             "<name>.ome.zarr stores, instead of TIFF stacks held in memory")
+    volume.add_argument("--block", type=ranged(int, 32, 65536), default=1024,
+                        help="block side in pixels (a z slice is cut into blocks; memory grows with its square)")
+    volume.add_argument("--halo", type=ranged(int, 0, 4096), default=volumes.HALO,
+                        help="pixels read around each block (more than the network's reach, so that blocks equal "
+                             "the whole slice predicted at once)")
+    volume.add_argument("--scheduler", help="address of a running Dask scheduler (tcp://HOST:8786) to predict on")
+    volume.add_argument("--overwrite", action="store_true",
+                        help="replace output stores written with other settings (else they are never written into)")
     p.add_argument("--instance-path", help="also write numbered objects here (one class): 16-bit label PNGs (same "
                                            "names), ImageJ ROI sets (NAME_RoiSet.zip, for Fiji's ROI Manager) and "
                                            "objects.csv (a row per object)")
@@ -90,13 +104,6 @@ def parse_args(argv=None):
     p.add_argument("--amp", choices=backend.PRECISIONS, default="off",
                    help="mixed precision of the forward pass: bf16 or fp16 on CUDA (bf16 also on a CPU with PyTorch)")
     return p.parse_args(argv)
-
-
-def probability_values(prob, bits):
-    """Probabilities in [0, 1] as written: 8- or 16-bit integers (0 .. 2^bits - 1), or float32."""
-    if bits == 32:
-        return prob.astype(np.float32)
-    return np.round(prob * (2 ** bits - 1)).astype(np.uint16 if bits == 16 else np.uint8)
 
 
 def write_outputs(name, image, prob, maps, truth, outputs, threshold=0.5, in_stack=False):
@@ -230,23 +237,15 @@ def planes_warning(sample, raw, channels):
             f"tifffile.imwrite(path, array, photometric='minisblack')")
 
 
-def default_workers(images):
-    """OneFlow computes on one core per process: on a CPU, one process per core, each with at
-    least 4 images (a process takes seconds to start); PyTorch uses all cores from one process."""
-    if backend.NAME != "oneflow" or backend.default_device() != "cpu":
-        return 1
-    return max(1, min(backend.cores(), images // 4))
-
-
 def predict_dataset(checkpoint, data_path, outputs, data_format="auto", label_path=None, threshold=0.5,
                     device="cpu", tile=1024, overlap=128, tta=False, split="val", workers=1, amp="off"):
     """Predict every image of a dataset (any layout datasets.py reads) into `outputs` (a dict:
-    masks, colors, prob, prob_bits, overlay folders), over `workers` processes (0: default_workers);
+    masks, colors, prob, prob_bits, overlay folders), over `workers` processes (0: backend.default_workers);
     with labels, also the scores. The outputs do not depend on the number of workers.
 
     Returns (written mask paths, scores or None)."""
     samples = find_samples(data_path, data_format, label_path, split)
-    workers = min(workers or default_workers(len(samples)), len(samples))
+    workers = min(workers or backend.default_workers(len(samples)), len(samples))
     labelled = [i for i, sample in enumerate(samples) if sample.read_label]
     job = dict(checkpoint=checkpoint, data_path=data_path, data_format=data_format, label_path=label_path,
                split=split, outputs=outputs, threshold=threshold, device=device, tile=tile, overlap=overlap,
@@ -298,6 +297,20 @@ def predict_dataset(checkpoint, data_path, outputs, data_format="auto", label_pa
     return written, scores
 
 
+def predict_blockwise(args, outputs, device):
+    """A volume or slide block by block (volumes.py); returns the output stores' paths."""
+    if args.label_path or args.overlay_path:
+        sys.exit(f"error: {'--label-path' if args.label_path else '--overlay-path'} is not taken for a volume "
+                 f"predicted block by block ({args.test_data_path})")
+    if args.halo % volumes.ALIGN:
+        sys.exit(f"error: --halo must be a multiple of {volumes.ALIGN} (the network's pooling grid), not {args.halo}")
+    meta = build_model(args.checkpoint, "cpu")[1]
+    objects = with_object_method(dict(checkpoint=args.checkpoint, outputs=outputs), meta)["outputs"]["objects"]
+    return volumes.predict_volume(args.test_data_path, args.checkpoint, dict(outputs, objects=objects),
+                                  args.threshold, device, args.tta, args.amp, args.block, args.halo, args.workers,
+                                  args.scheduler, args.overwrite)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.tile and not 0 <= args.overlap < args.tile:
@@ -315,12 +328,15 @@ def main(argv=None):
         print(f"predicting with {args.checkpoint} on {backend.NAME}/{device}")
         if note := backend.cpu_speed_note(device, "bash test.sh", "predicts about 4.5x faster"):
             print(note)
-        written, scores = predict_dataset(args.checkpoint, args.test_data_path, outputs, args.data_format,
-                                          args.label_path, args.threshold, device, args.tile, args.overlap, args.tta,
-                                          args.split, args.workers, args.amp)
+        if blockwise := volumes.is_zarr(args.test_data_path) or args.blockwise:
+            written, scores = predict_blockwise(args, outputs, device), None
+        else:
+            written, scores = predict_dataset(args.checkpoint, args.test_data_path, outputs, args.data_format,
+                                              args.label_path, args.threshold, device, args.tile, args.overlap,
+                                              args.tta, args.split, args.workers, args.amp)
     except (DataError, CheckpointError, OSError) as err:
         sys.exit(f"error: {err}")
-    print(f"{len(written)} masks written to {args.save_res_path}")
+    print(f"{len(written)} OME-Zarr stores written" if blockwise else f"{len(written)} masks written to {args.save_res_path}")
     if scores:
         print(format_table(scores))
         if args.scores_json:
