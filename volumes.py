@@ -220,13 +220,10 @@ def _volume(path):
 
 def predict_block(job, key):
     """Predict block `key`, write its chunks into every output store, then mark it done; returns its counts."""
-    model, meta, device = _model(job)
-    core, ((cy0, cy1), (cx0, cx1)) = block_extent(job, key)
+    core, crop = block_extent(job, key)
+    (cy0, _), (cx0, _) = crop
     name = block_name(key)
-    raw = _volume(job["volume"]).read(key[0], slice(cy0, cy1), slice(cx0, cx1), name)
-    with backend.autocast(device, job["amp"]):
-        maps = predict_sample(model, meta, map_input(raw, job["mappings"][key[0]]), device, 0, 0, job["tta"],
-                              f"{job['volume']} {name}")
+    maps = crop_maps(job, key, crop)
     inside = (slice(core[0][0] - cy0, core[0][1] - cy0), slice(core[1][0] - cx0, core[1][1] - cx0))
     prob = foreground(maps) if job["object_network"] else maps
     mask = prob.argmax(axis=2) if prob.ndim == 3 else np.where(prob > job["threshold"], 255, 0)
@@ -241,6 +238,16 @@ def predict_block(job, key):
         _write_file(os.path.join(_objects_dir(job), name + ".npy"), lambda f: np.save(f, crop_objects), name)
     _write_file(os.path.join(_progress_dir(job, "done"), name), lambda f: f.write(json.dumps(counts).encode()), name)
     return counts
+
+
+def crop_maps(job, key, crop):
+    """The network's probabilities (H x W, or H x W x N) of the crop read for block `key`."""
+    model, meta, device = _model(job)
+    (cy0, cy1), (cx0, cx1) = crop
+    raw = _volume(job["volume"]).read(key[0], slice(cy0, cy1), slice(cx0, cx1), block_name(key))
+    with backend.autocast(device, job["amp"]):
+        return predict_sample(model, meta, map_input(raw, job["mappings"][key[0]]), device, 0, 0, job["tta"],
+                              f"{job['volume']} {block_name(key)}")
 
 
 def _block_objects(job, maps, inside):

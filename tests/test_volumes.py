@@ -1,0 +1,272 @@
+"""Volumes and slides larger than memory (volumes.py): read lazily, predicted block by block into
+OME-Zarr stores, equal to the whole slice predicted at once, objects whole across block borders,
+resumable, never written over."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+from skimage.draw import disk
+
+import volumes
+from checkpoint import build_model, network_input
+from conftest import ROOT, run_script, tiny_checkpoint
+from inference import predict_sample
+from instances import objects_of, overlaps
+
+
+def smooth_volume(shape, seed=0):
+    from scipy import ndimage
+    rng = np.random.default_rng(seed)
+    volume = ndimage.gaussian_filter(rng.random(shape), (0,) * (len(shape) - 2) + (2, 2))
+    return ((volume - volume.min()) / np.ptp(volume) * 255).astype(np.uint8)
+
+
+def write_ome_zarr(path, array, axes="zyx", chunks=None):
+    group = zarr.open_group(str(path), mode="w")
+    group.create_dataset("0", data=array, chunks=chunks or (1,) * (array.ndim - 2) + (64, 64),
+                         dimension_separator="/")
+    group.attrs.update(volumes.ngff_attributes("input", axes, [1.0] * len(axes)))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def batch_norm_net(tmp_path_factory):
+    """A tiny untrained U-Net with batch norm: what each pixel gets depends on its surroundings only."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("net") / "net.npz", norm="batch")
+
+
+def whole_slices(checkpoint, volume, tta=False):
+    model, meta = build_model(checkpoint, "cpu")
+    return np.stack([predict_sample(model, meta, network_input(meta, page)[0], "cpu", 0, 0, tta) for page in volume])
+
+
+def read_store(path):
+    return zarr.open_array(os.path.join(path, "0"), mode="r")[:]
+
+
+def predict(volume, out, checkpoint, *extra, check=True):
+    """predict_unet_test.py in this process (one worker unless `extra` says otherwise)."""
+    workers = [] if "--workers" in extra or "--scheduler" in extra else ["--workers", 1]
+    os.makedirs(out, exist_ok=True)
+    return run_script("predict_unet_test.py", "--checkpoint", checkpoint, "--test-data-path", volume,
+                      "--save-res-path", out / "masks", "--prob-path", out / "prob", *workers, *extra, cwd=out,
+                      check=check)
+
+
+@pytest.mark.parametrize("block", [96, 77])
+def test_blocks_of_any_size_equal_the_whole_slice_predicted_at_once(tmp_path, batch_norm_net, block):
+    volume = smooth_volume((1, 333, 301))
+    path = write_ome_zarr(tmp_path / "vol.ome.zarr", volume)
+    predict(path, tmp_path, batch_norm_net, "--block", block, "--save-prob", "--prob-bits", "16", "--no-tta")
+    expected = whole_slices(batch_norm_net, volume)
+    prob = read_store(tmp_path / "prob" / "vol.ome.zarr")
+    assert prob.shape == volume.shape and prob.dtype == np.uint16
+    assert np.abs(prob / 65535 - expected).max() <= 1 / 65535
+    assert np.array_equal(read_store(tmp_path / "masks" / "vol.ome.zarr"), np.where(expected > 0.5, 255, 0))
+
+
+def test_a_halo_short_of_the_networks_reach_would_show_at_the_block_borders(tmp_path, batch_norm_net):
+    volume = smooth_volume((1, 333, 301))
+    path = write_ome_zarr(tmp_path / "vol.ome.zarr", volume)
+    predict(path, tmp_path, batch_norm_net, "--block", 96, "--halo", 0, "--save-prob", "--prob-bits", "32", "--no-tta")
+    assert np.abs(read_store(tmp_path / "prob" / "vol.ome.zarr") - whole_slices(batch_norm_net, volume)).max() > 1e-4
+
+
+def test_the_eight_views_of_a_block_equal_those_of_the_whole_slice(tmp_path, batch_norm_net):
+    volume = smooth_volume((1, 300, 155))  # sides off the 16-pixel grid: flipped views pool from the far end
+    path = write_ome_zarr(tmp_path / "vol.ome.zarr", volume)
+    predict(path, tmp_path, batch_norm_net, "--block", 150, "--save-prob", "--prob-bits", "32")
+    assert np.abs(read_store(tmp_path / "prob" / "vol.ome.zarr") - whole_slices(batch_norm_net, volume, True)).max() < 1e-6
+
+
+def test_outputs_are_ngff_images_that_ome_zarr_readers_open(tmp_path, batch_norm_net):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Label, Multiscales, Reader
+    volume = smooth_volume((2, 100, 90))
+    path = write_ome_zarr(tmp_path / "vol.ome.zarr", volume)
+    predict(path, tmp_path, batch_norm_net, "--block", 64, "--no-tta", "--save-prob", "--instance-path",
+            tmp_path / "objects")
+    for folder, spec in (("masks", Multiscales), ("prob", Multiscales), ("objects", Label)):
+        nodes = list(Reader(parse_url(str(tmp_path / folder / "vol.ome.zarr")))())
+        assert spec in [type(s) for s in nodes[0].specs], folder
+        assert nodes[0].data[0].shape == volume.shape
+        assert nodes[0].metadata["axes"] == [{"name": a, "type": "space"} for a in "zyx"]
+    assert zarr.open_array(str(tmp_path / "masks" / "vol.ome.zarr" / "0")).chunks == (1, 64, 64)
+
+
+def test_a_tiff_volume_is_read_page_by_page_and_gives_the_masks_of_its_stacks(tmp_path, batch_norm_net):
+    volume = smooth_volume((3, 90, 80))
+    tifffile.imwrite(tmp_path / "vol.tif", volume, imagej=True, metadata={"axes": "ZYX"})
+    predict(tmp_path / "vol.tif", tmp_path, batch_norm_net, "--no-tta", "--save-res-path", tmp_path / "stacks")
+    predict(tmp_path / "vol.tif", tmp_path, batch_norm_net, "--no-tta", "--blockwise", "--block", 48)
+    assert np.array_equal(read_store(tmp_path / "masks" / "vol.ome.zarr"), tifffile.imread(tmp_path / "stacks" / "vol.tif"))
+
+
+def disks_across_borders(size=300, block=100):
+    """A probability map of disks, many cut by the borders of blocks of `block` pixels, some touching."""
+    prob = np.zeros((size, size), np.float32)
+    rng = np.random.default_rng(1)
+    centres = [(b + rng.integers(-8, 9), c) for b in range(block, size, block) for c in range(20, size - 20, 45)]
+    centres += [(c, b + rng.integers(-8, 9)) for b in range(block, size, block) for c in range(45, size - 20, 45)]
+    centres += [(block, block), (block - 22, 2 * block), (block + 6, 2 * block)]  # a corner; two touching
+    for y, x in centres:
+        prob[disk((y, x), int(rng.integers(9, 14)), shape=prob.shape)] = 0.9
+    return prob
+
+
+def test_objects_cut_by_block_borders_are_merged_back_whole(tmp_path, batch_norm_net, monkeypatch):
+    prob = disks_across_borders()
+    path = write_ome_zarr(tmp_path / "vol.ome.zarr", np.zeros((1,) + prob.shape, np.uint8))
+    monkeypatch.setattr(volumes, "crop_maps", lambda job, key, crop: prob[slice(*crop[0]), slice(*crop[1])])
+    predict(path, tmp_path, batch_norm_net, "--block", 100, "--halo", 48, "--instance-path", tmp_path / "objects",
+            "--objects", "watershed")
+    blockwise = read_store(tmp_path / "objects" / "vol.ome.zarr")[0]
+    whole = objects_of(prob, 0.5, "watershed")
+    inter, whole_area, block_area = overlaps(blockwise, whole)
+    iou = inter / (whole_area[:, None] + block_area[None, :] - inter)
+    assert blockwise.dtype == np.uint32 and blockwise.max() == whole.max() == len(np.unique(blockwise)) - 1
+    assert iou.max(axis=1).min() >= 0.99 and iou.max(axis=0).min() >= 0.99
+
+
+def test_labels_are_unique_over_the_whole_volume(tmp_path, batch_norm_net, monkeypatch):
+    prob = disks_across_borders()
+    path = write_ome_zarr(tmp_path / "vol.ome.zarr", np.zeros((2,) + prob.shape, np.uint8))
+    monkeypatch.setattr(volumes, "crop_maps", lambda job, key, crop: prob[slice(*crop[0]), slice(*crop[1])])
+    predict(path, tmp_path, batch_norm_net, "--block", 100, "--halo", 48, "--instance-path", tmp_path / "objects",
+            "--objects", "watershed")
+    labels = read_store(tmp_path / "objects" / "vol.ome.zarr")
+    per_slice = int(objects_of(prob, 0.5, "watershed").max())
+    assert set(np.unique(labels[0])) & set(np.unique(labels[1])) == {0}
+    assert labels.max() == 2 * per_slice
+
+
+def store_files(path):
+    files = {}
+    for folder, _, names in os.walk(path):
+        for name in names:
+            with open(os.path.join(folder, name), "rb") as f:
+                files[os.path.relpath(os.path.join(folder, name), path)] = f.read()
+    return files
+
+
+def test_a_run_killed_midway_is_finished_by_the_same_command_byte_for_byte(tmp_path, batch_norm_net):
+    volume = smooth_volume((6, 96, 96))
+    path = write_ome_zarr(tmp_path / "vol.ome.zarr", volume)
+    args = [sys.executable, os.path.join(ROOT, "predict_unet_test.py"), "--checkpoint", batch_norm_net,
+            "--test-data-path", path, "--block", 48, "--no-tta", "--save-prob", "--workers", 1]
+    out, whole = tmp_path / "out", tmp_path / "uninterrupted"
+    command = [str(a) for a in args + ["--save-res-path", out / "masks", "--prob-path", out / "prob"]]
+    run_script("predict_unet_test.py", *command[2:], cwd=tmp_path)
+    os.rename(out, whole)
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = out / "masks" / "vol.ome.zarr" / ".unet" / "done"
+    deadline = time.time() + 120
+    while (not done.is_dir() or len(os.listdir(done)) < 5) and time.time() < deadline and run.poll() is None:
+        time.sleep(0.02)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    assert 0 < len(os.listdir(done)) < 24, "killed before the end"
+    finished = subprocess.run(command, capture_output=True, text=True, check=True)
+    assert "done before" in finished.stdout
+    for kind in ("masks", "prob"):
+        assert store_files(out / kind / "vol.ome.zarr") == store_files(whole / kind / "vol.ome.zarr"), kind
+
+
+def test_a_store_written_with_other_settings_is_never_written_into(tmp_path, batch_norm_net):
+    volume = smooth_volume((1, 64, 64))
+    path = write_ome_zarr(tmp_path / "vol.ome.zarr", volume)
+    predict(path, tmp_path, batch_norm_net, "--no-tta")
+    before = store_files(tmp_path / "masks" / "vol.ome.zarr")
+    result = predict(path, tmp_path, batch_norm_net, "--no-tta", "--threshold", "0.7", check=False)
+    assert result.returncode != 0 and "other settings" in result.stderr and "--overwrite" in result.stderr
+    assert store_files(tmp_path / "masks" / "vol.ome.zarr") == before
+    predict(path, tmp_path, batch_norm_net, "--no-tta", "--threshold", "0.7", "--overwrite")
+    settings = json.loads((tmp_path / "masks" / "vol.ome.zarr" / ".unet" / "settings.json").read_text())
+    assert settings["threshold"] == 0.7
+
+
+def test_a_folder_of_the_users_is_not_removed_even_with_overwrite(tmp_path, batch_norm_net):
+    path = write_ome_zarr(tmp_path / "vol.ome.zarr", smooth_volume((1, 64, 64)))
+    (tmp_path / "masks" / "vol.ome.zarr").mkdir(parents=True)
+    (tmp_path / "masks" / "vol.ome.zarr" / "notes.txt").write_text("mine")
+    for extra in ([], ["--overwrite"]):
+        result = predict(path, tmp_path, batch_norm_net, "--no-tta", *extra, check=False)
+        assert result.returncode != 0 and "vol.ome.zarr" in result.stderr
+    assert (tmp_path / "masks" / "vol.ome.zarr" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing chunk", "chunk 0/0/0 of 0 is missing"),
+    ("corrupt chunk", "a chunk could not be read"),
+    ("not zarr", "not a zarr store"),
+    ("four channels", "the network takes 1"),
+    ("5-d", "the network takes"),
+])
+def test_bad_input_stops_with_one_line_naming_the_store_and_block(tmp_path, batch_norm_net, damage, message):
+    path = write_ome_zarr(tmp_path / "vol.ome.zarr", smooth_volume((1, 64, 64)))
+    chunk = tmp_path / "vol.ome.zarr" / "0" / "0" / "0" / "0"
+    if damage == "missing chunk":
+        chunk.unlink()
+    elif damage == "corrupt chunk":
+        chunk.write_bytes(b"\x00garbage" * 8)
+    elif damage == "not zarr":
+        for name in (".zgroup", ".zattrs"):
+            (tmp_path / "vol.ome.zarr" / name).unlink()
+        (tmp_path / "vol.ome.zarr" / "0" / ".zarray").write_text("{not json")
+    elif damage == "four channels":
+        path = write_ome_zarr(tmp_path / "four.ome.zarr", smooth_volume((4, 1, 64, 64)), axes="czyx",
+                              chunks=(4, 1, 64, 64))
+    else:
+        zarr.save_array(str(tmp_path / "vol5.zarr"), np.zeros((2, 2, 2, 32, 32), np.uint8))
+        path = str(tmp_path / "vol5.zarr")
+    result = predict(path, tmp_path, batch_norm_net, "--no-tta", check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
+    assert os.path.basename(path) in lines[0]
+    if damage == "missing chunk":
+        assert "block z0-y0-x0" in lines[0]
+
+
+@pytest.fixture
+def dask_cluster(tmp_path):
+    """A real Dask cluster on 127.0.0.1: `dask scheduler` and two `dask worker` processes (as README starts them)."""
+    from distributed import Client
+    dask = os.path.join(os.path.dirname(sys.executable), "dask")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    scheduler_file = tmp_path / "scheduler.json"
+    processes = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                                   "--scheduler-file", scheduler_file], env=env, stderr=subprocess.DEVNULL)]
+    try:
+        deadline = time.time() + 60
+        while not scheduler_file.exists() and time.time() < deadline:
+            time.sleep(0.1)
+        address = json.loads(scheduler_file.read_text())["address"]
+        processes += [subprocess.Popen([dask, "worker", address, "--nthreads", "1", "--no-dashboard", "--name",
+                                        f"worker-{i}"], env=env, stderr=subprocess.DEVNULL) for i in range(2)]
+        with Client(address) as client:
+            client.wait_for_workers(2, timeout=60)
+        yield address
+    finally:
+        for process in processes[::-1]:
+            process.terminate()
+            process.wait(timeout=30)
+
+
+def test_a_dask_cluster_of_two_workers_gives_what_one_process_gives(tmp_path, batch_norm_net, dask_cluster):
+    volume = smooth_volume((4, 100, 90))
+    path = write_ome_zarr(tmp_path / "vol.ome.zarr", volume)
+    extra = ["--block", 48, "--no-tta", "--save-prob", "--instance-path"]
+    predict(path, tmp_path / "here", batch_norm_net, *extra, tmp_path / "here" / "objects", "--objects", "watershed")
+    result = predict(path, tmp_path / "cluster", batch_norm_net, *extra, tmp_path / "cluster" / "objects",
+                     "--objects", "watershed", "--scheduler", dask_cluster)
+    assert "dask: 2 workers" in result.stdout
+    for kind in ("masks", "prob", "objects"):
+        assert np.array_equal(read_store(tmp_path / "cluster" / kind / "vol.ome.zarr"),
+                              read_store(tmp_path / "here" / kind / "vol.ome.zarr")), kind
