@@ -267,6 +267,9 @@ def test_a_dask_cluster_of_two_workers_gives_what_one_process_gives(tmp_path, ba
     result = predict(path, tmp_path / "cluster", batch_norm_net, *extra, tmp_path / "cluster" / "objects",
                      "--objects", "watershed", "--scheduler", dask_cluster)
     assert "dask: 2 workers" in result.stdout
-    for kind in ("masks", "prob", "objects"):
+    for kind in ("masks", "objects"):
         assert np.array_equal(read_store(tmp_path / "cluster" / kind / "vol.ome.zarr"),
                               read_store(tmp_path / "here" / kind / "vol.ome.zarr")), kind
+    # PyTorch's last float bit can follow its thread count (Dask's workers run one thread each)
+    prob = [read_store(tmp_path / where / "prob" / "vol.ome.zarr").astype(int) for where in ("cluster", "here")]
+    assert np.abs(prob[0] - prob[1]).max() <= 1
