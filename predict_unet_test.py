@@ -299,9 +299,11 @@ def predict_dataset(checkpoint, data_path, outputs, data_format="auto", label_pa
 
 def predict_blockwise(args, outputs, device):
     """A volume or slide block by block (volumes.py); returns the output stores' paths."""
-    if args.label_path or args.overlay_path:
-        sys.exit(f"error: {'--label-path' if args.label_path else '--overlay-path'} is not taken for a volume "
-                 f"predicted block by block ({args.test_data_path})")
+    if args.label_path:
+        sys.exit(f"error: --label-path: a volume predicted block by block ({args.test_data_path}) is not scored here; "
+                 f"predict a TIFF volume without --blockwise to score its stacks")
+    if args.overlay_path:
+        print(f"note: no overlays for a volume predicted block by block (--overlay-path {args.overlay_path})")
     if args.halo % volumes.ALIGN:
         sys.exit(f"error: --halo must be a multiple of {volumes.ALIGN} (the network's pooling grid), not {args.halo}")
     meta = build_model(args.checkpoint, "cpu")[1]

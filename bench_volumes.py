@@ -1,0 +1,160 @@
+"""Blockwise prediction of volumes (volumes.py) measured as a user runs it: predict_unet_test.py
+commands, one after the other, each timed and its largest process's peak memory read.
+
+    python bench_volumes.py memory --sizes 256 2048        # peak memory against volume size (MiB)
+    python bench_volumes.py workers --sizes 64             # megapixels/s with 1 and 2 workers, both frameworks
+    python bench_volumes.py isbi --checkpoint checkpoints/best.npz --images ../shared/data/isbi2012/test_image
+
+memory and workers predict synthetic volumes of 4096 x 4096 slices (uint16 and uint8; written
+first, as OME-Zarr, into --work) with an untrained tiny network (or --checkpoint), without the 8 views;
+isbi predicts a folder of images as today (in memory) and the same images as one OME-Zarr volume
+(blockwise), with test.sh's defaults, and compares the masks.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from cli import ArgumentParser, ranged
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PYTHONS = {"oneflow": os.path.join(HERE, ".venv", "bin", "python"),
+           "torch": os.path.join(HERE, ".venv-torch", "bin", "python")}
+MEASURE = ("import resource, subprocess, sys, time; start = time.time(); "
+           "code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE).returncode; "
+           "print(code, time.time() - start, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+
+
+def measured(framework, *args):
+    """(seconds, peak MiB of the largest process) of `predict_unet_test.py ARGS` on `framework`."""
+    python = PYTHONS[framework]
+    command = [python, "-c", MEASURE, python, os.path.join(HERE, "predict_unet_test.py"), *map(str, args)]
+    result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, UNET_BACKEND=framework))
+    code, seconds, peak_kib = result.stdout.split()
+    if code != "0":
+        raise SystemExit(f"error: predict_unet_test.py {' '.join(map(str, args))} failed on {framework}:\n{result.stderr}")
+    return float(seconds), int(peak_kib) / 1024
+
+
+def synthetic_volume(path, mib, dtype=np.uint8, side=4096, chunk=1024):
+    """An OME-Zarr volume of `mib` MiB of 4096 x 4096 slices of blocky random texture, written a slice at a time."""
+    import zarr
+
+    import volumes
+    if os.path.exists(os.path.join(path, ".zattrs")):
+        return path
+    slices = mib * 2 ** 20 // (side * side * np.dtype(dtype).itemsize)
+    group = zarr.open_group(path, mode="w")
+    array = group.create_dataset("0", shape=(slices, side, side), chunks=(1, chunk, chunk), dtype=dtype,
+                                 dimension_separator="/")
+    tile = (np.random.default_rng(0).random((side // 8, side // 8)) * np.iinfo(dtype).max).astype(dtype)
+    for z in range(slices):
+        array[z] = np.kron(np.roll(tile, z, axis=0), np.ones((8, 8), dtype))
+    group.attrs.update(volumes.ngff_attributes("synthetic", "zyx", [1.0, 1.0, 1.0]))
+    return path
+
+
+def tiny_checkpoint(path, base):
+    """An untrained U-Net (batch norm, `base` channels), written by the OneFlow environment."""
+    if not os.path.exists(path):
+        code = (f"import sys; sys.path.insert(0, {HERE!r}); from checkpoint import save_checkpoint; "
+                f"from unet import UNet; save_checkpoint({path!r}, UNet(base={base}, norm='batch'), data={{}})")
+        subprocess.run([PYTHONS["oneflow"], "-c", code], check=True, env=dict(os.environ, UNET_BACKEND="oneflow"))
+    return path
+
+
+def table(header, rows):
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    lines = [" | ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in [header] + rows]
+    return "\n".join([lines[0], "-+-".join("-" * w for w in widths)] + lines[1:])
+
+
+def bench_memory(args, checkpoint):
+    rows = []
+    for size in args.sizes:
+        path = synthetic_volume(os.path.join(args.work, f"vol{size}-16bit.ome.zarr"), size, np.uint16)
+        for framework in args.backends:
+            out = os.path.join(args.work, f"out-memory-{framework}")
+            shutil.rmtree(out, ignore_errors=True)
+            seconds, peak = measured(framework, "--checkpoint", checkpoint, "--test-data-path", path, "--no-tta",
+                                     "--workers", 1, "--block", args.block, "--save-res-path", out)
+            pixels = size * 2 ** 20 / 2
+            rows.append([framework, f"{size} MiB", f"{pixels / 1e6 / seconds:.1f}", f"{seconds:.0f}", f"{peak:.0f}"])
+            print(rows[-1], flush=True)
+    print(table(["framework", "volume (uint16)", "Mpx/s", "seconds", "peak MiB (largest process)"], rows))
+
+
+def bench_workers(args, checkpoint):
+    path = synthetic_volume(os.path.join(args.work, f"vol{args.sizes[0]}.ome.zarr"), args.sizes[0])
+    rows = []
+    for framework in args.backends:
+        first = None
+        for workers in (1, 2):
+            out = os.path.join(args.work, f"out-workers-{framework}-{workers}")
+            shutil.rmtree(out, ignore_errors=True)
+            seconds, peak = measured(framework, "--checkpoint", checkpoint, "--test-data-path", path, "--no-tta",
+                                     "--workers", workers, "--block", args.block, "--save-res-path", out)
+            rate = args.sizes[0] * 2 ** 20 / 1e6 / seconds
+            first = first or rate
+            rows.append([framework, workers, f"{rate:.2f}", f"{rate / first:.2f}x", f"{seconds:.0f}", f"{peak:.0f}"])
+            print(rows[-1], flush=True)
+    print(table(["framework", "workers", "Mpx/s", "speed-up", "seconds", "peak MiB"], rows))
+
+
+def bench_isbi(args, checkpoint):
+    """Today's prediction of a folder of slices against the same slices as one OME-Zarr volume."""
+    import zarr
+
+    import volumes
+    from dataloader import read_raw_image
+    from files import list_images
+    paths = list_images(args.images)
+    stack = np.stack([read_raw_image(p) for p in paths])
+    volume = os.path.join(args.work, "slices.ome.zarr")
+    shutil.rmtree(volume, ignore_errors=True)
+    group = zarr.open_group(volume, mode="w")
+    group.create_dataset("0", data=stack, chunks=(1,) + stack.shape[1:], dimension_separator="/")
+    group.attrs.update(volumes.ngff_attributes("slices", "zyx", [1.0, 1.0, 1.0]))
+    rows = []
+    for framework in args.backends:
+        folder, blockwise = (os.path.join(args.work, f"isbi-{framework}-{kind}") for kind in ("folder", "blockwise"))
+        for out in (folder, blockwise):
+            shutil.rmtree(out, ignore_errors=True)
+        in_memory = measured(framework, "--checkpoint", checkpoint, "--test-data-path", args.images,
+                             "--save-res-path", folder)
+        blocks = measured(framework, "--checkpoint", checkpoint, "--test-data-path", volume, "--save-res-path", blockwise)
+        masks = zarr.open_array(os.path.join(blockwise, "slices.ome.zarr", "0"), mode="r")[:]
+        expected = np.stack([read_raw_image(os.path.join(folder, os.path.splitext(os.path.basename(p))[0] + ".png"))
+                             for p in paths])
+        differ = int(np.count_nonzero(masks != expected))
+        rows.append([framework, f"{in_memory[0]:.0f}", f"{blocks[0]:.0f}", f"{blocks[0] / in_memory[0] - 1:+.1%}",
+                     f"{in_memory[1]:.0f} / {blocks[1]:.0f}", f"{differ} of {masks.size}"])
+        print(rows[-1], flush=True)
+    print(table(["framework", "folder s", "OME-Zarr s", "overhead", "peak MiB folder / zarr", "mask pixels differing"],
+                rows))
+
+
+def main(argv=None):
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("what", choices=["memory", "workers", "isbi"])
+    p.add_argument("--sizes", type=ranged(int, 16), nargs="+", default=[256, 2048], help="volume sizes, MiB")
+    p.add_argument("--backends", nargs="+", choices=list(PYTHONS), default=list(PYTHONS))
+    p.add_argument("--checkpoint", help="default: an untrained network of --base channels")
+    p.add_argument("--base", type=ranged(int, 1, 64), default=1)
+    p.add_argument("--block", type=ranged(int, 32), default=1024)
+    p.add_argument("--images", default=os.path.join(HERE, "..", "shared", "data", "isbi2012", "test_image"))
+    p.add_argument("--work", default="/tmp/bench_volumes", help="where volumes and outputs are written")
+    args = p.parse_args(argv)
+    os.makedirs(args.work, exist_ok=True)
+    checkpoint = args.checkpoint or tiny_checkpoint(os.path.join(args.work, f"tiny-{args.base}.npz"), args.base)
+    print(f"bench_volumes {args.what}: {os.cpu_count()} cores, checkpoint {checkpoint}", flush=True)
+    {"memory": bench_memory, "workers": bench_workers, "isbi": bench_isbi}[args.what](args, checkpoint)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, HERE)
+    main()
