@@ -273,3 +273,22 @@ def test_a_dask_cluster_of_two_workers_gives_what_one_process_gives(tmp_path, ba
     # PyTorch's last float bit can follow its thread count (Dask's workers run one thread each)
     prob = [read_store(tmp_path / where / "prob" / "vol.ome.zarr").astype(int) for where in ("cluster", "here")]
     assert np.abs(prob[0] - prob[1]).max() <= 1
+
+
+def test_a_full_disk_names_the_store_and_block_and_leaves_the_block_not_done(tmp_path, batch_norm_net, monkeypatch):
+    import errno
+    path = write_ome_zarr(tmp_path / "vol.ome.zarr", smooth_volume((1, 64, 64)))
+    write = zarr.storage.DirectoryStore.__setitem__
+
+    def full_disk(store, key, value):
+        if key.endswith("0/0/1") and "prob" in store.path:  # the second block's probability chunk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(store, key, value)
+    monkeypatch.setattr(zarr.storage.DirectoryStore, "__setitem__", full_disk)
+    result = predict(path, tmp_path, batch_norm_net, "--no-tta", "--block", 32, "--save-prob", check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and "No space left on device" in lines[0]
+    assert "prob/vol.ome.zarr" in lines[0] and "block z0-y0-x32" in lines[0]
+    assert sorted(os.listdir(tmp_path / "masks" / "vol.ome.zarr" / ".unet" / "done")) == ["z0-y0-x0"]
+    monkeypatch.setattr(zarr.storage.DirectoryStore, "__setitem__", write)
+    assert "1 done before" in predict(path, tmp_path, batch_norm_net, "--no-tta", "--block", 32, "--save-prob").stdout
