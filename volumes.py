@@ -519,6 +519,7 @@ def predict_volume(path, checkpoint, outputs, threshold=0.5, device="cpu", tta=T
     finally:
         if client is not None:
             client.close()
+        _held.clear()  # the network and open stores are not kept after the run
     cell = sum(c["cell"] for c in counts.values()) / max(1, sum(c["pixels"] for c in counts.values()))
     notes = dict(masks=f"cell {cell:.1%}" if classes == 1 else f"{classes} classes", prob=f"{job['prob_bits']}-bit",
                  instances=f"{objects} objects")
