@@ -122,13 +122,19 @@ def disks_across_borders(size=300, block=100):
     return prob
 
 
+def blockwise_objects(prob, slices, tmp_path, checkpoint, monkeypatch):
+    """The objects store of `slices` slices predicted in blocks of 100 as if the network gave `prob`."""
+    path = write_ome_zarr(tmp_path / "vol.ome.zarr", np.zeros((slices,) + prob.shape, np.uint8))
+    monkeypatch.setattr(volumes, "crop_maps", lambda job, key, crop: prob[slice(*crop[0]), slice(*crop[1])])
+    predict(path, tmp_path, checkpoint, "--block", 100, "--halo", 48, "--instance-path", tmp_path / "objects",
+            "--objects", "watershed")
+    return read_store(tmp_path / "objects" / "vol.ome.zarr")
+
+
 def test_objects_cut_by_block_borders_are_merged_back_whole(tmp_path, batch_norm_net, monkeypatch):
     prob = disks_across_borders()
-    path = write_ome_zarr(tmp_path / "vol.ome.zarr", np.zeros((1,) + prob.shape, np.uint8))
-    monkeypatch.setattr(volumes, "crop_maps", lambda job, key, crop: prob[slice(*crop[0]), slice(*crop[1])])
-    predict(path, tmp_path, batch_norm_net, "--block", 100, "--halo", 48, "--instance-path", tmp_path / "objects",
-            "--objects", "watershed")
-    blockwise = read_store(tmp_path / "objects" / "vol.ome.zarr")[0]
+    objects = blockwise_objects(prob, 1, tmp_path, batch_norm_net, monkeypatch)
+    blockwise = objects[0]
     whole = objects_of(prob, 0.5, "watershed")
     inter, whole_area, block_area = overlaps(blockwise, whole)
     iou = inter / (whole_area[:, None] + block_area[None, :] - inter)
@@ -138,11 +144,8 @@ def test_objects_cut_by_block_borders_are_merged_back_whole(tmp_path, batch_norm
 
 def test_labels_are_unique_over_the_whole_volume(tmp_path, batch_norm_net, monkeypatch):
     prob = disks_across_borders()
-    path = write_ome_zarr(tmp_path / "vol.ome.zarr", np.zeros((2,) + prob.shape, np.uint8))
-    monkeypatch.setattr(volumes, "crop_maps", lambda job, key, crop: prob[slice(*crop[0]), slice(*crop[1])])
-    predict(path, tmp_path, batch_norm_net, "--block", 100, "--halo", 48, "--instance-path", tmp_path / "objects",
-            "--objects", "watershed")
-    labels = read_store(tmp_path / "objects" / "vol.ome.zarr")
+    objects = blockwise_objects(prob, 2, tmp_path, batch_norm_net, monkeypatch)
+    labels = objects
     per_slice = int(objects_of(prob, 0.5, "watershed").max())
     assert set(np.unique(labels[0])) & set(np.unique(labels[1])) == {0}
     assert labels.max() == 2 * per_slice
