@@ -310,7 +310,7 @@ def predict_blockwise(args, outputs, device):
     objects = with_object_method(dict(checkpoint=args.checkpoint, outputs=outputs), meta)["outputs"]["objects"]
     return volumes.predict_volume(args.test_data_path, args.checkpoint, dict(outputs, objects=objects),
                                   args.threshold, device, args.tta, args.amp, args.block, args.halo, args.workers,
-                                  args.scheduler, args.overwrite)
+                                  args.scheduler, args.overwrite, meta)
 
 
 def main(argv=None):

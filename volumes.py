@@ -475,13 +475,13 @@ def slice_mappings(volume, meta):
 
 
 def predict_volume(path, checkpoint, outputs, threshold=0.5, device="cpu", tta=True, amp="off", block=1024,
-                   halo=HALO, workers=0, scheduler=None, overwrite=False):
+                   halo=HALO, workers=0, scheduler=None, overwrite=False, meta=None):
     """Predict the volume (or slide) at `path` block by block into OME-Zarr stores named after it in
     the folders of `outputs` (masks, prob, instances as predict_unet_test.py names them), over
     `workers` local processes (0: backend.default_workers) or the Dask cluster at `scheduler`.
-    Returns the stores' paths."""
+    `meta`: the checkpoint's, where the caller has loaded it. Returns the stores' paths."""
     volume = Volume(path)
-    meta = build_model(checkpoint, "cpu")[1]  # a damaged checkpoint stops here, before any worker starts
+    meta = meta or build_model(checkpoint, "cpu")[1]  # a damaged checkpoint stops here, before any worker starts
     data = meta.get("data", {})
     if data.get("img_size"):
         raise CheckpointError(f"{checkpoint}: trained on images resized to {data['img_size']} pixels; blockwise "
