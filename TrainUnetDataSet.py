@@ -5,6 +5,7 @@
     python TrainUnetDataSet.py --resume                       # go on from checkpoints/last.npz
     python TrainUnetDataSet.py --data-path stage1_train       # DSB 2018 nuclei, RGB
     python TrainUnetDataSet.py --data-path VOC2012 --classes 21 --img-size 256
+    python TrainUnetDataSet.py --data-path volume.ome.zarr    # its labels/ group; read window by window
     UNET_BACKEND=torch python TrainUnetDataSet.py             # same code on PyTorch
 
 The flags and what the data says are settled once into the run's configuration (config.py), printed
@@ -33,8 +34,9 @@ from checkpoint import (CheckpointError, RunFolder, input_normalization, load_ch
 from cli import ArgumentParser, probability, ranged
 from config import OBJECT_SCORES, ONE_CLASS_SCORES, PRESETS, ConfigError, as_dict, data_facts, describe, settle
 from curves import plot_curves, read_log
-from dataloader import DEFAULT_PERCENTILES, NORMALIZATIONS, SegmentationDataset, Sampler, intensity_levels
-from datasets import FORMATS, detect_format, find_samples, labels_beside, load_dataset, voc_split_exists
+from dataloader import (DEFAULT_PERCENTILES, NORMALIZATIONS, SegmentationDataset, Sampler, intensity_levels, lazy_map,
+                        pick)
+from datasets import FORMATS, detect_format, find_samples, labels_beside, load_dataset, load_store, voc_split_exists
 from files import DataError
 from inference import best_threshold, threshold_errors, validate
 from instances import OBJECT_CLASSES, connected_objects, object_classes
@@ -56,10 +58,12 @@ def data_flags(p):
     p = p.add_argument_group("data")
     p.add_argument("--data-path", "--data_path", default="train_image",
                    help="training images: a folder (labels in --label-path), a DSB 2018 stage1_train folder, "
-                        "a VOC root, an nnU-Net or Cellpose dataset, or a TIFF volume")
+                        "a VOC root, an nnU-Net or Cellpose dataset, a TIFF volume, or a zarr / OME-Zarr store "
+                        "(read window by window, never whole)")
     p.add_argument("--label-path", "--label_path",
                    help="labels matched to images by file name (255 = cell, 0 = membrane), or the labels' TIFF; "
-                        "default: train_label/, or for a TIFF volume its name with 'volume' -> 'labels'")
+                        "default: train_label/, or for a TIFF volume its name with 'volume' -> 'labels', or for "
+                        "an OME-Zarr image its NGFF labels/ group")
     p.add_argument("--data-format", choices=("auto",) + FORMATS, default="auto",
                    help="layout of --data-path (datasets.py); auto: detected")
     p.add_argument("--val-image-path", help="validation data (any layout), instead of holding out --val-fraction")
@@ -165,6 +169,9 @@ def read_data(flags, rng):
     voc_val = fmt == "voc" and voc_split_exists(flags.data_path, "val") and not flags.val_image_path
 
     def read(path, labels, data_format, split, channels=None, normalization=(flags.normalize, flags.percentiles)):
+        if (detect_format(path) if data_format == "auto" else data_format) == "zarr":
+            return load_store(path, labels, flags.classes, flags.ignore_index, flags.img_size, channels,
+                              flags.instance_labels, normalization)
         return load_dataset(find_samples(path, data_format, labels, split), flags.classes, flags.ignore_index,
                             flags.img_size, channels, flags.instance_labels, normalization)
 
@@ -182,9 +189,9 @@ def read_data(flags, rng):
 def for_objects(dataset):
     """The dataset with the targets of a network for objects (instances.object_classes) as labels,
     from its numbered objects, or where it numbers none from its labels' 4-connected regions."""
-    numbered = dataset.instances or [connected_objects(label, connectivity=1) for label in dataset.labels]
-    return SegmentationDataset(dataset.images, [object_classes(n) for n in numbered], len(OBJECT_CLASSES),
-                               dataset.names, numbered, dataset.normalization, dataset.input_types)
+    numbered = dataset.instances or lazy_map(lambda label: connected_objects(label, connectivity=1), dataset.labels)
+    return SegmentationDataset(dataset.images, lazy_map(object_classes, numbered), len(OBJECT_CLASSES),
+                               dataset.names, numbered, dataset.normalization, dataset.input_types, dataset.shapes)
 
 
 def pixel_weights(dataset, config):
@@ -192,14 +199,14 @@ def pixel_weights(dataset, config):
     if dataset is None or not config.weight_map:
         return None
     numbered = dataset.instances or [None] * len(dataset)
-    return [weight_map(label, config.w0, config.sigma, n) for label, n in zip(dataset.labels, numbered)]
+    return lazy_map(lambda label, n: weight_map(label, config.w0, config.sigma, n), dataset.labels, numbered)
 
 
 def training_sampler(dataset, weights, config):
     """What the training steps draw from: random crops, augmented, with their pixel weights; for the
     unpadded net, of the images with borders mirrored as prediction mirrors them."""
     if config.padding == "valid":
-        mirror = lambda arrays: None if arrays is None else [mirror_for_valid(a) for a in arrays]  # noqa: E731
+        mirror = lambda arrays: None if arrays is None else lazy_map(mirror_for_valid, arrays)  # noqa: E731
         dataset = SegmentationDataset(mirror(dataset.images), mirror(dataset.labels), dataset.classes, dataset.names,
                                       normalization=dataset.normalization)
         weights = mirror(weights)
@@ -213,7 +220,7 @@ def validate_share(model, val_set, weights, config, class_weights, rank, process
     if processes == 1 or config.classes > 1:
         return validate(model, val_set, weights, config, class_weights, config.device)
     mine = list(range(rank, len(val_set), processes))
-    scores = validate(model, val_set.subset(mine), None if weights is None else [weights[i] for i in mine],
+    scores = validate(model, val_set.subset(mine), pick(weights, mine),
                       config, class_weights, config.device) if mine else {}
     names = ONE_CLASS_SCORES + (OBJECT_SCORES if val_set.instances is not None else ())
     sums = backend.all_sum([scores.get(name, 0.0) * len(mine) for name in names], config.device, processes)

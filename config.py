@@ -56,13 +56,13 @@ class Config(types.SimpleNamespace):
 
 def data_facts(data_format, train, val):
     """DataFacts of a training set (a dataloader.SegmentationDataset) and its validation set or None."""
-    sides = [min(image.shape[:2]) for image in train.images]
+    sides = [min(shape[:2]) for shape in train.shapes]
     smallest = int(np.argmin(sides))
     counts = None
     if train.classes > 1:
         counts = sum(np.bincount(label[label < train.classes].ravel(), minlength=train.classes)
                      for label in train.labels).tolist()
-    return DataFacts(data_format, train.channels, sorted({image.shape[:2] for image in train.images}),
+    return DataFacts(data_format, train.channels, sorted({shape[:2] for shape in train.shapes}),
                      (train.names[smallest], sides[smallest]), train.instances is not None, counts, val is not None,
                      train.normalization)
 

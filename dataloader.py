@@ -8,6 +8,7 @@ class (255 = cell = 1 in ISBI's labels), 0..N-1 (+ 255 = ignore) for N.
 Dataset layouts (DSB 2018, VOC, nnU-Net, Cellpose, TIFF stacks) are found by datasets.py.
 """
 import os
+from collections import OrderedDict
 
 import cv2
 import numpy as np
@@ -20,6 +21,8 @@ from files import DataError
 NORMALIZATIONS = ("percentile", "zscore", "range")
 DEFAULT_PERCENTILES = (1.0, 99.8)
 MAX_GUESSED_CHANNELS = 8
+LAZY_CACHE_BYTES = 256 * 2 ** 20  # what a LazyArrays keeps of the arrays it computed
+LEVEL_SAMPLES = 64  # intensity_levels of a store's windows: from this many
 
 
 def _read_file(path):
@@ -148,7 +151,10 @@ def apply_normalization(image, normalization):
 
 def intensity_levels(images, percentiles=DEFAULT_PERCENTILES):
     """Where normalized images' intensities lie: per channel, [low, high], the medians over the
-    images of their `percentiles` (what a network trained on them is used to)."""
+    images of their `percentiles` (what a network trained on them is used to); of at most
+    LEVEL_SAMPLES of them, evenly spread, where they are read lazily."""
+    if isinstance(images, LazyArrays) and len(images) > LEVEL_SAMPLES:
+        images = images.subset(np.linspace(0, len(images) - 1, LEVEL_SAMPLES).round().astype(int).tolist())
     per_image = [np.percentile(image.reshape(-1, channels_of(image)), percentiles, axis=0) for image in images]
     return np.median(per_image, axis=0).T.round(6).tolist()
 
@@ -265,29 +271,80 @@ def random_crop(arrays, size, rng):
     return tuple(None if a is None else a[y:y + ch, x:x + cw] for a in arrays)
 
 
+class LazyArrays:
+    """A list of arrays computed when asked for, `compute(i)`, the latest kept up to `budget` bytes:
+    training data drawn from a store larger than memory (datasets.load_store). Lists derived from
+    it (lazy_map) are lazy too, so nothing holds the whole store."""
+
+    def __init__(self, compute, count, budget=LAZY_CACHE_BYTES):
+        self.compute, self.count, self.budget = compute, count, budget
+        self.kept, self.kept_bytes = OrderedDict(), 0
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, i):
+        if not -self.count <= i < self.count:
+            raise IndexError(i)
+        i %= self.count
+        if i in self.kept:
+            self.kept.move_to_end(i)
+            return self.kept[i]
+        array = self.compute(i)
+        self.kept[i] = array
+        self.kept_bytes += array.nbytes
+        while self.kept_bytes > self.budget and len(self.kept) > 1:
+            self.kept_bytes -= self.kept.popitem(last=False)[1].nbytes
+        return array
+
+    def __iter__(self):
+        return (self[i] for i in range(self.count))
+
+    def subset(self, indices):
+        indices = list(indices)
+        return LazyArrays(lambda i: self[indices[i]], len(indices), self.budget)
+
+
+def lazy_map(function, *lists):
+    """[function(a, b ...) for a, b ... in zip(*lists)], computed when asked for where a list is lazy."""
+    lazy = next((items for items in lists if isinstance(items, LazyArrays)), None)
+    if lazy is None:
+        return [function(*items) for items in zip(*lists)]
+    return LazyArrays(lambda i: function(*(items[i] for items in lists)), len(lazy), lazy.budget)
+
+
+def pick(items, indices):
+    """items[i] for i in indices, or None; lazy where `items` is."""
+    if items is None:
+        return None
+    return items.subset(indices) if isinstance(items, LazyArrays) else [items[i] for i in indices]
+
+
 class SegmentationDataset:
     """Images (H x W or H x W x C, normalized) and labels (class indices; 1 = cell or object with one class) held
     in memory, with their names and, where the data numbers its objects, the numbered instances."""
 
     def __init__(self, images, labels, classes=1, names=None, instances=None, normalization=("range", DEFAULT_PERCENTILES),
-                 input_types=None):
+                 input_types=None, shapes=None):
         self.images, self.labels, self.classes = images, labels, classes
         self.names = names or [str(i) for i in range(len(images))]
         self.instances = instances  # numbered objects (DSB 2018's masks, GlaS) for the weight map, or None
         self.normalization = normalization  # (method, percentiles) the images were normalized with
         self.input_types = input_types  # the image files' types ("uint8", "uint16" ...), as read
+        self.shapes = shapes or [image.shape for image in images]  # (lazy images: known without reading them)
 
     @property
     def channels(self):
-        return channels_of(self.images[0]) if self.images else 1
+        return (self.shapes[0][2] if len(self.shapes[0]) == 3 else 1) if self.shapes else 1
 
     def __len__(self):
         return len(self.images)
 
     def subset(self, indices):
-        pick = lambda items: None if items is None else [items[i] for i in indices]  # noqa: E731
-        return SegmentationDataset(pick(self.images), pick(self.labels), self.classes, pick(self.names),
-                                   pick(self.instances), self.normalization, self.input_types)
+        indices = list(indices)
+        return SegmentationDataset(pick(self.images, indices), pick(self.labels, indices), self.classes,
+                                   pick(self.names, indices), pick(self.instances, indices), self.normalization,
+                                   self.input_types, pick(self.shapes, indices))
 
 
 class Sampler:

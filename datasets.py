@@ -11,9 +11,11 @@
   nnunet   nnU-Net's raw dataset: dataset.json, imagesTr/<case>_0000.png (one file per channel, as
            its channel_names list them), labelsTr/<case>.png, imagesTs/ (predicted unless --split train)
   cellpose Cellpose's folders: img.tif beside img_masks.tif (numbered objects, 0 = background)
+  zarr     a zarr or OME-Zarr image (volumes.Volume) with a label image of the same shape: its own NGFF
+           labels/ group or LABEL_PATH; read lazily, window by window (load_store), never whole
 
 `find_samples` detects the layout when not given and lists Samples, read only when asked for;
-`load_dataset` reads and checks them into a SegmentationDataset. `python inspect_data.py PATH` says what was found.
+`load_dataset` reads and checks them into a SegmentationDataset; a zarr store is read by `load_store`. `python inspect_data.py PATH` says what was found.
 """
 import functools
 import json
@@ -22,13 +24,14 @@ from collections import namedtuple
 
 import numpy as np
 
-from dataloader import (DEFAULT_PERCENTILES, SegmentationDataset, auto_normalization, channels_of, image_from_array,
-                        label_to_classes, match_channels, normalize, read_label_array, read_raw_image, read_tiff_stack,
-                        resize)
+from dataloader import (DEFAULT_PERCENTILES, LazyArrays, SegmentationDataset, apply_normalization, auto_normalization,
+                        channels_of, image_from_array, label_to_classes, match_channels, normalization_of, normalize,
+                        read_label_array, read_raw_image, read_tiff_stack, resize)
 from files import DataError, list_images
 from instances import connected_objects
 
-FORMATS = ("pairs", "dsb2018", "voc", "tiff", "nnunet", "cellpose")
+FORMATS = ("pairs", "dsb2018", "voc", "tiff", "nnunet", "cellpose", "zarr")
+STORE_WINDOW = 1024  # a zarr store's slices are cut into windows of at most this side, each a training sample
 LABEL_SUFFIXES = ("_anno", "_mask", "_label", "_labels", "_gt", "_seg")
 CELLPOSE_MASKS = "_masks"
 
@@ -46,6 +49,9 @@ def detect_format(path):
         raise DataError(f"{path}: a file, but not a TIFF stack; give a folder or a .tif volume")
     if not os.path.isdir(path):
         raise DataError(f"{path}: no such file or folder")
+    if path.rstrip("/").endswith(".zarr") or any(os.path.exists(os.path.join(path, name))
+                                                 for name in (".zgroup", ".zarray", "zarr.json")):
+        return "zarr"
     if os.path.isdir(os.path.join(path, "JPEGImages")):
         return "voc"
     if os.path.isfile(os.path.join(path, "dataset.json")) and os.path.isdir(os.path.join(path, "imagesTr")):
@@ -60,6 +66,9 @@ def detect_format(path):
 def find_samples(path, data_format="auto", label_path=None, split=None):
     """The samples of the dataset at `path` (labels from `label_path` for pairs and tiff)."""
     data_format = detect_format(path) if data_format == "auto" else data_format
+    if data_format == "zarr":
+        raise DataError(f"{path}: a zarr store: training reads it window by window, prediction block by block "
+                        f"(README: volumes and slides larger than memory)")
     finder = {"pairs": _pairs, "dsb2018": _dsb2018, "voc": _voc, "tiff": _tiff, "nnunet": _nnunet,
               "cellpose": _cellpose}[data_format]
     samples = finder(path, label_path, split)
@@ -354,3 +363,94 @@ def load_dataset(samples, classes=1, ignore_index=255, img_size=0, channels=None
                                instances=instances if any(i is not None for i in instances) else None,
                                normalization=(method, tuple(percentiles)),
                                input_types=sorted({str(image.dtype) for image in raw_images}))
+
+
+# ---- zarr stores, read lazily ----------------------------------------------------------------
+
+def ngff_labels(path):
+    """The first label image of an OME-Zarr image's labels/ group (NGFF), or None."""
+    try:
+        with open(os.path.join(path, "labels", ".zattrs")) as f:
+            names = json.load(f).get("labels") or []
+    except (OSError, ValueError, AttributeError):
+        return None
+    return os.path.join(path, "labels", names[0]) if names else None
+
+
+def store_windows(shape):
+    """(z, (y0, y1), (x0, x1)) of every window: each slice cut into equal parts of at most STORE_WINDOW."""
+    def parts(length):
+        side = STORE_WINDOW
+        n = -(-length // side)
+        edges = [round(i * length / n) for i in range(n + 1)]
+        return list(zip(edges[:-1], edges[1:]))
+    slices, height, width = shape
+    return [(z, rows, cols) for z in range(slices) for rows in parts(height) for cols in parts(width)]
+
+
+def label_values(labels, windows):
+    """The values a label store holds, read window by window (a bincount each: whole numbers)."""
+    seen = np.zeros(1, bool)
+    for z, (y0, y1), (x0, x1) in windows:
+        window = labels.read(z, slice(y0, y1), slice(x0, x1))
+        if window.dtype.kind not in "ui" or window.ndim != 2 or window.min() < 0:
+            raise DataError(f"{labels.path}: labels of type {window.dtype}, shape {window.shape}: expected one channel "
+                            f"of whole numbers >= 0")
+        counts = np.bincount(window.ravel())
+        seen = np.pad(seen, (0, max(0, len(counts) - len(seen))))
+        seen[:len(counts)] |= counts > 0
+    return np.flatnonzero(seen)
+
+
+def load_store(path, label_path=None, classes=1, ignore_index=255, img_size=0, channels=None, instance_labels=False,
+               normalization=("auto", DEFAULT_PERCENTILES)):
+    """A zarr / OME-Zarr image and its label image as a SegmentationDataset whose arrays are read
+    when training asks for them (dataloader.LazyArrays), so a store larger than memory trains: every
+    slice cut into windows of at most STORE_WINDOW pixels (one sample each), normalized as its whole
+    slice is when predicted block by block (volumes.slice_mappings), labels checked once, window by window."""
+    from volumes import Volume, slice_sample
+    if img_size:
+        raise DataError(f"{path}: --img-size resizes whole images; a zarr store is trained at its own scale")
+    image_store = Volume(path)
+    label_path = label_path or ngff_labels(path)
+    if not label_path:
+        raise DataError(f"{path}: no labels: give LABEL_PATH (a zarr store of the same shape) or put them in "
+                        f"its NGFF labels/ group")
+    labels = Volume(label_path)
+    if labels.shape != image_store.shape:
+        raise DataError(f"{label_path}: labels of shape {labels.shape}, the image {path} {image_store.shape} "
+                        f"(slices, height, width)")
+    windows = store_windows(image_store.shape)
+    values = np.zeros(0, int) if instance_labels else label_values(labels, windows)
+    label_to_classes(values, label_path, classes, ignore_index, instance_labels)  # one line on a wrong value
+    if classes > 1 and not np.any((values > 0) & (values < classes)):
+        raise DataError(f"{label_path}: no label holds any class but 0 (and {ignore_index} = ignore): "
+                        f"binary 0/255 masks? train them with --classes 1")
+    method, percentiles = normalization
+    method = auto_normalization([np.zeros(0, image_store.dtype)]) if method == "auto" else method
+    @functools.lru_cache(maxsize=None)
+    def slice_normalization(z):
+        if method == "range" and image_store.dtype.kind in "ui":  # nothing to look at
+            return 0, np.iinfo(image_store.dtype).max
+        return normalization_of(slice_sample(image_store, z), method, percentiles, f"{path} slice {z}")
+    channels = channels or image_store.channels
+
+    def where(i):
+        z, (y0, y1), (x0, x1) = windows[i]
+        return z, slice(y0, y1), slice(x0, x1)
+
+    def image(i):
+        raw = image_store.read(*where(i))
+        return match_channels(apply_normalization(raw, slice_normalization(where(i)[0])), channels, path)
+
+    def label(i):
+        return label_to_classes(labels.read(*where(i)), label_path, classes, ignore_index, instance_labels)
+
+    def numbered(i):
+        return labels.read(*where(i)).astype(np.int32)
+
+    shapes = [(y1 - y0, x1 - x0) + ((channels,) if channels > 1 else ()) for _, (y0, y1), (x0, x1) in windows]
+    names = [f"z{z}-y{y0}-x{x0}" for z, (y0, _), (x0, _) in windows]
+    return SegmentationDataset(LazyArrays(image, len(windows)), LazyArrays(label, len(windows)), classes, names,
+                               LazyArrays(numbered, len(windows)) if instance_labels else None,
+                               (method, tuple(percentiles)), [str(image_store.dtype)], shapes)

@@ -85,6 +85,9 @@ def parse_args(argv=None):
     volume.add_argument("--halo", type=ranged(int, 0, 4096), default=volumes.HALO,
                         help="pixels read around each block (more than the network's reach, so that blocks equal "
                              "the whole slice predicted at once)")
+    volume.add_argument("--levels", type=ranged(int, 0, 16),
+                        help="downsampled levels written beside each store's full resolution, for viewers (each "
+                             "halves y and x; default: as many as bring a slice within one block)")
     volume.add_argument("--scheduler", help="address of a running Dask scheduler (tcp://HOST:8786) to predict on")
     volume.add_argument("--overwrite", action="store_true",
                         help="replace output stores written with other settings (else they are never written into)")
@@ -310,7 +313,7 @@ def predict_blockwise(args, outputs, device):
     objects = with_object_method(dict(checkpoint=args.checkpoint, outputs=outputs), meta)["outputs"]["objects"]
     return volumes.predict_volume(args.test_data_path, args.checkpoint, dict(outputs, objects=objects),
                                   args.threshold, device, args.tta, args.amp, args.block, args.halo, args.workers,
-                                  args.scheduler, args.overwrite, meta)
+                                  args.scheduler, args.overwrite, meta, args.levels)
 
 
 def main(argv=None):

@@ -3,8 +3,10 @@
 # your own data in any layout datasets.py reads.
 #   EPOCHS, BATCH_SIZE      override the preset chosen for this machine
 #   DATA_PATH               image folder (default train_image), a DSB 2018 stage1_train folder,
-#                           a VOC root, an nnU-Net or Cellpose dataset, or a TIFF volume (train-volume.tif)
-#   LABEL_PATH              label folder (default train_label) or TIFF, for image folders and TIFFs
+#                           a VOC root, an nnU-Net or Cellpose dataset, a TIFF volume (train-volume.tif),
+#                           or a zarr / OME-Zarr store (read window by window, never whole)
+#   LABEL_PATH              label folder (default train_label), TIFF or zarr store (default for an
+#                           OME-Zarr image: its NGFF labels/ group)
 #   CLASSES, IMG_SIZE       classes (1: binary; N: softmax over 0..N-1), resize to IMG_SIZE squares
 #   ISBI_DATA_DIR           local folder with train_image/ train_label/ test_image/ to copy from
 #   UNET_BACKEND            oneflow (default) or torch

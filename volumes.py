@@ -8,7 +8,8 @@ block into OME-Zarr stores, in this process or on a Dask cluster, resumable.
 The network is 2D: every z slice is cut into blocks of --block pixels, each read with a halo of
 --halo pixels around it (more than the network's reach) widened to the slice's pooling grid, so a
 block's pixels get what the whole slice predicted at once would give them. Outputs are NGFF 0.4
-stores (zarr format 2) chunked like the blocks, so each chunk is written once, by its block's task.
+stores (zarr format 2) chunked like the blocks, so each chunk is written once, by its block's task,
+with downsampled levels for viewing written once level 0 is whole.
 
 A block is done once its chunks are written (a marker in the mask store's .unet/done/): the same
 command after a crash finishes the rest, and a store written with other settings is left alone.
@@ -371,21 +372,50 @@ def number_objects(job, client, keys, counts):
 
 # ---- output stores --------------------------------------------------------------------------
 
-def ngff_attributes(name, axes, scale, label=False):
-    """NGFF 0.4 metadata of a one-level image (or label image) with `axes` ("zyx", "yx")."""
-    attributes = {"multiscales": [{
-        "version": "0.4", "name": name, "axes": [{"name": a, "type": "space"} for a in axes],
-        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}]}]}
+def ngff_attributes(name, axes, scale, label=False, levels=0):
+    """NGFF 0.4 metadata of an image (or label image) with `axes` ("zyx", "yx") and `levels`
+    downsampled levels beside level 0 ("1", "2" ...: y and x halved each)."""
+    datasets = [{"path": str(level), "coordinateTransformations": [{"type": "scale", "scale": [
+        s * 2 ** level if a in "yx" else s for a, s in zip(axes, scale)]}]} for level in range(levels + 1)]
+    attributes = {"multiscales": [{"version": "0.4", "name": name, "axes": [{"name": a, "type": "space"} for a in axes],
+                                   "datasets": datasets}]}
     if label:
         attributes["image-label"] = {"version": "0.4"}
     return attributes
+
+
+def pyramid_levels(shape, block):
+    """How many halvings bring a slice of (height, width) `shape` within one block: the default --levels."""
+    return max(0, math.ceil(math.log2(max(shape) / block))) if max(shape) > block else 0
+
+
+def write_levels(job):
+    """The downsampled levels of every output store (every other pixel of the level before: masks and
+    labels keep their values), written chunk by chunk after level 0 is whole."""
+    if not job["levels"] or os.path.exists(os.path.join(_progress_dir(job, "numbered"), "levels")):
+        return
+    from tqdm import tqdm
+    for path in job["stores"].values():
+        for level in tqdm(range(1, job["levels"] + 1), desc=f"levels of {os.path.basename(path)}", unit="level",
+                          file=sys.stderr, disable=None, leave=False):
+            source, target = _store(path, str(level - 1)), _store(path, str(level))
+            chunk = target.chunks[-1]
+            for z in range(job["shape"][0]) if job["has_z"] else [None]:
+                for y in range(0, target.shape[-2], chunk):
+                    for x in range(0, target.shape[-1], chunk):
+                        rows, cols = slice(y, y + chunk), slice(x, x + chunk)
+                        wide = (slice(2 * y, 2 * (y + chunk), 2), slice(2 * x, 2 * (x + chunk), 2))
+                        where, read = ((z, rows, cols), (z,) + wide) if job["has_z"] else ((rows, cols), wide)
+                        _write_region(path, where, source[read], f"level {level} y{y}-x{x}", array=str(level))
+    os.makedirs(_progress_dir(job, "numbered"), exist_ok=True)
+    atomic_write(os.path.join(_progress_dir(job, "numbered"), "levels"), lambda f: f.write(b"{}"))
 
 
 def settings_of(job):
     """What a store's contents depend on: a store written with other settings is never resumed."""
     return dict(input=os.path.abspath(job["volume"]), shape=list(job["shape"]), checkpoint=_file_hash(job["checkpoint"]),
                 outputs={kind: os.path.abspath(path) for kind, path in job["stores"].items()},
-                **{k: job[k] for k in ("threshold", "tta", "amp", "block", "halo", "prob_bits", "objects")})
+                **{k: job[k] for k in ("threshold", "tta", "amp", "block", "halo", "prob_bits", "objects", "levels")})
 
 
 def _file_hash(path):
@@ -423,9 +453,12 @@ def prepare_stores(job, volume, overwrite=False):
                 raise DataError(f"{path}: not a zarr store, so not removed, not even with --overwrite")
             shutil.rmtree(path)
         group = zarr.open_group(zarr.storage.DirectoryStore(path), mode="w")
-        group.create_dataset("0", shape=shape, chunks=chunks, dtype=dtypes[kind], fill_value=0,
-                             write_empty_chunks=True, dimension_separator="/")
-        group.attrs.update(ngff_attributes(volume_name(path), axes, _output_scale(volume, axes), kind == "instances"))
+        for level in range(job["levels"] + 1):
+            group.create_dataset(str(level), shape=shape[:-2] + tuple(-(-n // 2 ** level) for n in shape[-2:]),
+                                 chunks=chunks, dtype=dtypes[kind], fill_value=0, write_empty_chunks=True,
+                                 dimension_separator="/")
+        group.attrs.update(ngff_attributes(volume_name(path), axes, _output_scale(volume, axes), kind == "instances",
+                                           job["levels"]))
         atomic_write(settings_file, lambda f: f.write(json.dumps(settings, indent=1).encode()))
         created = True
     if created:  # a store made anew: every block again
@@ -468,18 +501,24 @@ def slice_mappings(volume, meta):
     mapping = input_mapping(meta, probe, volume.path)
     if meta.get("data", {}).get("normalize", "range") == "range" and mapping[1] is None and volume.dtype.kind in "ui":
         return [mapping] * volume.shape[0]
+    return [input_mapping(meta, slice_sample(volume, z), f"{volume.path} slice {z}") for z in range(volume.shape[0])]
+
+
+def slice_sample(volume, z):
+    """Slice z of a volume, or of a slice larger than SAMPLE_PIXELS every n-th row and column: what
+    its normalization is taken from, in training (datasets.load_store) and prediction alike."""
     _, height, width = volume.shape
     step = max(1, math.ceil(math.sqrt(height * width / SAMPLE_PIXELS)))
-    return [input_mapping(meta, volume.read(z, slice(0, height, step), slice(0, width, step)),
-                          f"{volume.path} slice {z}") for z in range(volume.shape[0])]
+    return volume.read(z, slice(0, height, step), slice(0, width, step))
 
 
 def predict_volume(path, checkpoint, outputs, threshold=0.5, device="cpu", tta=True, amp="off", block=1024,
-                   halo=HALO, workers=0, scheduler=None, overwrite=False, meta=None):
+                   halo=HALO, workers=0, scheduler=None, overwrite=False, meta=None, levels=None):
     """Predict the volume (or slide) at `path` block by block into OME-Zarr stores named after it in
     the folders of `outputs` (masks, prob, instances as predict_unet_test.py names them), over
     `workers` local processes (0: backend.default_workers) or the Dask cluster at `scheduler`.
-    `meta`: the checkpoint's, where the caller has loaded it. Returns the stores' paths."""
+    `meta`: the checkpoint's, where the caller has loaded it; `levels`: downsampled levels (None: as
+    many as bring a slice within one block). Returns the stores' paths."""
     volume = Volume(path)
     meta = meta or build_model(checkpoint, "cpu")[1]  # a damaged checkpoint stops here, before any worker starts
     data = meta.get("data", {})
@@ -496,7 +535,8 @@ def predict_volume(path, checkpoint, outputs, threshold=0.5, device="cpu", tta=T
     if outputs.get("instances") and classes == 1:
         stores["instances"] = os.path.join(outputs["instances"], name)
     job = dict(volume=path, checkpoint=checkpoint, device=device, amp=amp, tta=tta, threshold=threshold,
-               block=block, halo=halo, shape=volume.shape, has_z=volume.has_z, stores=stores,
+               block=block, halo=halo, shape=volume.shape, levels=pyramid_levels(volume.shape[1:], block) if
+               levels is None else levels, has_z=volume.has_z, stores=stores,
                prob_bits=outputs.get("prob_bits", 16) if "prob" in stores else None, object_network=bool(
                    data.get("instances")), gpus=backend.flow.cuda.device_count() if device.startswith("cuda") else 0,
                objects=dict(method=outputs["objects"], min_size=outputs["min_size"],
@@ -516,6 +556,7 @@ def predict_volume(path, checkpoint, outputs, threshold=0.5, device="cpu", tta=T
         counts = {k: _read_json(os.path.join(_progress_dir(job, "done"), block_name(k))) for k in keys}
         objects = number_objects(job, client, keys, {k: c["objects"] for k, c in counts.items()}) \
             if "instances" in stores else None
+        write_levels(job)
     finally:
         if client is not None:
             client.close()
@@ -524,7 +565,8 @@ def predict_volume(path, checkpoint, outputs, threshold=0.5, device="cpu", tta=T
     notes = dict(masks=f"cell {cell:.1%}" if classes == 1 else f"{classes} classes", prob=f"{job['prob_bits']}-bit",
                  instances=f"{objects} objects")
     for kind, store in stores.items():
-        print(f"{path} -> {store} ({kind}: {notes[kind]})")
+        print(f"{path} -> {store} ({kind}: {notes[kind]}" + (f"; {job['levels']} downsampled levels" if job["levels"]
+                                                              else "") + ")")
     return list(stores.values())
 
 

@@ -1,13 +1,15 @@
 """Volumes and slides larger than memory (volumes.py): read lazily, predicted block by block into
 OME-Zarr stores, equal to the whole slice predicted at once, objects whole across block borders,
-resumable, never written over."""
+resumable, never written over; and trained from, window by window."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import cv2
 import numpy as np
 import pytest
 import tifffile
@@ -16,8 +18,8 @@ from skimage.draw import disk
 
 import backend
 import volumes
-from checkpoint import build_model, network_input
-from conftest import ROOT, run_script, tiny_checkpoint
+from checkpoint import build_model, load_checkpoint, network_input
+from conftest import ROOT, run_script, tiny_checkpoint, train_small
 from inference import predict_sample
 from instances import objects_of, overlaps
 
@@ -100,6 +102,30 @@ def test_outputs_are_ngff_images_that_ome_zarr_readers_open(tmp_path, batch_norm
         assert nodes[0].data[0].shape == volume.shape
         assert nodes[0].metadata["axes"] == [{"name": a, "type": "space"} for a in "zyx"]
     assert zarr.open_array(str(tmp_path / "masks" / "vol.ome.zarr" / "0")).chunks == (1, 64, 64)
+
+
+def test_downsampled_levels_hold_every_other_pixel_of_the_level_before_for_viewers(tmp_path, batch_norm_net):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+    volume = smooth_volume((2, 140, 100))
+    path = write_ome_zarr(tmp_path / "vol.ome.zarr", volume)
+    predict(path, tmp_path, batch_norm_net, "--block", 64, "--no-tta", "--save-prob", "--instance-path",
+            tmp_path / "objects", "--levels", 2)
+    for folder in ("masks", "prob", "objects"):
+        store = tmp_path / folder / "vol.ome.zarr"
+        full = read_store(store)
+        for level in (1, 2):
+            step = 2 ** level
+            assert np.array_equal(zarr.open_array(str(store / str(level)), mode="r")[:], full[:, ::step, ::step])
+        node = list(Reader(parse_url(str(store)))())[0]
+        assert [level.shape for level in node.data] == [(2, 140, 100), (2, 70, 50), (2, 35, 25)]
+        assert node.metadata["coordinateTransformations"][2] == [{"type": "scale", "scale": [1.0, 4.0, 4.0]}]
+
+
+def test_by_default_levels_are_added_until_a_slice_fits_in_one_block():
+    assert volumes.pyramid_levels((512, 512), 1024) == 0
+    assert volumes.pyramid_levels((1025, 10), 1024) == 1
+    assert volumes.pyramid_levels((50000, 30000), 1024) == 6
 
 
 def test_a_tiff_volume_is_read_page_by_page_and_gives_the_masks_of_its_stacks(tmp_path, batch_norm_net):
@@ -300,3 +326,77 @@ def test_a_full_disk_names_the_store_and_block_and_leaves_the_block_not_done(tmp
     assert sorted(os.listdir(tmp_path / "masks" / "vol.ome.zarr" / ".unet" / "done")) == ["z0-y0-x0"]
     monkeypatch.setattr(zarr.storage.DirectoryStore, "__setitem__", write)
     assert "1 done before" in predict(path, tmp_path, batch_norm_net, "--no-tta", "--block", 32, "--save-prob").stdout
+
+
+# ---- training from stores ---------------------------------------------------------------------
+
+def write_labelled_store(path, images, labels):
+    """An OME-Zarr image with its labels in its NGFF labels/ group, as napari and ome-zarr-py write them."""
+    write_ome_zarr(path, images)
+    zarr.open_group(str(path)).require_group("labels").attrs["labels"] = ["cells"]
+    write_ome_zarr(path / "labels" / "cells", labels)
+    zarr.open_group(str(path / "labels" / "cells")).attrs["image-label"] = {"version": "0.4"}
+    return str(path)
+
+
+def folder_as_store(data, path):
+    """The slices of a folder dataset (train_image/, train_label/) as one labelled OME-Zarr volume."""
+    names = sorted(os.listdir(f"{data}/train_image"))
+    read = lambda folder: np.stack([cv2.imread(f"{data}/{folder}/{n}", cv2.IMREAD_UNCHANGED) for n in names])  # noqa: E731
+    return write_labelled_store(path, read("train_image"), read("train_label"))
+
+
+def test_training_on_an_ome_zarr_volume_equals_training_on_its_slices_as_files(dataset, tmp_path):
+    store = folder_as_store(dataset, tmp_path / "train.ome.zarr")
+    train_small(dataset, tmp_path / "files", "--weight-map")
+    train_small(dataset, tmp_path / "store", "--weight-map", "--data-path", store, "--label-path", "")
+    from_files, from_store = (load_checkpoint(str(tmp_path / run / "checkpoints" / "last.npz")) for run in ("files", "store"))
+    assert from_store[0]["config"]["data_format"] == "zarr"
+    assert from_store[0]["data"]["input_levels"] == from_files[0]["data"]["input_levels"]
+    assert len(from_files[1]) == len(from_store[1]) > 20  # every layer's weights
+    for name, weights in from_files[1].items():
+        assert np.allclose(from_store[1][name], weights, atol=1e-6), name
+
+
+def test_a_store_is_read_window_by_window_never_whole(tmp_path, monkeypatch):
+    import datasets
+    images, labels = smooth_volume((2, 150, 130)), np.zeros((2, 150, 130), np.uint8)
+    labels[:, 40:110, 30:100] = 255
+    store = write_labelled_store(tmp_path / "big.ome.zarr", images, labels)
+    monkeypatch.setattr(datasets, "STORE_WINDOW", 64)  # 3 x 3 windows a slice
+    reads = []
+    read = volumes.Volume.read
+    monkeypatch.setattr(volumes.Volume, "read", lambda self, z, rows, cols, *more: reads.append(
+        (rows.stop - rows.start) * (cols.stop - cols.start)) or read(self, z, rows, cols, *more))
+    result = train_small(tmp_path, tmp_path / "run", "--data-path", store, "--label-path", "", "--weight-map",
+                         "--val-fraction", 0.2, "--epochs", 1)
+    assert "data: 14 training pairs" in result.stdout and "4 for validation" in result.stdout
+    assert reads and max(reads) <= 50 * 44
+
+
+def test_lazy_arrays_keep_no_more_than_their_budget():
+    from dataloader import LazyArrays, lazy_map
+    computed = []
+    arrays = LazyArrays(lambda i: computed.append(i) or np.full((10, 10), i, np.float32), 8, budget=1000)
+    doubled = lazy_map(lambda a: 2 * a, arrays)
+    assert [float(a[0, 0]) for a in doubled] == [2.0 * i for i in range(8)]
+    assert arrays.kept_bytes <= 1000 and len(arrays.kept) == 2 and computed == list(range(8))
+    assert float(arrays.subset([5, 1])[1][0, 0]) == 1.0
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("labels 7", "train.ome.zarr/labels/cells: label is not binary: values 0, 7"),
+    ("no labels", "train.ome.zarr: no labels: give LABEL_PATH"),
+    ("other shape", "labels of shape (2, 40, 40), the image"),
+])
+def test_bad_training_stores_stop_with_one_line_naming_the_store(tmp_path, damage, message):
+    labels = np.zeros((2, 48, 48), np.uint8)
+    labels[:, 10:30, 10:30] = 7 if damage == "labels 7" else 255
+    store = write_labelled_store(tmp_path / "train.ome.zarr", smooth_volume((2, 48, 48)), labels)
+    if damage == "no labels":
+        shutil.rmtree(tmp_path / "train.ome.zarr" / "labels")
+    if damage == "other shape":
+        write_ome_zarr(tmp_path / "train.ome.zarr" / "labels" / "cells", labels[:, :40, :40])
+    result = train_small(tmp_path, tmp_path / "run", "--data-path", store, "--label-path", "", check=False)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
