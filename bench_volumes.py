@@ -4,11 +4,13 @@ commands, one after the other, each timed and its largest process's peak memory 
     python bench_volumes.py memory --sizes 256 2048        # peak memory against volume size (MiB)
     python bench_volumes.py workers --sizes 64             # megapixels/s with 1 and 2 workers, both frameworks
     python bench_volumes.py isbi --checkpoint checkpoints/best.npz --images ../shared/data/isbi2012/test_image
+    python bench_volumes.py training --sizes 256 2048      # training from a store: peak memory against its size
 
 memory and workers predict synthetic volumes of 4096 x 4096 slices (uint16 and uint8; written
 first, as OME-Zarr, into --work) with an untrained tiny network (or --checkpoint), without the 8 views;
 isbi predicts a folder of images as today (in memory) and the same images as one OME-Zarr volume
-(blockwise), with test.sh's defaults, and compares the masks.
+(blockwise), with test.sh's defaults, and compares the masks; training trains one epoch of a base-1
+network on 256 x 256 crops from labelled synthetic stores (TrainUnetDataSet.py, read window by window).
 """
 import json
 import os
@@ -29,19 +31,20 @@ MEASURE = ("import resource, subprocess, sys, time; start = time.time(); "
            "print(code, time.time() - start, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
 
 
-def measured(framework, *args):
-    """(seconds, peak MiB of the largest process) of `predict_unet_test.py ARGS` on `framework`."""
+def measured(framework, *args, script="predict_unet_test.py"):
+    """(seconds, peak MiB of the largest process) of `SCRIPT ARGS` on `framework`."""
     python = PYTHONS[framework]
-    command = [python, "-c", MEASURE, python, os.path.join(HERE, "predict_unet_test.py"), *map(str, args)]
+    command = [python, "-c", MEASURE, python, os.path.join(HERE, script), *map(str, args)]
     result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, UNET_BACKEND=framework))
     code, seconds, peak_kib = result.stdout.split()
     if code != "0":
-        raise SystemExit(f"error: predict_unet_test.py {' '.join(map(str, args))} failed on {framework}:\n{result.stderr}")
+        raise SystemExit(f"error: {script} {' '.join(map(str, args))} failed on {framework}:\n{result.stderr}")
     return float(seconds), int(peak_kib) / 1024
 
 
-def synthetic_volume(path, mib, dtype=np.uint8, side=4096, chunk=1024):
-    """An OME-Zarr volume of `mib` MiB of 4096 x 4096 slices of blocky random texture, written a slice at a time."""
+def synthetic_volume(path, mib, dtype=np.uint8, side=4096, chunk=1024, labels=False):
+    """An OME-Zarr volume of `mib` MiB of 4096 x 4096 slices of blocky random texture, written a slice at
+    a time; with `labels`, its bright half as 0/255 labels in its NGFF labels/ group."""
     import zarr
 
     import volumes
@@ -51,9 +54,17 @@ def synthetic_volume(path, mib, dtype=np.uint8, side=4096, chunk=1024):
     group = zarr.open_group(path, mode="w")
     array = group.create_dataset("0", shape=(slices, side, side), chunks=(1, chunk, chunk), dtype=dtype,
                                  dimension_separator="/")
+    if labels:
+        group.require_group("labels").attrs["labels"] = ["bright"]
+        label_group = zarr.open_group(os.path.join(path, "labels", "bright"), mode="w")
+        label_array = label_group.create_dataset("0", shape=array.shape, chunks=array.chunks, dtype=np.uint8,
+                                                 dimension_separator="/")
+        label_group.attrs.update(volumes.ngff_attributes("bright", "zyx", [1.0, 1.0, 1.0], label=True))
     tile = (np.random.default_rng(0).random((side // 8, side // 8)) * np.iinfo(dtype).max).astype(dtype)
     for z in range(slices):
         array[z] = np.kron(np.roll(tile, z, axis=0), np.ones((8, 8), dtype))
+        if labels:
+            label_array[z] = np.where(array[z] > np.iinfo(dtype).max // 2, 255, 0).astype(np.uint8)
     group.attrs.update(volumes.ngff_attributes("synthetic", "zyx", [1.0, 1.0, 1.0]))
     return path
 
@@ -148,9 +159,28 @@ def bench_isbi(args, checkpoint):
                 rows))
 
 
+def bench_training(args, checkpoint):
+    """Training from stores of growing size: one epoch (every 1024-pixel window once), base 1, crops of 256."""
+    rows = []
+    for size in args.sizes:
+        path = synthetic_volume(os.path.join(args.work, f"labelled{size}.ome.zarr"), size, labels=True)
+        for framework in args.backends:
+            out = os.path.join(args.work, f"train-{framework}-{size}")
+            shutil.rmtree(out, ignore_errors=True)
+            seconds, peak = measured(framework, "--data-path", path, "--base", 1, "--crop", 256, "--batch-size", 1,
+                                     "--epochs", 1, "--no-calibrate", "--progress", "", "--checkpoint-dir", out,
+                                     "--log-file", os.path.join(out, "log.txt"), script="TrainUnetDataSet.py")
+            with open(os.path.join(out, "log.txt")) as f:
+                epoch = next(line for line in f if line.startswith("epoch 1/1"))
+            epoch_seconds = float(epoch.split(" time ")[1].split("s")[0])
+            rows.append([framework, f"{size} MiB", f"{seconds:.0f}", f"{epoch_seconds:.0f}", f"{peak:.0f}"])
+            print(rows[-1], flush=True)
+    print(table(["framework", "store (uint8)", "seconds", "epoch s", "peak MiB"], rows))
+
+
 def main(argv=None):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("what", choices=["memory", "workers", "isbi"])
+    p.add_argument("what", choices=["memory", "workers", "isbi", "training"])
     p.add_argument("--sizes", type=ranged(int, 16), nargs="+", default=[256, 2048], help="volume sizes, MiB")
     p.add_argument("--backends", nargs="+", choices=list(PYTHONS), default=list(PYTHONS))
     p.add_argument("--checkpoint", help="default: an untrained network of --base channels")
@@ -162,7 +192,8 @@ def main(argv=None):
     os.makedirs(args.work, exist_ok=True)
     checkpoint = args.checkpoint or tiny_checkpoint(os.path.join(args.work, f"tiny-{args.base}.npz"), args.base)
     print(f"bench_volumes {args.what}: {os.cpu_count()} cores, checkpoint {checkpoint}", flush=True)
-    {"memory": bench_memory, "workers": bench_workers, "isbi": bench_isbi}[args.what](args, checkpoint)
+    {"memory": bench_memory, "workers": bench_workers, "isbi": bench_isbi, "training": bench_training}[args.what](
+        args, checkpoint)
 
 
 if __name__ == "__main__":

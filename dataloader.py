@@ -21,7 +21,7 @@ from files import DataError
 NORMALIZATIONS = ("percentile", "zscore", "range")
 DEFAULT_PERCENTILES = (1.0, 99.8)
 MAX_GUESSED_CHANNELS = 8
-LAZY_CACHE_BYTES = 256 * 2 ** 20  # what a LazyArrays keeps of the arrays it computed
+LAZY_CACHE_BYTES = 128 * 2 ** 20  # what a LazyArrays keeps of the arrays it computed
 LEVEL_SAMPLES = 64  # intensity_levels of a store's windows: from this many
 
 
@@ -301,8 +301,9 @@ class LazyArrays:
         return (self[i] for i in range(self.count))
 
     def subset(self, indices):
+        """The arrays `indices`, kept by this list (the subset keeps only its latest)."""
         indices = list(indices)
-        return LazyArrays(lambda i: self[indices[i]], len(indices), self.budget)
+        return LazyArrays(lambda i: self[indices[i]], len(indices), budget=0)
 
 
 def lazy_map(function, *lists):
@@ -310,7 +311,7 @@ def lazy_map(function, *lists):
     lazy = next((items for items in lists if isinstance(items, LazyArrays)), None)
     if lazy is None:
         return [function(*items) for items in zip(*lists)]
-    return LazyArrays(lambda i: function(*(items[i] for items in lists)), len(lazy), lazy.budget)
+    return LazyArrays(lambda i: function(*(items[i] for items in lists)), len(lazy))
 
 
 def pick(items, indices):
