@@ -34,8 +34,8 @@ from checkpoint import (CheckpointError, RunFolder, input_normalization, load_ch
 from cli import ArgumentParser, probability, ranged
 from config import OBJECT_SCORES, ONE_CLASS_SCORES, PRESETS, ConfigError, as_dict, data_facts, describe, settle
 from curves import plot_curves, read_log
-from dataloader import (DEFAULT_PERCENTILES, NORMALIZATIONS, SegmentationDataset, Sampler, intensity_levels, lazy_map,
-                        pick)
+from dataloader import (DEFAULT_PERCENTILES, NORMALIZATIONS, BatchLoader, SegmentationDataset, Sampler, intensity_levels,
+                        lazy_map, pick)
 from datasets import FORMATS, detect_format, find_samples, labels_beside, load_dataset, load_store, voc_split_exists
 from files import DataError
 from inference import best_threshold, threshold_errors, validate
@@ -100,6 +100,9 @@ def schedule_flags(p):
                    help="defaults for the flags below: auto = gpu on CUDA, else cpu; %s" % PRESETS)
     p.add_argument("--epochs", type=ranged(int, 1), help="passes over the training images (default: from --preset)")
     p.add_argument("--batch-size", "--batch_size", type=ranged(int, 1), help="images per step (default: from --preset)")
+    p.add_argument("--steps-per-epoch", type=ranged(int, 0), default=0,
+                   help="steps of an epoch, drawing the training pairs in a new random order each pass over them "
+                        "(0: one pass over the pairs)")
     p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
                    help="Adam, or the paper's SGD with high momentum")
     p.add_argument("--momentum", type=ranged(float, 0, below=1), default=0.99, help="SGD momentum (the paper's 0.99)")
@@ -141,6 +144,8 @@ def loss_flags(p):
                    help="validation score that picks best.npz; auto: val_miou with classes > 1, val_dice for "
                         "DSB 2018 nuclei, else the ISBI V_rand (train_loss when there is no validation set); "
                         "val_map: the DSB 2018 object score, where labels number objects")
+    p.add_argument("--val-every", type=ranged(int, 1), default=1,
+                   help="validate (and so pick best.npz) every N epochs and after the last")
     p.add_argument("--patience", type=ranged(int, 0), default=0,
                    help="stop after this many epochs without a better --best-metric (0: never)")
 
@@ -153,6 +158,10 @@ def run_flags(p):
                    help="mixed precision of the forward pass: bf16 or fp16 (with loss scaling) on CUDA; "
                         "bf16 also on a CPU with PyTorch. Validation stays float32")
     p.add_argument("--seed", type=ranged(int, 0), default=0, help="the same seed gives the same run")
+    p.add_argument("--loader-workers", type=ranged(int, 0, 64),
+                   help="processes preparing the next batches (crops, augmentation, weight maps) while a step "
+                        "runs; the same weights whatever the number (default: on CUDA the cores the training "
+                        "processes leave, on a CPU 0, where the cores compute)")
     p.add_argument("--checkpoint-dir", default="checkpoints", help="where best.npz and last.npz go")
     p.add_argument("--resume", action="store_true", help="continue from CHECKPOINT_DIR/last.npz")
     p.add_argument("--log-file", "--log", dest="log", default="Unet_train.txt",
@@ -387,12 +396,23 @@ def set_learning_rate(optimizer, epoch, config):
     return lr
 
 
-def epoch_plan(partial, rng, pairs):
-    """(order of the pairs, first step, losses so far) of an epoch: a new permutation, or for an epoch
-    stopped midway (`partial`, from --resume) the same order from the next step on."""
+def epoch_plan(partial, rng, pairs, draws=0):
+    """(order of the pairs, first step, losses so far) of an epoch: a new permutation (with `draws`,
+    as many permutations one after the other as give that many pairs), or for an epoch stopped midway
+    (`partial`, from --resume) the same order from the next step on."""
     if partial:
         return np.array(partial["order"]), partial["step"], partial["losses"]
-    return rng.permutation(pairs), 0, []
+    if not draws:
+        return rng.permutation(pairs), 0, []
+    return np.concatenate([rng.permutation(pairs) for _ in range(-(-draws // pairs))])[:draws], 0, []
+
+
+def step_batches(order, first_step, steps, epoch, config, rank, processes):
+    """(this process's pairs, seed) of each step from `first_step`: the seed of a pair's crop and
+    augmentation is (seed, epoch), and the step too where an epoch may draw a pair twice (--steps-per-epoch)."""
+    for step in range(first_step, steps):
+        indices = order[step * config.batch_size:(step + 1) * config.batch_size][rank::processes]
+        yield indices, (config.seed, epoch) + ((step,) if config.steps_per_epoch else ())
 
 
 def step_loss(net, batch, config, class_weights, stop, processes):
@@ -438,43 +458,48 @@ def train(flags, folder, stop, rank=0, processes=1):
         if calibrating and os.path.exists(best_path):
             best_weights = load_checkpoint(best_path)[1]
     first_loss = None
-    for epoch in range(start_epoch, config.epochs):
-        begin = time.perf_counter()
-        lr = set_learning_rate(optimizer, epoch, config)
-        model.train()
-        order, first_step, losses = epoch_plan(partial, rng, len(sampler))
-        partial = None
-        # Alone, the last step takes what is left; data parallel, every process needs its equal share.
-        steps = math.ceil(len(order) / config.batch_size) if processes == 1 else len(order) // config.batch_size
-        for step in tqdm(range(first_step, steps), total=steps, initial=first_step, leave=False,
-                         desc=f"epoch {epoch + 1}/{config.epochs}", file=sys.stderr, disable=rank > 0):
-            step_indices = order[step * config.batch_size:(step + 1) * config.batch_size]
-            batch = sampler.batch(step_indices[rank::processes], (config.seed, epoch))
-            loss, value, stop_now = step_loss(net, batch, config, class_weights, stop, processes)
-            check_loss(value, first_loss, epoch, step, config.lr)  # before the step: a NaN never reaches the weights
-            first_loss = value if first_loss is None else first_loss
-            apply_gradients(optimizer, scaler, loss)
-            losses.append(value)
-            if stop_now and step + 1 < steps:
-                save(last, epoch, best, stale, partial=dict(step=step + 1, order=order.tolist(), losses=losses))
-                stop.stop(f"in epoch {epoch + 1}, after step {step + 1} of {steps}: {last} holds that state")
-        scores = dict(train_loss=float(np.mean(losses)))
-        if val_set is not None:
-            scores.update(validate_share(model, val_set, val_weights, config, class_weights, rank, processes))
-        improved = improves(scores[config.best_metric], best, config.best_metric)
-        best, stale = (scores[config.best_metric], 0) if improved else (best, stale + 1)
-        save(last, epoch + 1, best, stale, scores=scores)
-        if improved:
-            best_weights = model_weights(model) if calibrating else None
-            save(best_path, epoch + 1, best, stale, with_optimizer=False, scores=scores)
-        if rank == 0:
-            report_epoch(epoch, scores, lr, time.perf_counter() - begin, improved, config)
-        stop_now = backend.all_sum([float(bool(stop.signal))], device, processes)[0] > 0
-        if stop_now and epoch + 1 < config.epochs:
-            stop.stop(f"after epoch {epoch + 1}: {last} holds it")
-        if config.patience and stale >= config.patience:
-            print(f"early stop: {config.best_metric} has not improved for {stale} epochs")
-            break
+    loader = BatchLoader(sampler, config.loader_workers)
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            begin = time.perf_counter()
+            lr = set_learning_rate(optimizer, epoch, config)
+            model.train()
+            order, first_step, losses = epoch_plan(partial, rng, len(sampler), config.steps_per_epoch * config.batch_size)
+            partial = None
+            # Alone, the last step takes what is left; data parallel, every process needs its equal share.
+            steps = math.ceil(len(order) / config.batch_size) if processes == 1 else len(order) // config.batch_size
+            batches = loader.batches(step_batches(order, first_step, steps, epoch, config, rank, processes))
+            for step, batch in zip(tqdm(range(first_step, steps), total=steps, initial=first_step, leave=False,
+                                        desc=f"epoch {epoch + 1}/{config.epochs}", file=sys.stderr, disable=rank > 0),
+                                   batches):
+                loss, value, stop_now = step_loss(net, batch, config, class_weights, stop, processes)
+                check_loss(value, first_loss, epoch, step, config.lr)  # before the step: a NaN never reaches the weights
+                first_loss = value if first_loss is None else first_loss
+                apply_gradients(optimizer, scaler, loss)
+                losses.append(value)
+                if stop_now and step + 1 < steps:
+                    save(last, epoch, best, stale, partial=dict(step=step + 1, order=order.tolist(), losses=losses))
+                    stop.stop(f"in epoch {epoch + 1}, after step {step + 1} of {steps}: {last} holds that state")
+            scores = dict(train_loss=float(np.mean(losses)))
+            if val_set is not None and ((epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs):
+                scores.update(validate_share(model, val_set, val_weights, config, class_weights, rank, processes))
+            improved = config.best_metric in scores and improves(scores[config.best_metric], best, config.best_metric)
+            if config.best_metric in scores:  # a validated epoch (or no validation set at all)
+                best, stale = (scores[config.best_metric], 0) if improved else (best, stale + 1)
+            save(last, epoch + 1, best, stale, scores=scores)
+            if improved:
+                best_weights = model_weights(model) if calibrating else None
+                save(best_path, epoch + 1, best, stale, with_optimizer=False, scores=scores)
+            if rank == 0:
+                report_epoch(epoch, scores, lr, time.perf_counter() - begin, improved, config)
+            stop_now = backend.all_sum([float(bool(stop.signal))], device, processes)[0] > 0
+            if stop_now and epoch + 1 < config.epochs:
+                stop.stop(f"after epoch {epoch + 1}: {last} holds it")
+            if config.patience and stale >= config.patience:
+                print(f"early stop: {config.best_metric} has not improved for {stale} epochs")
+                break
+    finally:
+        loader.close()
     if calibrating:
         checkpoints = ([(best_path, best_weights)] if best_weights else []) + [(last, model_weights(model))]
         calibrate(model, checkpoints, train_set, config, rank, processes)

@@ -13,7 +13,7 @@ from collections import namedtuple
 import numpy as np
 
 from augment import DEFAULT_PROBABILITIES
-from backend import precision_problem
+from backend import cores, precision_problem
 from dataloader import DEFAULT_PERCENTILES
 from instances import OBJECT_CLASSES
 from losses import median_frequency_weights
@@ -87,6 +87,8 @@ def settle(flags, data, device, backend_name, processes=1):
     if problem := precision_problem(s["amp"], device, backend_name):
         raise ConfigError(problem)
     s["crop"] = _training_crop(s, data, notes)
+    if s["loader_workers"] is None:  # on a CPU the cores compute the steps; on CUDA they are free for the data
+        s["loader_workers"] = max(0, cores() // processes - 1) if device.startswith("cuda") else 0
     if s["instances"] is None:
         s["instances"] = s["classes"] == 1 and data.format in INSTANCE_FORMATS and not s["weight_map"]
     s["outputs"] = len(OBJECT_CLASSES) if s["instances"] else s["classes"]  # channels the network predicts

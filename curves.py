@@ -13,7 +13,7 @@ NOT_CURVES = ("epoch", "epochs", "time", "best")
 
 def read_log(path):
     """{curve name: [values per epoch]} of the last run in a log (a resumed run goes on with the run
-    it resumes; an epoch logged twice keeps its later values)."""
+    it resumes; an epoch logged twice keeps its later values; None where an epoch has no such value)."""
     if not path.endswith(".jsonl") and os.path.exists(json_log_path(path)):
         path = json_log_path(path)
     with open(path) as f:
@@ -42,9 +42,11 @@ def _read_json_lines(lines):
         elif "epoch" in record:
             epochs[record["epoch"]] = {k: v for k, v in record.items() if k not in NOT_CURVES}
     curves = {}
-    for epoch in sorted(epochs):
+    for i, epoch in enumerate(sorted(epochs)):
         for key, value in epochs[epoch].items():
-            curves.setdefault(key, []).append(value)
+            curves.setdefault(key, [None] * i).append(value)
+        for values in curves.values():  # None where an epoch was not validated (--val-every)
+            values.extend([None] * (i + 1 - len(values)))
     return curves
 
 
@@ -65,7 +67,8 @@ def plot_curves(curves, out, show=False):
         ax.axis("off")
     for ax, (title, group) in zip(axes.flat, panels):
         for name, values in group.items():
-            ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=name)
+            epochs = [epoch for epoch, value in enumerate(values, start=1) if value is not None]
+            ax.plot(epochs, [value for value in values if value is not None], marker="o", markersize=3, label=name)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)

@@ -7,8 +7,10 @@ type's range, per-image percentiles or z-score); labels become uint8 class indic
 class (255 = cell = 1 in ISBI's labels), 0..N-1 (+ 255 = ignore) for N.
 Dataset layouts (DSB 2018, VOC, nnU-Net, Cellpose, TIFF stacks) are found by datasets.py.
 """
+import multiprocessing
 import os
-from collections import OrderedDict
+import signal
+from collections import OrderedDict, deque
 
 import cv2
 import numpy as np
@@ -389,3 +391,46 @@ def stack_batch(samples, classes):
     labels = labels[:, None].astype(np.float32) if classes == 1 else labels.astype(np.int64)
     weights = None if samples[0][2] is None else np.stack([s[2] for s in samples])[:, None].astype(np.float32)
     return np.ascontiguousarray(images), labels, weights
+
+
+_loader_sampler = None  # the Sampler of the BatchLoader whose worker this process is (inherited by fork)
+
+
+def _worker_signals():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training process's to handle
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not training's StopRequest: Pool.terminate ends a worker so
+
+
+def _loader_batch(indices, seed):
+    return _loader_sampler.batch(indices, seed)
+
+
+class BatchLoader:
+    """The steps' batches, made by `workers` processes up to 2 x `workers` steps ahead of the step
+    (0: in this process, when the step asks). A batch depends only on its pairs and seed
+    (Sampler.batch), so the weights are the same whatever the number of workers."""
+
+    def __init__(self, sampler, workers=0):
+        global _loader_sampler
+        self.sampler, self.workers, self.pool = sampler, workers, None
+        if workers:
+            _loader_sampler = sampler  # the workers inherit the data: nothing is pickled but the pairs' indices
+            self.pool = multiprocessing.get_context("fork").Pool(workers, initializer=_worker_signals)
+
+    def batches(self, steps):
+        """The batch of each (indices, seed) of `steps`, in order."""
+        if self.pool is None:
+            yield from (self.sampler.batch(indices, seed) for indices, seed in steps)
+            return
+        steps, pending = iter(steps), deque()
+        for indices, seed in steps:
+            pending.append(self.pool.apply_async(_loader_batch, (indices, seed)))
+            if len(pending) >= 2 * self.workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()

@@ -60,3 +60,13 @@ def test_plot_draws_the_last_run_of_an_appended_log_with_what_resumed_it(tmp_pat
     with open(tmp_path / "log.jsonl", "a") as f:
         f.write('{"epoch": 4, "train_lo')  # cut short by a killed run
     assert read_log(str(tmp_path / "log.jsonl"))["train_loss"] == [0.5, 0.4, 0.3]
+
+
+def test_epochs_validated_every_few_epochs_leave_gaps_in_their_curves(tmp_path):
+    write_json_log(tmp_path / "log.jsonl", {"event": "run"}, {"epoch": 1, "train_loss": 0.5},
+                   {"epoch": 2, "train_loss": 0.4, "val_dice": 0.7}, {"epoch": 3, "train_loss": 0.3},
+                   {"epoch": 4, "train_loss": 0.2, "val_dice": 0.8})
+    assert read_log(str(tmp_path / "log.jsonl")) == {"train_loss": [0.5, 0.4, 0.3, 0.2],
+                                                    "val_dice": [None, 0.7, None, 0.8]}
+    run_script("plot.py", tmp_path / "log.jsonl", "--out", tmp_path / "curves.png", cwd=tmp_path)
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -185,3 +185,27 @@ def test_without_calibration_the_checkpoint_keeps_the_plain_decision(dataset, tm
     result = train_small(dataset, tmp_path, "--no-calibrate")
     assert "calibrated" not in result.stdout
     assert "output_shift" not in load_checkpoint(str(tmp_path / "checkpoints" / "last.npz"))[0]
+
+
+def test_loader_workers_prepare_the_same_batches_so_the_weights_are_the_same(dataset, tmp_path):
+    augmented = ["--weight-map", "--aug-elastic", 1, "--aug-affine", 1, "--aug-noise", 0.5, "--epochs", 2]
+    train_small(dataset, tmp_path / "here", *augmented, "--loader-workers", 0)
+    result = train_small(dataset, tmp_path / "workers", *augmented, "--loader-workers", 2)
+    assert "loader_workers=2" in result.stdout
+    here, workers = (load_checkpoint(str(tmp_path / run / "checkpoints" / "last.npz"))[1] for run in ("here", "workers"))
+    assert len(here) > 20 and all(np.array_equal(here[name], workers[name]) for name in here)
+
+
+def test_an_epoch_of_steps_per_epoch_draws_the_pairs_pass_after_pass_in_new_orders():
+    from TrainUnetDataSet import epoch_plan
+    order, first_step, losses = epoch_plan(None, np.random.default_rng(0), 3, 10)
+    assert len(order) == 10 and first_step == 0 and losses == []
+    assert all(sorted(order[i:i + 3]) == [0, 1, 2] for i in (0, 3, 6))
+
+
+def test_steps_per_epoch_and_validation_every_few_epochs(dataset, tmp_path):
+    result = train_small(dataset, tmp_path, "--epochs", 3, "--steps-per-epoch", 7, "--val-every", 2)
+    assert "steps_per_epoch=7" in result.stdout and "val_every=2" in result.stdout
+    records = [json.loads(line) for line in open(tmp_path / "log.jsonl")][1:]
+    assert ["val_dice" in r for r in records] == [False, True, True]  # every 2nd epoch and the last
+    assert not records[0]["best"] and load_checkpoint(str(tmp_path / "checkpoints" / "best.npz"))[0]["epoch"] in (2, 3)
