@@ -322,17 +322,22 @@ def calibrate(model, checkpoints, train_set, config, rank, processes):
               f"(pixel error there {error:.4f}, {error_at_half:.4f} at 0.5)")
 
 
-def report_epoch(epoch, scores, lr, seconds, improved, config):
-    """The epoch's line in the log, its JSON line beside it, and progress.png redrawn."""
+def report_epoch(epoch, scores, lr, seconds, improved, config, folder):
+    """The epoch's line in the log, its JSON line beside it, and progress.png redrawn (by the
+    checkpoint folder's writer thread, off the steps' path)."""
     print(f"epoch {epoch + 1}/{config.epochs} " + " ".join(f"{k} {v:.4f}" for k, v in scores.items())
           + f" time {seconds:.1f}s" + (" *best" if improved else ""))
     append_json(json_log_path(config.log), dict(epoch=epoch + 1, epochs=config.epochs, **scores, lr=lr,
                                                 time=round(seconds, 2), best=improved))
     if config.progress:
-        try:
-            plot_curves(read_log(json_log_path(config.log)), config.progress)
-        except (OSError, ValueError) as err:  # a picture must not stop training
-            print(f"warning: {config.progress} not drawn ({err})", file=sys.stderr)
+        folder.in_background(draw_progress, config)
+
+
+def draw_progress(config):
+    try:
+        plot_curves(read_log(json_log_path(config.log)), config.progress)
+    except (OSError, ValueError) as err:  # a picture must not stop training
+        print(f"warning: {config.progress} not drawn ({err})", file=sys.stderr)
 
 
 def prepare(flags, processes):
@@ -491,7 +496,7 @@ def train(flags, folder, stop, rank=0, processes=1):
                 best_weights = model_weights(model) if calibrating else None
                 save(best_path, epoch + 1, best, stale, with_optimizer=False, scores=scores)
             if rank == 0:
-                report_epoch(epoch, scores, lr, time.perf_counter() - begin, improved, config)
+                report_epoch(epoch, scores, lr, time.perf_counter() - begin, improved, config, folder)
             stop_now = backend.all_sum([float(bool(stop.signal))], device, processes)[0] > 0
             if stop_now and epoch + 1 < config.epochs:
                 stop.stop(f"after epoch {epoch + 1}: {last} holds it")
@@ -500,6 +505,8 @@ def train(flags, folder, stop, rank=0, processes=1):
                 break
     finally:
         loader.close()
+    if folder is not None:
+        folder.flush()  # a write's error stops the run here, in a line; calibration rewrites the files
     if calibrating:
         checkpoints = ([(best_path, best_weights)] if best_weights else []) + [(last, model_weights(model))]
         calibrate(model, checkpoints, train_set, config, rank, processes)

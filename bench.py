@@ -3,6 +3,7 @@
     python bench.py                    # 256 and 512 pixels, base 16, CPU: one table
     python bench.py --sizes 512 --base 64 --norm batch --batch 16 --device cuda --amp bf16 --backends torch
     python bench.py --quick            # a tiny run that checks the benchmark itself (the test suite's)
+    python bench.py --pipeline --base 2 --backends oneflow torch   # the real training loop: loader workers, overheads
 
 Rows: OneFlow eager with one process and with one process per core (as train.sh and test.sh run it
 on a CPU), OneFlow's nn.Graph, PyTorch eager and torch.compile. Each row runs in its backend's
@@ -13,6 +14,12 @@ Adam + BCE), the peak memory of a process (on CUDA: tensors), the model's FLOPs 
 (convolutions, counted from the layers) and the GFLOP/s achieved (training counted as 3x the
 forward pass). The limit, measured in the same run: a large float32 matrix product on all cores
 (numpy), on CUDA one on the GPU in the run's precision.
+
+--pipeline times TrainUnetDataSet.py itself, as train.sh runs it, on the ISBI slices (--images,
+--labels; whole 512 x 512 slices, elastic + affine, the weight map, batches of --batch): the seconds
+of an epoch that neither validates nor ends the run, with 0, 1 and 2 --loader-workers, its images/s
+and their ratio to the bare step's (the rows above, measured in the same run); and what an epoch
+that validates, draws progress.png and writes last.npz costs on top.
 """
 import argparse
 import json
@@ -192,6 +199,50 @@ def rows_to_run(args, cores):
     return rows
 
 
+def pipeline_epochs(python, backend_name, args, workers, extra=()):
+    """Seconds of each epoch of a real training run (TrainUnetDataSet.py, from its JSON log)."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as out:
+        command = [python, os.path.join(HERE, "TrainUnetDataSet.py"), "--data-path", args.images, "--label-path",
+                   args.labels, "--base", str(args.base), "--crop", "0", "--batch-size", str(args.batch),
+                   "--norm", args.norm, "--weight-map", "--aug-elastic", "1", "--aug-affine", "1", "--no-calibrate",
+                   "--loader-workers", str(workers), "--epochs", "3", "--val-fraction", "0.2", "--device", args.device,
+                   "--checkpoint-dir", out, "--log-file", os.path.join(out, "log.txt"), *extra]
+        result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "UNET_BACKEND": backend_name})
+        if result.returncode != 0:
+            raise SystemExit(f"error: {' '.join(command)}:\n{result.stderr[-2000:]}")
+        with open(os.path.join(out, "log.jsonl")) as f:
+            records = [json.loads(line) for line in f]
+    return [r["time"] for r in records if "epoch" in r and "event" not in r]
+
+
+def bench_pipeline(args, pythons):
+    """The training loop's own rate against the bare step's, and its per-epoch overheads."""
+    from files import list_images
+    pairs = round(len(list_images(args.images)) * 0.8)
+    print(f"pipeline: {pairs} training slices of {args.images}, base {args.base}, batch {args.batch}, "
+          f"{args.device}, whole slices, elastic + affine, weight map\n")
+    print("| backend | loader workers | epoch s | img/s | vs none | bare step img/s | loop / bare step |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    overheads = []
+    for name in args.backends:
+        bare = run_row(pythons[name], name, 1, dict(base=args.base, size=512, steps=args.steps, device=args.device,
+                                                     batch=args.batch, norm=args.norm, amp=args.amp, mode="eager"))
+        bare_rate = bare["train"] if isinstance(bare, dict) else float("nan")
+        first = None
+        for workers in (0, 1, 2):
+            # epochs 1 and 2 of 3 neither validate (--val-every 3) nor draw, and write only last.npz
+            seconds = min(pipeline_epochs(pythons[name], name, args, workers, ["--val-every", "3", "--progress", ""])[:2])
+            first = first or seconds
+            print(f"| {name} | {workers} | {seconds:.2f} | {pairs / seconds:.1f} | {seconds / first:.2f}x | "
+                  f"{bare_rate:.1f} | {pairs / seconds / bare_rate:.0%} |", flush=True)
+        every = pipeline_epochs(pythons[name], name, args, 0, ["--val-every", "1", "--progress", "progress.png"])
+        overheads.append(f"| {name} | {first:.2f} | {min(every[:2]):.2f} | {min(every[:2]) - first:+.2f} |")
+    print("\n| backend | epoch s: train only | with validation, progress.png, last.npz | overhead s |")
+    print("| --- | --- | --- | --- |")
+    print("\n".join(overheads))
+
+
 def main(argv=None):
     p = ArgumentParser(description=__doc__)
     p.add_argument("--sizes", type=ranged(int, 32, 8192), nargs="+", default=[256, 512])
@@ -207,6 +258,9 @@ def main(argv=None):
     p.add_argument("--oneflow-python", default=os.path.join(HERE, ".venv", "bin", "python"))
     p.add_argument("--torch-python", default=os.path.join(HERE, ".venv-torch", "bin", "python"))
     p.add_argument("--quick", action="store_true", help="64 pixels, base 4, one step, eager: checks the benchmark runs")
+    p.add_argument("--pipeline", action="store_true", help="time the real training loop (see above)")
+    p.add_argument("--images", default=os.path.join(HERE, "..", "shared", "data", "isbi2012", "train_image"))
+    p.add_argument("--labels", default=os.path.join(HERE, "..", "shared", "data", "isbi2012", "train_label"))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -221,6 +275,8 @@ def main(argv=None):
     pythons = {"oneflow": shutil.which(args.oneflow_python) or args.oneflow_python,
                "torch": shutil.which(args.torch_python) or args.torch_python}
     cores = len(os.sched_getaffinity(0))
+    if args.pipeline:
+        return bench_pipeline(args, pythons)
     if args.device.startswith("cuda"):
         out, err = run_worker(pythons["torch"], "torch", dict(limit=True, device=args.device, amp=args.amp)).communicate()
         limit, where = float(out.strip().splitlines()[-1]), f"{args.amp if args.amp != 'off' else 'float32'} matrix product on {args.device}"

@@ -15,9 +15,11 @@ import math
 import os
 import pickle
 import re
+import sys
 import time
 import zipfile
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -87,6 +89,12 @@ def model_weights(model):
 def save_checkpoint(path, model, optimizer=None, **info):
     """Write weights, model config, optional optimizer state and `info` atomically to `path`;
     weights or optimizer state that are not finite (a diverged run) are never written."""
+    write_checkpoint(path, checkpoint_arrays(path, model, optimizer, **info))
+
+
+def checkpoint_arrays(path, model, optimizer=None, **info):
+    """What save_checkpoint writes to `path`, copied (training may go on while it is written);
+    CheckpointError where weights or optimizer state are not finite."""
     arrays = {f"model/{k}": backend.to_numpy(v) for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "backend": backend.NAME, "model": model.config(), **info}
     if optimizer is not None:
@@ -94,7 +102,12 @@ def save_checkpoint(path, model, optimizer=None, **info):
     bad = _first_non_finite(arrays)
     if bad:
         raise CheckpointError(f"{path}: not written: {bad} holds NaN or infinity (training diverged; lower --lr)")
+    arrays = {name: np.array(array) for name, array in arrays.items()}  # to_numpy shares a CPU tensor's memory
     arrays["__meta__"] = np.array(json.dumps(meta))
+    return arrays
+
+
+def write_checkpoint(path, arrays):
     atomic_write(path, lambda f: write_npz(f, arrays))
 
 
@@ -377,6 +390,7 @@ class RunFolder:
         self.folder = folder
         self.best, self.last = os.path.join(folder, "best.npz"), os.path.join(folder, "last.npz")
         self.previous_kept = resuming  # a resumed run goes on with the checkpoints there
+        self.writer, self.pending = ThreadPoolExecutor(1), []
         os.makedirs(folder, exist_ok=True)
         self.lock = os.open(folder, os.O_RDONLY)
         try:
@@ -390,10 +404,24 @@ class RunFolder:
                 os.remove(os.path.join(folder, name))
 
     def save(self, path, model, optimizer=None, **info):
+        """Save a checkpoint: its arrays copied now, written by a background thread while training goes
+        on (atomically: a file is whole or as it was); an earlier write's error is raised here."""
         if not self.previous_kept:
             self._keep_previous_run()
             self.previous_kept = True
-        save_checkpoint(path, model, optimizer, **info)
+        arrays = checkpoint_arrays(path, model, optimizer, **info)
+        while len(self.pending) > 1:  # at most two checkpoints in memory at once
+            self.pending.pop(0).result()
+        self.pending.append(self.writer.submit(write_checkpoint, path, arrays))
+
+    def in_background(self, function, *args):
+        """function(*args) after the writes before it, in the writer thread (a picture of the curves)."""
+        self.pending.append(self.writer.submit(function, *args))
+
+    def flush(self):
+        """Wait until everything saved so far is written; raises the first write's error."""
+        while self.pending:
+            self.pending.pop(0).result()
 
     def _keep_previous_run(self):
         found = [path for path in (self.best, self.last) if os.path.exists(path)]
@@ -409,4 +437,11 @@ class RunFolder:
         print(f"kept the previous run's {names} in {kept}/ (--resume continues a run instead)")
 
     def close(self):
-        os.close(self.lock)
+        """Finish the writes (a run that stops early too); one that fails says so in a line."""
+        try:
+            self.flush()
+        except (OSError, CheckpointError) as err:
+            print(f"error: {err}", file=sys.stderr)
+        finally:
+            self.writer.shutdown()
+            os.close(self.lock)

@@ -142,3 +142,43 @@ def test_a_crafted_oneflow_checkpoint_cannot_run_code(tmp_path):
     with pytest.raises(CheckpointError, match=r"pickled_data: unsafe or damaged .*refusing to load posix\.system"):
         read_oneflow_folder(str(folder))
     assert not payload.marker.exists()
+
+
+def test_checkpoints_are_written_off_the_steps_path_from_a_copy_of_the_weights(tmp_path, monkeypatch):
+    import threading
+    import checkpoint
+    from checkpoint import RunFolder
+    started, release = threading.Event(), threading.Event()
+    write = checkpoint.write_checkpoint
+
+    def slow_write(path, arrays):
+        started.set()
+        release.wait(10)
+        write(path, arrays)
+    monkeypatch.setattr(checkpoint, "write_checkpoint", slow_write)
+    model = UNet(base=4, norm="instance")
+    folder = RunFolder(str(tmp_path))
+    folder.save(str(tmp_path / "last.npz"), model, epoch=1)
+    assert started.wait(10) and not (tmp_path / "last.npz").exists()  # save returned; the write goes on
+    saved = {k: backend.to_numpy(v).copy() for k, v in model.state_dict().items()}
+    with backend.flow.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)  # the next steps change the weights meanwhile
+    release.set()
+    folder.close()
+    weights = load_checkpoint(str(tmp_path / "last.npz"))[1]
+    assert all(np.array_equal(weights[k], saved[k]) for k in saved)
+
+
+def test_a_background_write_that_fails_stops_the_run_at_the_next_save_in_one_line(tmp_path, monkeypatch):
+    import checkpoint
+    from checkpoint import RunFolder
+
+    def full_disk(path, arrays):
+        raise OSError(f"{path}: could not be written (No space left on device); it is as it was before")
+    monkeypatch.setattr(checkpoint, "write_checkpoint", full_disk)
+    folder = RunFolder(str(tmp_path))
+    folder.save(str(tmp_path / "last.npz"), UNet(base=4), epoch=1)
+    with pytest.raises(OSError, match="last.npz: could not be written"):
+        folder.flush()
+    folder.close()
