@@ -32,7 +32,8 @@ from augment import DEFAULT_PROBABILITIES
 from checkpoint import (CheckpointError, RunFolder, input_normalization, load_checkpoint, load_weights, model_weights,
                         restore_optimizer, update_meta)
 from cli import ArgumentParser, probability, ranged
-from config import OBJECT_SCORES, ONE_CLASS_SCORES, PRESETS, ConfigError, as_dict, data_facts, describe, settle
+from config import (OBJECT_SCORES, ONE_CLASS_SCORES, PRESETS, Config, ConfigError, as_dict, data_facts, describe,
+                    settle)
 from curves import plot_curves, read_log
 from dataloader import (DEFAULT_PERCENTILES, NORMALIZATIONS, BatchLoader, SegmentationDataset, Sampler, intensity_levels,
                         lazy_map, pick)
@@ -99,6 +100,9 @@ def schedule_flags(p):
     p.add_argument("--preset", choices=["auto", "cpu", "gpu"], default="auto",
                    help="defaults for the flags below: auto = gpu on CUDA, else cpu; %s" % PRESETS)
     p.add_argument("--epochs", type=ranged(int, 1), help="passes over the training images (default: from --preset)")
+    p.add_argument("--time-budget", type=ranged(float, 0.1), metavar="MINUTES",
+                   help="instead of --epochs: as many epochs as end training after MINUTES (measured as it goes; "
+                        "the learning-rate schedule follows; start-up and calibration come on top)")
     p.add_argument("--batch-size", "--batch_size", type=ranged(int, 1), help="images per step (default: from --preset)")
     p.add_argument("--steps-per-epoch", type=ranged(int, 0), default=0,
                    help="steps of an epoch, drawing the training pairs in a new random order each pass over them "
@@ -299,7 +303,7 @@ def resume(path, model, optimizer, rng, config):
         rng.bit_generator.state = meta["rng"]
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: holds no usable training state to resume ({type(err).__name__})")
-    if epochs_done >= config.epochs and not partial:
+    if epochs_done >= config.epochs and not partial and not config.time_budget:
         raise TrainingError(f"{path} has trained {epochs_done} epochs already: ask for more with --epochs")
     print(f"resumed from {path} after epoch {epochs_done}" + (f", step {partial['step']}" if partial else ""))
     return epochs_done, best, stale, partial
@@ -389,9 +393,19 @@ def checkpoint_writer(folder, model, optimizer, rng, config, train_set, rank):
 
     def save(path, epoch, best, stale, with_optimizer=True, **more):
         if rank == 0:
-            folder.save(path, model, optimizer if with_optimizer else None, **run, epoch=epoch, best=best,
-                        stale_epochs=stale, rng=rng.bit_generator.state, **more)
+            folder.save(path, model, optimizer if with_optimizer else None, **{
+                **run, "epoch": epoch, "best": best, "stale_epochs": stale, "rng": rng.bit_generator.state, **more})
     return save
+
+
+def planned_epochs(config, epochs_done, epochs_run, seconds, rank, processes):
+    """The Config with as many epochs as fit --time-budget: those done, and as many more as the time
+    left holds at the mean time of the `epochs_run` epochs this run took `seconds` for (all
+    processes take rank 0's plan). The cosine schedule follows the plan."""
+    left = config.time_budget * 60 - seconds
+    more = max(0, int(left // (seconds / epochs_run))) if rank == 0 else 0
+    more = int(backend.all_sum([float(more)], config.device, processes)[0])
+    return Config(**{**vars(config), "epochs": epochs_done + more})
 
 
 def set_learning_rate(optimizer, epoch, config):
@@ -460,12 +474,15 @@ def train(flags, folder, stop, rank=0, processes=1):
     start_epoch, best, stale, partial, best_weights = 0, None, 0, None, None
     if config.resume:
         start_epoch, best, stale, partial = resume(last, model, optimizer, rng, config)
+        if config.time_budget:  # another budget from here, planned as the run goes on
+            config = Config(**{**vars(config), "epochs": start_epoch + 1})
         if calibrating and os.path.exists(best_path):
             best_weights = load_checkpoint(best_path)[1]
     first_loss = None
     loader = BatchLoader(sampler, config.loader_workers)
     try:
-        for epoch in range(start_epoch, config.epochs):
+        epoch, run_start = start_epoch, time.perf_counter()
+        while epoch < config.epochs:  # --time-budget plans config.epochs as it goes
             begin = time.perf_counter()
             lr = set_learning_rate(optimizer, epoch, config)
             model.train()
@@ -491,18 +508,23 @@ def train(flags, folder, stop, rank=0, processes=1):
             improved = config.best_metric in scores and improves(scores[config.best_metric], best, config.best_metric)
             if config.best_metric in scores:  # a validated epoch (or no validation set at all)
                 best, stale = (scores[config.best_metric], 0) if improved else (best, stale + 1)
-            save(last, epoch + 1, best, stale, scores=scores)
+            seconds = time.perf_counter() - begin
+            if config.time_budget:
+                config = planned_epochs(config, epoch + 1, epoch + 1 - start_epoch, time.perf_counter() - run_start,
+                                        rank, processes)
+            if rank == 0:
+                report_epoch(epoch, scores, lr, seconds, improved, config, folder)
+            save(last, epoch + 1, best, stale, scores=scores, config=as_dict(config))
             if improved:
                 best_weights = model_weights(model) if calibrating else None
-                save(best_path, epoch + 1, best, stale, with_optimizer=False, scores=scores)
-            if rank == 0:
-                report_epoch(epoch, scores, lr, time.perf_counter() - begin, improved, config, folder)
+                save(best_path, epoch + 1, best, stale, with_optimizer=False, scores=scores, config=as_dict(config))
             stop_now = backend.all_sum([float(bool(stop.signal))], device, processes)[0] > 0
             if stop_now and epoch + 1 < config.epochs:
                 stop.stop(f"after epoch {epoch + 1}: {last} holds it")
             if config.patience and stale >= config.patience:
                 print(f"early stop: {config.best_metric} has not improved for {stale} epochs")
                 break
+            epoch += 1
     finally:
         loader.close()
     if folder is not None:

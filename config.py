@@ -76,6 +76,10 @@ def settle(flags, data, device, backend_name, processes=1):
                           f"be below the high one")
     s["preset"] = flags.preset if flags.preset != "auto" else ("gpu" if device.startswith("cuda") else "cpu")
     s["batch_size"] = _global_batch(flags.batch_size, PRESETS[s["preset"]]["batch_size"], processes)
+    if s.get("time_budget"):
+        if s["epochs"] is not None:
+            raise ConfigError("--time-budget sets the number of epochs; give it or --epochs, not both")
+        s["epochs"] = 1  # planned after each epoch from the time it took (TrainUnetDataSet.planned_epochs)
     for key, value in PRESETS[s["preset"]].items():
         if s[key] is None:
             s[key] = value
