@@ -17,20 +17,28 @@ from unet import mirror_for_valid, smallest_side
 
 
 def image_logits(model, image, device, input_scale=1.0):
-    """The network's output (1 x N x H x W tensor) for one whole [0, 1] image, H x W or H x W x C.
+    """The network's output (1 x N x H x W tensor) for one whole [0, 1] image, H x W or H x W x C."""
+    return batch_logits(model, [image], device, input_scale)
 
-    The unpadded net sees the image with mirrored borders (the paper's overlap-tile input); an image
+
+def batch_logits(model, images, device, input_scale=1.0):
+    """The network's output (B x N x H x W tensor) for whole [0, 1] images of one shape, in one pass.
+
+    The unpadded net sees an image with mirrored borders (the paper's overlap-tile input); an image
     smaller than a padded net takes is mirrored up to its smallest input; either way the output is
     cut back to the image."""
-    height, width = image.shape[:2]
+    height, width = images[0].shape[:2]
+    batch = np.stack([_network_planes(model, image) for image in images])
+    return model(backend.to_tensor(batch * input_scale, device))[:, :, :height, :width]
+
+
+def _network_planes(model, image):
     if model.padding == "valid":
         image = mirror_for_valid(image)
     else:
-        grow = [(0, max(0, smallest_side(model.norm) - side)) for side in (height, width)]
+        grow = [(0, max(0, smallest_side(model.norm) - side)) for side in image.shape[:2]]
         image = np.pad(image, grow + [(0, 0)] * (image.ndim - 2), mode="symmetric")
-    planes = image.transpose(2, 0, 1) if image.ndim == 3 else image[None]
-    logits = model(backend.to_tensor(np.ascontiguousarray(planes[None]) * input_scale, device))
-    return logits[:, :, :height, :width]
+    return np.ascontiguousarray(image.transpose(2, 0, 1) if image.ndim == 3 else image[None])
 
 
 def probability_of(logits):
@@ -83,27 +91,45 @@ def predict_tiled(model, image, device, input_scale=1.0, tile=1024, overlap=128)
     return total / (weight if total.ndim == 2 else weight[..., None])
 
 
-def predict_probability(model, image, device, input_scale=1.0, tile=1024, overlap=128, tta=False):
+VIEWS = [(k, flip) for k in range(4) for flip in (False, True)]  # the 8 flips and 90-degree rotations
+
+
+def predict_probability(model, image, device, input_scale=1.0, tile=1024, overlap=128, tta=False, batch=1):
     """Cell probability (H x W float32; H x W x N for N classes) of a [0, 1] image (H x W or
-    H x W x C); with `tta` the mean over its 8 flips and 90-degree rotations, each mapped back."""
+    H x W x C); with `tta` the mean over its 8 flips and 90-degree rotations, each mapped back,
+    up to `batch` views in one forward pass where the image fits in one tile."""
     if not tta:
         return predict_tiled(model, image, device, input_scale, tile, overlap)
-    total = 0
-    for k in range(4):
-        for flip in (False, True):
-            view = np.rot90(image, k)[:, ::-1] if flip else np.rot90(image, k)
-            prob = predict_tiled(model, np.ascontiguousarray(view), device, input_scale, tile, overlap)
-            total += np.rot90(prob[:, ::-1] if flip else prob, -k)
-    return total / 8
+    views = [np.ascontiguousarray(np.rot90(image, k)[:, ::-1] if flip else np.rot90(image, k)) for k, flip in VIEWS]
+    if batch > 1 and (tile <= 0 or max(image.shape[:2]) <= tile):
+        probs = _batched_views(model, views, device, input_scale, batch)
+    else:
+        probs = [predict_tiled(model, view, device, input_scale, tile, overlap) for view in views]
+    return sum(np.rot90(prob[:, ::-1] if flip else prob, -k) for prob, (k, flip) in zip(probs, VIEWS)) / 8
 
 
-def predict_sample(model, meta, image, device, tile=1024, overlap=128, tta=False, source="image"):
+def _batched_views(model, views, device, input_scale, batch):
+    """The probabilities of the views, those of one shape (all, or every other: the quarter turns of a
+    rectangle) `batch` at a time."""
+    probs = [None] * len(views)
+    for shape in {view.shape for view in views}:
+        same = [i for i, view in enumerate(views) if view.shape == shape]
+        for start in range(0, len(same), batch):
+            chunk = same[start:start + batch]
+            with flow.no_grad():
+                logits = batch_logits(model, [views[i] for i in chunk], device, input_scale)
+            for n, i in enumerate(chunk):
+                probs[i] = probability_of(logits[n:n + 1])
+    return probs
+
+
+def predict_sample(model, meta, image, device, tile=1024, overlap=128, tta=False, source="image", batch=1):
     """Probability map of a normalized image at its own size, whatever the size trained on
     (grey and RGB fit networks for either; other channel counts must match the network's)."""
     image = match_channels(image, model.n_channels, source)
     size = meta.get("data", {}).get("img_size", 0)
     resized = resize(image, (size, size)) if size else image
-    prob = predict_probability(model, resized, device, meta.get("input_scale", 1.0), tile, overlap, tta)
+    prob = predict_probability(model, resized, device, meta.get("input_scale", 1.0), tile, overlap, tta, batch)
     return resize(prob, image.shape[:2]) if size else prob
 
 

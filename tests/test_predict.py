@@ -120,3 +120,22 @@ def test_images_predicted_by_several_processes_are_those_of_one_process(dataset,
         assert names == ["0.png", "1.png", "2.png"] == sorted(os.listdir(tmp_path / f"{folder}3"))
         for name in names:
             assert (tmp_path / f"{folder}1" / name).read_bytes() == (tmp_path / f"{folder}3" / name).read_bytes()
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (48, 80), (40, 56, 3)])
+def test_the_eight_views_in_batches_give_what_they_give_one_at_a_time(shape):
+    backend.seed_everything(0)
+    model = UNet(n_channels=shape[2] if len(shape) == 3 else 1, base=4, norm="instance").eval()
+    image = np.random.default_rng(0).random(shape).astype(np.float32)
+    alone = predict_probability(model, image, "cpu", tta=True, batch=1)
+    for batch in (3, 8):
+        assert np.abs(predict_probability(model, image, "cpu", tta=True, batch=batch) - alone).max() < 1e-4
+
+
+def test_test_sh_batches_the_views_with_the_same_masks(dataset, tmp_path):
+    checkpoint = tiny_checkpoint(tmp_path / "net.npz")
+    for batch in (1, 8):
+        run_script("predict_unet_test.py", "--checkpoint", checkpoint, "--test-data-path", f"{dataset}/test_image",
+                   "--save-res-path", tmp_path / f"masks{batch}", "--batch", batch, "--workers", 1, cwd=tmp_path)
+    for name in os.listdir(tmp_path / "masks1"):
+        assert np.array_equal(cv2.imread(str(tmp_path / "masks1" / name)), cv2.imread(str(tmp_path / "masks8" / name)))
