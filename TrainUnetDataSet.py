@@ -326,18 +326,16 @@ def calibrate(model, checkpoints, train_set, config, rank, processes):
               f"(pixel error there {error:.4f}, {error_at_half:.4f} at 0.5)")
 
 
-def report_epoch(epoch, scores, lr, seconds, improved, config, folder):
-    """The epoch's line in the log, its JSON line beside it, and progress.png redrawn (by the
-    checkpoint folder's writer thread, off the steps' path)."""
+def report_epoch(epoch, scores, lr, seconds, improved, config):
+    """The epoch's line in the log, its JSON line beside it, and progress.png redrawn. Run by the
+    checkpoint folder's writer thread after the epoch's checkpoints are written: off the steps' path,
+    and a line in the log means its epoch is on disk."""
     print(f"epoch {epoch + 1}/{config.epochs} " + " ".join(f"{k} {v:.4f}" for k, v in scores.items())
           + f" time {seconds:.1f}s" + (" *best" if improved else ""))
     append_json(json_log_path(config.log), dict(epoch=epoch + 1, epochs=config.epochs, **scores, lr=lr,
                                                 time=round(seconds, 2), best=improved))
-    if config.progress:
-        folder.in_background(draw_progress, config)
-
-
-def draw_progress(config):
+    if not config.progress:
+        return
     try:
         plot_curves(read_log(json_log_path(config.log)), config.progress)
     except (OSError, ValueError) as err:  # a picture must not stop training
@@ -512,12 +510,12 @@ def train(flags, folder, stop, rank=0, processes=1):
             if config.time_budget:
                 config = planned_epochs(config, epoch + 1, epoch + 1 - start_epoch, time.perf_counter() - run_start,
                                         rank, processes)
-            if rank == 0:
-                report_epoch(epoch, scores, lr, seconds, improved, config, folder)
             save(last, epoch + 1, best, stale, scores=scores, config=as_dict(config))
             if improved:
                 best_weights = model_weights(model) if calibrating else None
                 save(best_path, epoch + 1, best, stale, with_optimizer=False, scores=scores, config=as_dict(config))
+            if rank == 0:
+                folder.in_background(report_epoch, epoch, scores, lr, seconds, improved, config)
             stop_now = backend.all_sum([float(bool(stop.signal))], device, processes)[0] > 0
             if stop_now and epoch + 1 < config.epochs:
                 stop.stop(f"after epoch {epoch + 1}: {last} holds it")

@@ -415,8 +415,14 @@ class RunFolder:
         self.pending.append(self.writer.submit(write_checkpoint, path, arrays))
 
     def in_background(self, function, *args):
-        """function(*args) after the writes before it, in the writer thread (a picture of the curves)."""
-        self.pending.append(self.writer.submit(function, *args))
+        """function(*args) in the writer thread once the writes before it are done, unless one failed
+        (an epoch's line in the log: its checkpoints are on disk)."""
+        before = list(self.pending)
+
+        def after_writes():
+            if all(write.exception() is None for write in before):
+                function(*args)
+        self.pending.append(self.writer.submit(after_writes))
 
     def flush(self):
         """Wait until everything saved so far is written; raises the first write's error."""
