@@ -74,7 +74,7 @@ def parse_args(argv=None):
                    help="average the 8 flips/90-degree rotations of each image (8x the time; --no-tta: once)")
     p.add_argument("--batch", type=ranged(int, 1, 64),
                    help="views of an image (--tta) in one forward pass; the same outputs (default: 8 on CUDA, "
-                        "1 on a CPU, where batching measured no faster)")
+                        "1 on a CPU, where 8 measured 1.4x slower; BENCHMARKS.md)")
     p.add_argument("--workers", type=ranged(int, 0, 256), default=0,
                    help="processes predicting images (or a volume's blocks, on a local Dask cluster) side by side "
                         "(0: one per core with OneFlow on a CPU, each with at least 4 images; else 1)")
