@@ -499,6 +499,8 @@ def train(flags, folder, stop, rank=0, processes=1):
                 losses.append(value)
                 if stop_now and step + 1 < steps:
                     save(last, epoch, best, stale, partial=dict(step=step + 1, order=order.tolist(), losses=losses))
+                    if folder is not None:
+                        folder.flush()
                     stop.stop(f"in epoch {epoch + 1}, after step {step + 1} of {steps}: {last} holds that state")
             scores = dict(train_loss=float(np.mean(losses)))
             if val_set is not None and ((epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs):
@@ -518,6 +520,8 @@ def train(flags, folder, stop, rank=0, processes=1):
                 folder.in_background(report_epoch, epoch, scores, lr, seconds, improved, config)
             stop_now = backend.all_sum([float(bool(stop.signal))], device, processes)[0] > 0
             if stop_now and epoch + 1 < config.epochs:
+                if folder is not None:
+                    folder.flush()  # the epoch's line before the stop's
                 stop.stop(f"after epoch {epoch + 1}: {last} holds it")
             if config.patience and stale >= config.patience:
                 print(f"early stop: {config.best_metric} has not improved for {stale} epochs")
