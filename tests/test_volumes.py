@@ -24,6 +24,10 @@ from inference import predict_sample
 from instances import objects_of, overlaps
 
 
+stores_not_framework = pytest.mark.skipif(backend.NAME != "oneflow", reason="processes and stores, not the framework: "
+                                          "checked in the suite's OneFlow run (keeps the suite within its time)")
+
+
 def smooth_volume(shape, seed=0):
     from scipy import ndimage
     rng = np.random.default_rng(seed)
@@ -104,6 +108,7 @@ def test_outputs_are_ngff_images_that_ome_zarr_readers_open(tmp_path, batch_norm
     assert zarr.open_array(str(tmp_path / "masks" / "vol.ome.zarr" / "0")).chunks == (1, 64, 64)
 
 
+@stores_not_framework
 def test_downsampled_levels_hold_every_other_pixel_of_the_level_before_for_viewers(tmp_path, batch_norm_net):
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Reader
@@ -186,8 +191,7 @@ def store_files(path):
     return files
 
 
-@pytest.mark.skipif(backend.NAME != "oneflow", reason="processes and stores, not the framework: checked in the "
-                                                   "suite's OneFlow run (keeps the suite within its time)")
+@stores_not_framework
 def test_a_run_killed_midway_is_finished_by_the_same_command_byte_for_byte(tmp_path, batch_norm_net):
     volume = smooth_volume((6, 96, 96))
     path = write_ome_zarr(tmp_path / "vol.ome.zarr", volume)
@@ -291,8 +295,7 @@ def dask_cluster(tmp_path):
             process.wait(timeout=30)
 
 
-@pytest.mark.skipif(backend.NAME != "oneflow", reason="processes and stores, not the framework: checked in the "
-                                                   "suite's OneFlow run (keeps the suite within its time)")
+@stores_not_framework
 def test_a_dask_cluster_of_two_workers_gives_what_one_process_gives(tmp_path, batch_norm_net, dask_cluster):
     volume = smooth_volume((4, 100, 90))
     path = write_ome_zarr(tmp_path / "vol.ome.zarr", volume)
@@ -358,6 +361,7 @@ def test_training_on_an_ome_zarr_volume_equals_training_on_its_slices_as_files(d
         assert np.allclose(from_store[1][name], weights, atol=1e-6), name
 
 
+@stores_not_framework
 def test_a_store_is_read_window_by_window_never_whole(tmp_path, monkeypatch):
     import datasets
     images, labels = smooth_volume((2, 150, 130)), np.zeros((2, 150, 130), np.uint8)
@@ -384,6 +388,7 @@ def test_lazy_arrays_keep_no_more_than_their_budget():
     assert float(arrays.subset([5, 1])[1][0, 0]) == 1.0
 
 
+@stores_not_framework
 @pytest.mark.parametrize("damage, message", [
     ("labels 7", "train.ome.zarr/labels/cells: label is not binary: values 0, 7"),
     ("no labels", "train.ome.zarr: no labels: give LABEL_PATH"),
