@@ -25,9 +25,9 @@ from collections import namedtuple
 import numpy as np
 
 from dataloader import (DEFAULT_PERCENTILES, LazyArrays, SegmentationDataset, apply_normalization, auto_normalization,
-                        channels_of, image_from_array, label_to_classes, match_channels, normalization_of, normalize,
-                        read_label_array, read_raw_image, read_tiff_stack, resize)
-from files import DataError, list_images
+                        channels_of, image_from_array, label_to_classes, lazy_map, match_channels, normalization_of,
+                        normalize, read_label_array, read_raw_image, read_tiff_stack, resize)
+from files import DataError, is_zarr, list_images
 from instances import connected_objects
 
 FORMATS = ("pairs", "dsb2018", "voc", "tiff", "nnunet", "cellpose", "zarr")
@@ -49,8 +49,7 @@ def detect_format(path):
         raise DataError(f"{path}: a file, but not a TIFF stack; give a folder or a .tif volume")
     if not os.path.isdir(path):
         raise DataError(f"{path}: no such file or folder")
-    if path.rstrip("/").endswith(".zarr") or any(os.path.exists(os.path.join(path, name))
-                                                 for name in (".zgroup", ".zarray", "zarr.json")):
+    if is_zarr(path):
         return "zarr"
     if os.path.isdir(os.path.join(path, "JPEGImages")):
         return "voc"
@@ -380,8 +379,7 @@ def ngff_labels(path):
 def store_windows(shape):
     """(z, (y0, y1), (x0, x1)) of every window: each slice cut into equal parts of at most STORE_WINDOW."""
     def parts(length):
-        side = STORE_WINDOW
-        n = -(-length // side)
+        n = -(-length // STORE_WINDOW)
         edges = [round(i * length / n) for i in range(n + 1)]
         return list(zip(edges[:-1], edges[1:]))
     slices, height, width = shape
@@ -443,14 +441,11 @@ def load_store(path, label_path=None, classes=1, ignore_index=255, img_size=0, c
         raw = image_store.read(*where(i))
         return match_channels(apply_normalization(raw, slice_normalization(where(i)[0])), channels, path)
 
-    def label(i):
-        return label_to_classes(labels.read(*where(i)), label_path, classes, ignore_index, instance_labels)
-
-    def numbered(i):
-        return labels.read(*where(i)).astype(np.int32)
-
+    raw_labels = LazyArrays(lambda i: labels.read(*where(i)), len(windows))  # each window read once for both
+    classes_of = lazy_map(lambda raw: label_to_classes(raw, label_path, classes, ignore_index, instance_labels),
+                          raw_labels)
     shapes = [(y1 - y0, x1 - x0) + ((channels,) if channels > 1 else ()) for _, (y0, y1), (x0, x1) in windows]
     names = [f"z{z}-y{y0}-x{x0}" for z, (y0, _), (x0, _) in windows]
-    return SegmentationDataset(LazyArrays(image, len(windows)), LazyArrays(label, len(windows)), classes, names,
-                               LazyArrays(numbered, len(windows)) if instance_labels else None,
+    return SegmentationDataset(LazyArrays(image, len(windows)), classes_of, classes, names,
+                               lazy_map(lambda raw: raw.astype(np.int32), raw_labels) if instance_labels else None,
                                (method, tuple(percentiles)), [str(image_store.dtype)], shapes)

@@ -11,6 +11,12 @@ import tifffile
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 
 
+def is_zarr(path):
+    """A zarr or OME-Zarr store (a folder): training and prediction read it lazily."""
+    return os.path.isdir(path) and (path.rstrip("/").endswith(".zarr") or any(
+        os.path.exists(os.path.join(path, name)) for name in (".zgroup", ".zarray", "zarr.json")))
+
+
 class DataError(ValueError):
     """Bad input data; the message names the file and the problem in one line."""
 

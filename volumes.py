@@ -32,7 +32,7 @@ import zarr
 import backend
 from checkpoint import CheckpointError, build_model, input_mapping, map_input, predicted_classes
 from dataloader import match_channels
-from files import DataError, atomic_write
+from files import DataError, atomic_write, is_zarr  # noqa: F401 (is_zarr: predict_unet_test.py's)
 from inference import predict_sample, probability_values
 from instances import foreground, objects_of
 
@@ -44,11 +44,6 @@ ZARR_SUFFIXES = (".ome.zarr", ".zarr")
 
 
 # ---- inputs, read lazily --------------------------------------------------------------------
-
-def is_zarr(path):
-    return os.path.isdir(path) and (path.rstrip("/").endswith(".zarr") or any(
-        os.path.exists(os.path.join(path, name)) for name in (".zgroup", ".zarray", "zarr.json")))
-
 
 def volume_name(path):
     """The outputs' name: vol for vol.ome.zarr, vol.zarr, vol.tif, vol.ome.tif."""
