@@ -99,7 +99,7 @@ def schedule_flags(p):
     p = p.add_argument_group("schedule")
     p.add_argument("--preset", choices=["auto", "cpu", "gpu"], default="auto",
                    help="defaults for the flags below: auto = gpu on CUDA, else cpu; %s" % PRESETS)
-    p.add_argument("--epochs", type=ranged(int, 1), help="passes over the training images (default: from --preset)")
+    p.add_argument("--epochs", type=ranged(int, 1), help="passes over the training images (default: as many as fit --preset's time budget)")
     p.add_argument("--time-budget", type=ranged(float, 0.1), metavar="MINUTES",
                    help="instead of --epochs: as many epochs as end training after MINUTES (measured as it goes; "
                         "the learning-rate schedule follows; start-up and calibration come on top)")
@@ -283,7 +283,7 @@ def check_loss(loss, first_loss, epoch, step, lr):
 
 def resume(path, model, optimizer, rng, config):
     """Load the run saved in `path` into model, optimizer and rng; returns (epochs done, best score,
-    epochs without a better one, the position inside a stopped epoch or None)."""
+    epochs without a better one, the position inside a stopped epoch or None, seconds trained so far)."""
     meta, weights, arrays = load_checkpoint(path)
     if meta["model"] != model.config():
         raise CheckpointError(f"{path}: model {meta['model']} differs from the flags' {model.config()}")
@@ -305,8 +305,12 @@ def resume(path, model, optimizer, rng, config):
         raise CheckpointError(f"{path}: holds no usable training state to resume ({type(err).__name__})")
     if epochs_done >= config.epochs and not partial and not config.time_budget:
         raise TrainingError(f"{path} has trained {epochs_done} epochs already: ask for more with --epochs")
+    seconds = float(meta.get("trained_seconds", 0.0))
+    if config.time_budget and not partial and seconds >= config.time_budget * 60:
+        raise TrainingError(f"{path} has trained {seconds / 60:.1f} minutes already, the whole --time-budget "
+                            f"{config.time_budget:g}: give a larger one to train on")
     print(f"resumed from {path} after epoch {epochs_done}" + (f", step {partial['step']}" if partial else ""))
-    return epochs_done, best, stale, partial
+    return epochs_done, best, stale, partial, seconds
 
 
 def calibrate(model, checkpoints, train_set, config, rank, processes):
@@ -396,11 +400,11 @@ def checkpoint_writer(folder, model, optimizer, rng, config, train_set, rank):
     return save
 
 
-def planned_epochs(config, epochs_done, epochs_run, seconds, rank, processes):
+def planned_epochs(config, epochs_done, epochs_run, seconds, rank, processes, seconds_before=0.0):
     """The Config with as many epochs as fit --time-budget: those done, and as many more as the time
-    left holds at the mean time of the `epochs_run` epochs this run took `seconds` for (all
-    processes take rank 0's plan). The cosine schedule follows the plan."""
-    left = config.time_budget * 60 - seconds
+    left holds at the mean time of the `epochs_run` epochs this run took `seconds` for (after
+    `seconds_before` of the run it resumed; all processes take rank 0's plan). The cosine schedule follows the plan."""
+    left = config.time_budget * 60 - seconds_before - seconds
     more = max(0, int(left // (seconds / epochs_run))) if rank == 0 else 0
     more = int(backend.all_sum([float(more)], config.device, processes)[0])
     return Config(**{**vars(config), "epochs": epochs_done + more})
@@ -469,10 +473,10 @@ def train(flags, folder, stop, rank=0, processes=1):
     scaler = backend.grad_scaler(config.amp)
     save = checkpoint_writer(folder, model, optimizer, rng, config, train_set, rank)
     calibrating = config.calibrate and config.outputs == 1  # then every process keeps best.npz's weights
-    start_epoch, best, stale, partial, best_weights = 0, None, 0, None, None
+    start_epoch, best, stale, partial, best_weights, seconds_before = 0, None, 0, None, None, 0.0
     if config.resume:
-        start_epoch, best, stale, partial = resume(last, model, optimizer, rng, config)
-        if config.time_budget:  # another budget from here, planned as the run goes on
+        start_epoch, best, stale, partial, seconds_before = resume(last, model, optimizer, rng, config)
+        if config.time_budget:  # what is left of the budget, planned as the run goes on
             config = Config(**{**vars(config), "epochs": start_epoch + 1})
         if calibrating and os.path.exists(best_path):
             best_weights = load_checkpoint(best_path)[1]
@@ -498,7 +502,8 @@ def train(flags, folder, stop, rank=0, processes=1):
                 apply_gradients(optimizer, scaler, loss)
                 losses.append(value)
                 if stop_now and step + 1 < steps:
-                    save(last, epoch, best, stale, partial=dict(step=step + 1, order=order.tolist(), losses=losses))
+                    save(last, epoch, best, stale, partial=dict(step=step + 1, order=order.tolist(), losses=losses),
+                         trained_seconds=seconds_before + time.perf_counter() - run_start)
                     if folder is not None:
                         folder.flush()
                     stop.stop(f"in epoch {epoch + 1}, after step {step + 1} of {steps}: {last} holds that state")
@@ -509,10 +514,12 @@ def train(flags, folder, stop, rank=0, processes=1):
             if config.best_metric in scores:  # a validated epoch (or no validation set at all)
                 best, stale = (scores[config.best_metric], 0) if improved else (best, stale + 1)
             seconds = time.perf_counter() - begin
+            run_seconds = time.perf_counter() - run_start
             if config.time_budget:
-                config = planned_epochs(config, epoch + 1, epoch + 1 - start_epoch, time.perf_counter() - run_start,
-                                        rank, processes)
-            save(last, epoch + 1, best, stale, scores=scores, config=as_dict(config))
+                config = planned_epochs(config, epoch + 1, epoch + 1 - start_epoch, run_seconds, rank, processes,
+                                        seconds_before)
+            save(last, epoch + 1, best, stale, scores=scores, config=as_dict(config),
+                 trained_seconds=seconds_before + run_seconds)
             if improved:
                 best_weights = model_weights(model) if calibrating else None
                 save(best_path, epoch + 1, best, stale, with_optimizer=False, scores=scores, config=as_dict(config))

@@ -96,6 +96,44 @@ def grad_scaler(precision):
     return flow.amp.GradScaler("cuda") if precision == "fp16" else None
 
 
+# ---- compiled forward passes (prediction's --compile) ----
+
+def compiled(model, precision="off"):
+    """`model` with a compiled forward pass for inference (its attributes as before): torch.compile,
+    or OneFlow's nn.Graph, one per input shape, built at its first call (OneFlow's autocast does not
+    reach into a graph: `precision` is the graph's own)."""
+    if NAME == "torch":
+        return flow.compile(model, dynamic=False)
+    return _GraphForward(model, precision)
+
+
+class _GraphForward:
+    def __init__(self, model, precision):
+        self.model, self.precision, self.graphs = model, precision, {}
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, x):
+        key = tuple(x.shape)
+        if key not in self.graphs:
+            self.graphs[key] = _forward_graph(self.model, self.precision)
+        return self.graphs[key](x)
+
+
+def _forward_graph(model, precision):
+    class Forward(flow.nn.Graph):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+            if precision != "off":
+                self.config.enable_amp(True, dtype=flow.bfloat16 if precision == "bf16" else flow.float16)
+
+        def build(self, x):
+            return self.model(x)
+    return Forward()
+
+
 # ---- data-parallel runs (launched by `python3 -m oneflow.distributed.launch` or `torchrun`) ----
 
 def distributed():

@@ -19,7 +19,10 @@ forward pass). The limit, measured in the same run: a large float32 matrix produ
 --labels; whole 512 x 512 slices, elastic + affine, the weight map, batches of --batch): the seconds
 of an epoch that neither validates nor ends the run, with 0, 1 and 2 --loader-workers, its images/s
 and their ratio to the bare step's (the rows above, measured in the same run); and what an epoch
-that validates, draws progress.png and writes last.npz costs on top.
+that validates, draws progress.png and writes last.npz costs on top. Then predict_unet_test.py as
+test.sh runs it (one process, the 8 views, a network of --base), eager and --compile, on the first
+image of --test-images (twice: the first run fills torch.compile's cache) and on all of them: its
+start-up, its images/s after start-up, and their ratio to the bare forward pass's (an image is 8 passes).
 """
 import argparse
 import json
@@ -216,19 +219,68 @@ def pipeline_epochs(python, backend_name, args, workers, extra=()):
     return [r["time"] for r in records if "epoch" in r and "event" not in r]
 
 
+def prediction_seconds(python, backend_name, checkpoint, images, flags, cache):
+    """Wall seconds of `predict_unet_test.py` on the image folder `images`, as test.sh runs it
+    (torch.compile's cache in the folder `cache`)."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as out:
+        command = [python, os.path.join(HERE, "predict_unet_test.py"), "--checkpoint", checkpoint, "--test-data-path",
+                   images, "--save-res-path", out, "--workers", "1", *flags]
+        begin = time.perf_counter()
+        result = subprocess.run(command, capture_output=True, text=True,
+                                env={**os.environ, "UNET_BACKEND": backend_name, "TORCHINDUCTOR_CACHE_DIR": cache})
+        if result.returncode != 0:
+            raise SystemExit(f"error: {' '.join(command)}:\n{result.stderr[-2000:]}")
+        return time.perf_counter() - begin
+
+
+def bench_prediction(args, pythons, bare_rates):
+    """Start-up and images/s of the real prediction path, eager and compiled, against the bare forward pass."""
+    import tempfile
+    from files import list_images
+    images = list_images(args.test_images)
+    print(f"\nprediction: {len(images)} images of {args.test_images}, 8 views, base {args.base}, {args.device}\n")
+    print("| backend | mode | first start-up s | start-up s | img/s after start-up | bare forward img/s / 8 | path / bare |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    with tempfile.TemporaryDirectory() as work:
+        first = os.path.join(work, "first")
+        os.makedirs(first)
+        os.symlink(os.path.abspath(images[0]), os.path.join(first, os.path.basename(images[0])))
+        for name in args.backends:
+            checkpoint = os.path.join(work, f"{name}.npz")
+            subprocess.run([pythons[name], "-c", "import sys, backend, unet, checkpoint; backend.seed_everything(0); "
+                            "checkpoint.save_checkpoint(sys.argv[1], unet.UNet(base=int(sys.argv[2]), norm=sys.argv[3]))",
+                            checkpoint, str(args.base), args.norm], check=True, capture_output=True,
+                           env={**os.environ, "UNET_BACKEND": name})
+            for mode, flags in (("eager", ["--device", args.device]), ("compile", ["--device", args.device, "--compile"])):
+                cache = os.path.join(work, f"cache-{name}-{mode}")  # empty at first: the first start-up's compiling
+                cold = prediction_seconds(pythons[name], name, checkpoint, first, flags, cache)
+                one = prediction_seconds(pythons[name], name, checkpoint, first, flags, cache)
+                every = prediction_seconds(pythons[name], name, checkpoint, args.test_images, flags, cache)
+                rate = (len(images) - 1) / (every - one)
+                bare = bare_rates.get(name, float("nan")) / 8
+                print(f"| {name} | {mode} | {cold - 1 / rate:.1f} | {one - 1 / rate:.1f} | {rate:.2f} | {bare:.2f} | "
+                      f"{rate / bare:.0%} |", flush=True)
+
+
 def bench_pipeline(args, pythons):
     """The training loop's own rate against the bare step's, and its per-epoch overheads."""
     from files import list_images
     pairs = round(len(list_images(args.images)) * 0.8)
-    print(f"pipeline: {pairs} training slices of {args.images}, base {args.base}, batch {args.batch}, "
-          f"{args.device}, whole slices, elastic + affine, weight map\n")
-    print("| backend | loader workers | epoch s | img/s | vs none | bare step img/s | loop / bare step |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    overheads = []
+    if not args.prediction_only:
+        print(f"pipeline: {pairs} training slices of {args.images}, base {args.base}, batch {args.batch}, "
+              f"{args.device}, whole slices, elastic + affine, weight map\n")
+        print("| backend | loader workers | epoch s | img/s | vs none | bare step img/s | loop / bare step |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+    overheads, bare_predict = [], {}
     for name in args.backends:
         bare = run_row(pythons[name], name, 1, dict(base=args.base, size=512, steps=args.steps, device=args.device,
                                                      batch=args.batch, norm=args.norm, amp=args.amp, mode="eager"))
         bare_rate = bare["train"] if isinstance(bare, dict) else float("nan")
+        if isinstance(bare, dict):
+            bare_predict[name] = bare["predict"]
+        if args.prediction_only:
+            continue
         first = None
         for workers in (0, 1, 2):
             # epochs 1 and 2 of 3 neither validate (--val-every 3) nor draw, and write only last.npz
@@ -238,9 +290,11 @@ def bench_pipeline(args, pythons):
                   f"{bare_rate:.1f} | {pairs / seconds / bare_rate:.0%} |", flush=True)
         every = pipeline_epochs(pythons[name], name, args, 0, ["--val-every", "1", "--progress", "progress.png"])
         overheads.append(f"| {name} | {first:.2f} | {min(every[:2]):.2f} | {min(every[:2]) - first:+.2f} |")
-    print("\n| backend | epoch s: train only | with validation, progress.png, last.npz | overhead s |")
-    print("| --- | --- | --- | --- |")
-    print("\n".join(overheads))
+    if overheads:
+        print("\n| backend | epoch s: train only | with validation, progress.png, last.npz | overhead s |")
+        print("| --- | --- | --- | --- |")
+        print("\n".join(overheads))
+    bench_prediction(args, pythons, bare_predict)
 
 
 def main(argv=None):
@@ -261,6 +315,9 @@ def main(argv=None):
     p.add_argument("--pipeline", action="store_true", help="time the real training loop (see above)")
     p.add_argument("--images", default=os.path.join(HERE, "..", "shared", "data", "isbi2012", "train_image"))
     p.add_argument("--labels", default=os.path.join(HERE, "..", "shared", "data", "isbi2012", "train_label"))
+    p.add_argument("--test-images", default=os.path.join(HERE, "..", "shared", "data", "isbi2012", "test_image"),
+                   help="--pipeline: the images prediction is timed on")
+    p.add_argument("--prediction-only", action="store_true", help="--pipeline: time prediction, not training")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:

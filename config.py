@@ -20,12 +20,13 @@ from losses import median_frequency_weights
 from unet import MIN_SIDE, VALID_MARGIN, smallest_side, valid_input_size
 
 # Chosen for the machine the run is on (BENCHMARKS.md has the measurements). CPU: a base-16 net
-# on 256x256 crops, one per step, so a OneFlow run finishes in about 25 minutes on 2 cores
-# (PyTorch: 5-8); with batches of one crop, BatchNorm's running statistics fail on whole slices
-# (V_rand 0.39 against 0.95), hence instance norm. GPU: the paper's base-64 net on whole slices.
+# on 256x256 crops, one per step, for 30 minutes of training (OneFlow on 2 cores: about 50 epochs
+# of the 30 ISBI slices, PyTorch many more); with batches of one crop, BatchNorm's running statistics
+# fail on whole slices (V_rand 0.39 against 0.95), hence instance norm. GPU: the paper's base-64
+# net on whole slices for 10 minutes. --epochs replaces the time budget.
 PRESETS = {
-    "cpu": dict(base=16, crop=256, batch_size=1, epochs=40, lr=1e-3, norm="instance"),
-    "gpu": dict(base=64, crop=0, batch_size=4, epochs=40, lr=1e-3, norm="batch"),
+    "cpu": dict(base=16, crop=256, batch_size=1, time_budget=30, lr=1e-3, norm="instance"),
+    "gpu": dict(base=64, crop=0, batch_size=4, time_budget=10, lr=1e-3, norm="batch"),
 }
 # The paper's weight map beat the plain loss on ISBI membranes (V_rand and pixel error), but on
 # DSB 2018 nuclei it cost 0.04 Dice (0.888 -> 0.848), and it is defined for one class only.
@@ -76,12 +77,14 @@ def settle(flags, data, device, backend_name, processes=1):
                           f"be below the high one")
     s["preset"] = flags.preset if flags.preset != "auto" else ("gpu" if device.startswith("cuda") else "cpu")
     s["batch_size"] = _global_batch(flags.batch_size, PRESETS[s["preset"]]["batch_size"], processes)
-    if s.get("time_budget"):
-        if s["epochs"] is not None:
-            raise ConfigError("--time-budget sets the number of epochs; give it or --epochs, not both")
+    if s["time_budget"] and s["epochs"] is not None:
+        raise ConfigError("--time-budget sets the number of epochs; give it or --epochs, not both")
+    if s["epochs"] is None and s["time_budget"] is None:
+        s["time_budget"] = PRESETS[s["preset"]]["time_budget"]
+    if s["time_budget"]:
         s["epochs"] = 1  # planned after each epoch from the time it took (TrainUnetDataSet.planned_epochs)
     for key, value in PRESETS[s["preset"]].items():
-        if s[key] is None:
+        if s[key] is None and key != "time_budget":
             s[key] = value
     s.update(backend=backend_name, device=device, data_format=data.format, channels=data.channels,
              processes=processes, normalize=data.normalization[0], percentiles=tuple(data.normalization[1]))

@@ -21,7 +21,7 @@ import io
 import multiprocessing
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import numpy as np
 
@@ -75,6 +75,9 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=ranged(int, 1, 64),
                    help="views of an image (--tta) in one forward pass; the same outputs (default: 8 on CUDA, "
                         "1 on a CPU, where 8 measured 1.4x slower; BENCHMARKS.md)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the network's forward pass: torch.compile (PyTorch), nn.Graph (OneFlow); the same "
+                        "outputs within 1e-4, faster once compiled, but compiling costs a start-up (BENCHMARKS.md)")
     p.add_argument("--workers", type=ranged(int, 0, 256), default=0,
                    help="processes predicting images (or a volume's blocks, on a local Dask cluster) side by side "
                         "(0: one per core with OneFlow on a CPU, each with at least 4 images; else 1)")
@@ -185,6 +188,8 @@ def _start_worker(job, threads, samples=None):
     (`samples`: those already found, in the process that found them)."""
     backend.set_threads(threads)
     model, meta = build_model(job["checkpoint"], job["device"])
+    if job["compile"]:
+        model = backend.compiled(model, job["amp"])
     samples = samples or find_samples(job["data_path"], job["data_format"], job["label_path"], job["split"])
     _worker.update(job=with_object_method(job, meta), model=model, meta=meta, samples=samples)
 
@@ -204,14 +209,44 @@ def with_object_method(job, meta):
 
 def _predict_one(index):
     """Predict sample `index` and write its outputs; returns what the report and the scores need."""
-    job, model, meta, sample = _worker["job"], _worker["model"], _worker["meta"], _worker["samples"][index]
-    data, classes = meta.get("data", {}), predicted_classes(meta)
-    name = sample.name + ".png"
+    read = _read_one(index)
+    return _write_one(read, _infer(read))
+
+
+def _predict_overlapped(indices):
+    """_predict_one of each index in order, with the next image read and the last one's outputs
+    computed and written in threads while the network runs, so the device does not wait for files."""
+    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
+        reading, writing = reader.submit(_read_one, indices[0]), None
+        for n in range(len(indices)):
+            read = reading.result()
+            if n + 1 < len(indices):
+                reading = reader.submit(_read_one, indices[n + 1])
+            maps = _infer(read)
+            if writing:
+                yield writing.result()
+            writing = writer.submit(_write_one, read, maps)
+        yield writing.result()
+
+
+def _read_one(index):
+    sample, meta = _worker["samples"][index], _worker["meta"]
     raw = sample.read_image()
     image, note = network_input(meta, raw, sample.source)
+    return dict(index=index, sample=sample, raw=raw, image=image, note=note)
+
+
+def _infer(read):
+    job = _worker["job"]
     with backend.autocast(job["device"], job["amp"]):
-        maps = predict_sample(model, meta, image, job["device"], job["tile"], job["overlap"], job["tta"], sample.source,
-                              job["batch"])
+        return predict_sample(_worker["model"], _worker["meta"], read["image"], job["device"], job["tile"],
+                              job["overlap"], job["tta"], read["sample"].source, job["batch"])
+
+
+def _write_one(read, maps):
+    job, meta, index, sample, image = _worker["job"], _worker["meta"], read["index"], read["sample"], read["image"]
+    data, classes = meta.get("data", {}), predicted_classes(meta)
+    name = sample.name + ".png"
     prob = foreground(maps) if data.get("instances") else maps
     truth = None
     if sample.read_label:
@@ -222,11 +257,11 @@ def _predict_one(index):
     summary = f"cell {np.mean(mask > 0):.1%}" if classes == 1 else f"classes {sorted(np.unique(mask).tolist())}"
     if table is not None:
         summary += f", {len(table['image'])} objects"
-    if note:
-        summary += f"; {note}"
+    if read["note"]:
+        summary += f"; {read['note']}"
     wants_prob = job["outputs"].get("prob") and classes == 1
     return dict(source=sample.source, path=os.path.join(job["outputs"]["masks"], name), summary=summary, objects=table,
-                warning=planes_warning(sample, raw, model.n_channels),
+                warning=planes_warning(sample, read["raw"], _worker["model"].n_channels),
                 scored=None if truth is None else (name, prob, truth),
                 montage=(image, mask > 0, truth) if index in job["montage"] and classes == 1 else None,
                 stack=sample.stack if in_stack else None,
@@ -245,7 +280,8 @@ def planes_warning(sample, raw, channels):
 
 
 def predict_dataset(checkpoint, data_path, outputs, data_format="auto", label_path=None, threshold=0.5,
-                    device="cpu", tile=1024, overlap=128, tta=False, split="val", workers=1, amp="off", batch=1):
+                    device="cpu", tile=1024, overlap=128, tta=False, split="val", workers=1, amp="off", batch=1,
+                    compiled=False):
     """Predict every image of a dataset (any layout datasets.py reads) into `outputs` (a dict:
     masks, colors, prob, prob_bits, overlay folders), over `workers` processes (0: backend.default_workers);
     with labels, also the scores. The outputs do not depend on the number of workers.
@@ -256,12 +292,12 @@ def predict_dataset(checkpoint, data_path, outputs, data_format="auto", label_pa
     labelled = [i for i, sample in enumerate(samples) if sample.read_label]
     job = dict(checkpoint=checkpoint, data_path=data_path, data_format=data_format, label_path=label_path,
                split=split, outputs=outputs, threshold=threshold, device=device, tile=tile, overlap=overlap,
-               tta=tta, amp=amp, batch=batch, montage=set(labelled[:MONTAGE_ROWS]))
+               tta=tta, amp=amp, batch=batch, compile=compiled, montage=set(labelled[:MONTAGE_ROWS]))
     threads = max(1, backend.cores() // workers)
     if workers == 1:
         _start_worker(job, threads, samples)
         meta = _worker["meta"]
-        results = map(_predict_one, range(len(samples)))
+        results = _predict_overlapped(range(len(samples)))
     else:
         meta = build_model(checkpoint, "cpu")[1]  # a damaged checkpoint stops here, before any worker starts
         job = with_object_method(job, meta)
@@ -311,6 +347,8 @@ def predict_blockwise(args, outputs, device):
                  f"predict a TIFF volume without --blockwise to score its stacks")
     if args.overlay_path:
         print(f"note: no overlays for a volume predicted block by block (--overlay-path {args.overlay_path})")
+    if args.compile:
+        print("note: --compile is for images and stacks; blocks of a volume (edge blocks of other shapes) run eager")
     if args.halo % volumes.ALIGN:
         sys.exit(f"error: --halo must be a multiple of {volumes.ALIGN} (the network's pooling grid), not {args.halo}")
     meta = build_model(args.checkpoint, "cpu")[1]
@@ -343,7 +381,7 @@ def main(argv=None):
             written, scores = predict_dataset(args.checkpoint, args.test_data_path, outputs, args.data_format,
                                               args.label_path, args.threshold, device, args.tile, args.overlap,
                                               args.tta, args.split, args.workers, args.amp,
-                                              args.batch or (8 if device.startswith("cuda") else 1))
+                                              args.batch or (8 if device.startswith("cuda") else 1), args.compile)
     except (DataError, CheckpointError, OSError) as err:
         sys.exit(f"error: {err}")
     print(f"{len(written)} OME-Zarr stores written" if blockwise else f"{len(written)} masks written to {args.save_res_path}")

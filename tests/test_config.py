@@ -24,6 +24,12 @@ def test_the_preset_for_the_device_fills_only_the_flags_left_open():
     assert settled(["--preset", "gpu"]).base == 64
 
 
+def test_the_presets_train_for_a_time_budget_unless_epochs_are_given():
+    assert (settled([]).time_budget, settled([], device="cuda").time_budget) == (30, 10)
+    assert (settled(["--epochs", "3"]).time_budget, settled(["--epochs", "3"]).epochs) == (None, 3)
+    assert settled(["--time-budget", "2"]).time_budget == 2
+
+
 def test_images_of_several_sizes_in_batches_train_on_crops_of_the_smallest_side_and_say_so():
     config = settled(["--preset", "gpu"], MIXED)
     assert config.crop == 256 and "images of 3 sizes: batches of random 256x256 crops" in describe(config)

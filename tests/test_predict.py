@@ -132,10 +132,21 @@ def test_the_eight_views_in_batches_give_what_they_give_one_at_a_time(shape):
         assert np.abs(predict_probability(model, image, "cpu", tta=True, batch=batch) - alone).max() < 1e-4
 
 
-def test_test_sh_batches_the_views_with_the_same_masks(dataset, tmp_path):
+def test_a_compiled_network_gives_what_the_eager_one_gives():
+    backend.seed_everything(0)
+    model = UNet(base=4, norm="instance").eval()
+    image = np.random.default_rng(0).random((64, 64)).astype(np.float32)
+    eager = predict_probability(model, image, "cpu", tta=True, batch=8)
+    compiled = backend.compiled(model)
+    assert compiled.n_channels == 1 and compiled.padding == model.padding  # the network's attributes, as before
+    assert np.abs(predict_probability(compiled, image, "cpu", tta=True, batch=8) - eager).max() < 1e-4
+
+
+def test_test_sh_batches_and_compiles_with_the_same_masks(dataset, tmp_path):
     checkpoint = tiny_checkpoint(tmp_path / "net.npz")
-    for batch in (1, 8):
+    for folder, flags in (("plain", ["--batch", 1]), ("fast", ["--batch", 8, "--compile"])):
         run_script("predict_unet_test.py", "--checkpoint", checkpoint, "--test-data-path", f"{dataset}/test_image",
-                   "--save-res-path", tmp_path / f"masks{batch}", "--batch", batch, "--workers", 1, cwd=tmp_path)
-    for name in os.listdir(tmp_path / "masks1"):
-        assert np.array_equal(cv2.imread(str(tmp_path / "masks1" / name)), cv2.imread(str(tmp_path / "masks8" / name)))
+                   "--save-res-path", tmp_path / folder, "--workers", 1, *flags, cwd=tmp_path)
+    assert sorted(os.listdir(tmp_path / "plain")) == sorted(os.listdir(tmp_path / "fast"))
+    for name in os.listdir(tmp_path / "plain"):
+        assert np.array_equal(cv2.imread(str(tmp_path / "plain" / name)), cv2.imread(str(tmp_path / "fast" / name)))

@@ -219,9 +219,9 @@ def test_steps_per_epoch_and_validation_every_few_epochs(dataset, tmp_path):
                                                    "OneFlow run (keeps the suite within its time)")
 def test_a_time_budget_plans_the_epochs_that_fit_and_the_schedule_follows(dataset, tmp_path):
     begin = time.perf_counter()
-    result = run_script("TrainUnetDataSet.py", "--data-path", f"{dataset}/train_image", "--label-path",
-                        f"{dataset}/train_label", "--progress", "", "--base", 4, "--crop", 32, "--time-budget", 0.1,
-                        cwd=tmp_path)
+    flags = ["--data-path", f"{dataset}/train_image", "--label-path", f"{dataset}/train_label", "--progress", "",
+             "--base", 4, "--crop", 32, "--time-budget", 0.1]
+    result = run_script("TrainUnetDataSet.py", *flags, cwd=tmp_path)
     seconds = time.perf_counter() - begin
     records = [json.loads(line) for line in open(tmp_path / "Unet_train.jsonl")][1:]
     assert len(records) >= 3 and records[-1]["epochs"] == len(records), result.stdout
@@ -229,6 +229,12 @@ def test_a_time_budget_plans_the_epochs_that_fit_and_the_schedule_follows(datase
     assert rates[0] == pytest.approx(1e-3) and rates == sorted(rates, reverse=True) and rates[-1] < 1e-4
     assert sum(r["time"] for r in records) <= 0.1 * 60 * 1.2 and seconds < 60
     assert load_checkpoint(str(tmp_path / "checkpoints" / "last.npz"))[0]["config"]["epochs"] == len(records)
+    again = [*flags[:-1], "--resume"]
+    refused = run_script("TrainUnetDataSet.py", *again, 0.1, cwd=tmp_path, check=False)
+    assert refused.returncode != 0 and "the whole --time-budget 0.1: give a larger one" in refused.stderr
+    run_script("TrainUnetDataSet.py", *again, 0.15, cwd=tmp_path)  # a larger budget: trains for what is left of it
+    meta = load_checkpoint(str(tmp_path / "checkpoints" / "last.npz"))[0]
+    assert meta["epoch"] > len(records) and 0.1 * 60 <= meta["trained_seconds"] <= 0.15 * 60 * 1.2
 
 
 def test_a_time_budget_and_epochs_together_are_refused_in_one_line(dataset, tmp_path):
