@@ -31,16 +31,17 @@ from backend import flow
 from augment import DEFAULT_PROBABILITIES
 from checkpoint import (CheckpointError, RunFolder, input_normalization, load_checkpoint, load_weights, model_weights,
                         restore_optimizer, update_meta)
-from cli import ArgumentParser, probability, ranged
+from cli import ArgumentParser, object_size_flags, probability, ranged
 from config import (OBJECT_SCORES, ONE_CLASS_SCORES, PRESETS, Config, ConfigError, as_dict, data_facts, describe,
                     settle)
 from curves import plot_curves, read_log
 from dataloader import (DEFAULT_PERCENTILES, NORMALIZATIONS, BatchLoader, SegmentationDataset, Sampler, intensity_levels,
-                        lazy_map, pick)
+                        lazy_map, pick, resize)
 from datasets import FORMATS, detect_format, find_samples, labels_beside, load_dataset, load_store, voc_split_exists
 from files import DataError
 from inference import best_threshold, threshold_errors, validate
-from instances import OBJECT_CLASSES, connected_objects, object_classes
+from instances import (OBJECT_CLASSES, STANDARD_DIAMETER, connected_objects, median_diameter, object_classes,
+                       size_scale)
 from log import Logger, append_json, json_log_path
 from losses import learning_rate, segmentation_loss
 from unet import MIN_SIDE, UNet, mirror_for_valid
@@ -89,6 +90,9 @@ def data_flags(p):
                         "largest value); auto: range for 8-bit images, else percentile. Prediction does the same")
     p.add_argument("--percentiles", type=ranged(float, 0, 100), nargs=2, default=DEFAULT_PERCENTILES,
                    metavar=("LOW", "HIGH"), help="--normalize percentile: the percentiles mapped to 0 and 1")
+    object_size_flags(p, f"auto: measured on each image's numbered objects (DSB 2018, Cellpose, --instance-labels), "
+                         f"and every image rescaled so that its objects are {STANDARD_DIAMETER} pixels wide, as "
+                         f"prediction then rescales new images (instances.py); other labels: each image at its own scale")
     p.add_argument("--img-size", type=ranged(int, MIN_SIDE, also=(0,)), default=0,
                    help="resize every image to this square for training, and for prediction (0: keep sizes; "
                         "predictions come back at each image's own size)")
@@ -197,6 +201,43 @@ def read_data(flags, rng):
     n_val = min(len(data) - 1, max(1, round(len(data) * flags.val_fraction))) if flags.val_fraction > 0 else 0
     order = rng.permutation(len(data))
     return fmt, data.subset(sorted(order[n_val:])), data.subset(sorted(order[:n_val])) if n_val else None
+
+
+def at_object_size(flags, train_set, val_set):
+    """(training set, validation set, the objects' diameter in them or 0): with --object-size, every
+    image rescaled so that its objects' median diameter is STANDARD_DIAMETER pixels (auto: measured
+    on each image's numbered objects; an image without any takes the training images' median)."""
+    wanted = flags.object_size
+    if wanted == "off" or (wanted == "auto" and (train_set.instances is None or flags.classes > 1 or flags.img_size)):
+        return train_set, val_set, 0
+    if flags.img_size:
+        raise ConfigError("--img-size resizes every image to one square; --object-size rescales each image for its "
+                          "objects: choose one")
+    measured = [median_diameter(objects) for objects in train_set.instances] if wanted == "auto" else [wanted]
+    typical = float(np.median([d for d in measured if d] or [STANDARD_DIAMETER]))
+
+    def diameters(dataset):
+        if wanted != "auto":
+            return [wanted] * len(dataset)
+        if dataset is train_set:
+            return [d or typical for d in measured]
+        return [typical] * len(dataset) if dataset.instances is None else \
+            [median_diameter(objects) or typical for objects in dataset.instances]
+    found = diameters(train_set)
+    print(f"object size: objects {min(found):.0f}-{max(found):.0f} pixels wide (median {typical:.0f}), each image "
+          f"rescaled to {STANDARD_DIAMETER} (--no-object-size: each at its own scale)")
+    return rescaled(train_set, found), val_set and rescaled(val_set, diameters(val_set)), STANDARD_DIAMETER
+
+
+def rescaled(dataset, diameters):
+    """The dataset with each image, label and numbered objects resized so its objects are STANDARD_DIAMETER wide."""
+    shapes = [tuple(max(MIN_SIDE, round(side * size_scale(d))) for side in shape[:2]) + tuple(shape[2:])
+              for shape, d in zip(dataset.shapes, diameters)]
+
+    def resized(arrays, nearest=False):
+        return None if arrays is None else lazy_map(lambda a, shape: resize(a, shape[:2], nearest), arrays, shapes)
+    return SegmentationDataset(resized(dataset.images), resized(dataset.labels, True), dataset.classes, dataset.names,
+                               resized(dataset.instances, True), dataset.normalization, dataset.input_types, shapes)
 
 
 def for_objects(dataset):
@@ -353,7 +394,8 @@ def prepare(flags, processes):
     backend.seed_everything(flags.seed)
     rng = np.random.default_rng(flags.seed)
     data_format, train_set, val_set = read_data(flags, rng)
-    config = settle(flags, data_facts(data_format, train_set, val_set), device, backend.NAME, processes)
+    train_set, val_set, object_size = at_object_size(flags, train_set, val_set)
+    config = settle(flags, data_facts(data_format, train_set, val_set, object_size), device, backend.NAME, processes)
     if config.instances:
         train_set, val_set = for_objects(train_set), val_set and for_objects(val_set)
     print(describe(config))
@@ -387,7 +429,7 @@ def checkpoint_writer(folder, model, optimizer, rng, config, train_set, rank):
     trained on images divided by their type's range also keeps their types and intensity levels, so
     that prediction can map images of other types onto them: checkpoint.network_input)."""
     data = dict(format=config.data_format, img_size=config.img_size, ignore_index=config.ignore_index,
-                instance_labels=config.instance_labels, instances=config.instances,
+                instance_labels=config.instance_labels, instances=config.instances, object_size=config.object_size,
                 normalize=config.normalize, percentiles=config.percentiles)
     if config.normalize == "range":
         data.update(input_types=train_set.input_types, input_levels=intensity_levels(train_set.images, config.percentiles))

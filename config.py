@@ -40,8 +40,8 @@ SEVERAL_CLASS_SCORES = ("val_loss", "val_pixel_accuracy", "val_miou")
 # What the data says, as TrainUnetDataSet.py read it: layout, channels, the image sizes, the
 # smallest image (name, side), whether objects are numbered, pixels per class (several classes),
 # whether there is a validation set, and the (method, percentiles) its images were normalized with.
-DataFacts = namedtuple("DataFacts", "format channels sizes smallest numbered class_counts validation normalization",
-                       defaults=(("range", DEFAULT_PERCENTILES),))
+DataFacts = namedtuple("DataFacts", "format channels sizes smallest numbered class_counts validation normalization "
+                                   "object_size", defaults=(("range", DEFAULT_PERCENTILES), 0))
 
 
 class ConfigError(ValueError):
@@ -55,8 +55,9 @@ class Config(types.SimpleNamespace):
         raise AttributeError(f"the configuration is settled: {name} cannot change")
 
 
-def data_facts(data_format, train, val):
-    """DataFacts of a training set (a dataloader.SegmentationDataset) and its validation set or None."""
+def data_facts(data_format, train, val, object_size=0):
+    """DataFacts of a training set (a dataloader.SegmentationDataset) and its validation set or None,
+    whose objects were rescaled to `object_size` pixels wide (0: not rescaled)."""
     sides = [min(shape[:2]) for shape in train.shapes]
     smallest = int(np.argmin(sides))
     counts = None
@@ -65,7 +66,7 @@ def data_facts(data_format, train, val):
                      for label in train.labels).tolist()
     return DataFacts(data_format, train.channels, sorted({shape[:2] for shape in train.shapes}),
                      (train.names[smallest], sides[smallest]), train.instances is not None, counts, val is not None,
-                     train.normalization)
+                     train.normalization, object_size)
 
 
 def settle(flags, data, device, backend_name, processes=1):
@@ -87,7 +88,8 @@ def settle(flags, data, device, backend_name, processes=1):
         if s[key] is None and key != "time_budget":
             s[key] = value
     s.update(backend=backend_name, device=device, data_format=data.format, channels=data.channels,
-             processes=processes, normalize=data.normalization[0], percentiles=tuple(data.normalization[1]))
+             processes=processes, normalize=data.normalization[0], percentiles=tuple(data.normalization[1]),
+             object_size=data.object_size)
     s["augment"] = types.MappingProxyType({name: s.pop(f"aug_{name}") for name in DEFAULT_PROBABILITIES})
     notes = []
     _check(s, data)

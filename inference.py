@@ -10,10 +10,10 @@ import numpy as np
 import backend
 from backend import flow
 from dataloader import match_channels, resize, stack_batch
-from instances import foreground, object_scores, objects_of
+from instances import estimate_diameter, foreground, in_diameters, object_scores, objects_of, size_scale
 from losses import segmentation_loss
 from metrics import confusion_matrix, confusion_scores, isbi_scores, pixel_scores
-from unet import mirror_for_valid, smallest_side
+from unet import MIN_SIDE, mirror_for_valid, smallest_side
 
 
 def image_logits(model, image, device, input_scale=1.0):
@@ -133,6 +133,28 @@ def predict_sample(model, meta, image, device, tile=1024, overlap=128, tta=False
     return resize(prob, image.shape[:2]) if size else prob
 
 
+def predict_at_object_size(model, meta, image, device, tile=1024, overlap=128, tta=False, source="image", batch=1,
+                           object_size="auto"):
+    """(probability map at the image's own size, its objects' median diameter in pixels or None):
+    predict_sample of the image rescaled so that its objects are as wide as the network's training
+    objects (the checkpoint's object_size), their diameter given (`object_size` pixels) or, with
+    auto, estimated from two quick passes (instances.estimate_diameter); "off", or a network
+    trained at every image's own scale, predicts at the image's own scale (a given diameter is still
+    returned, for the objects' post-processing)."""
+    standard = meta.get("data", {}).get("object_size", 0)
+    if object_size == "off" or (object_size == "auto" and not standard):
+        return predict_sample(model, meta, image, device, tile, overlap, tta, source, batch), None
+
+    def scaled_prediction(scale, views):
+        shape = tuple(max(MIN_SIDE, round(side * scale)) for side in image.shape[:2])
+        return predict_sample(model, meta, resize(image, shape), device, tile, overlap, views, source, batch)
+    diameter = object_size
+    if object_size == "auto":
+        diameter = estimate_diameter(lambda scale: foreground(scaled_prediction(scale, False)), standard)
+    scale = size_scale(diameter, standard) if standard else 1.0
+    return resize(scaled_prediction(scale, tta), image.shape[:2]), diameter
+
+
 def probability_values(prob, bits):
     """Probabilities in [0, 1] as written: 8- or 16-bit integers (0 .. 2^bits - 1), or float32."""
     if bits == 32:
@@ -184,8 +206,8 @@ def validate(model, dataset, weights, config, class_weights, device):
                 rows.append(dict(val_pixel_error=pixel["pixel_error"], val_dice=pixel["dice"],
                                  val_v_rand=isbi_scores(cell, label)["v_rand"]))
                 if dataset.instances is not None:  # numbered objects: the DSB 2018 object score too
-                    rows[-1]["val_map"] = object_scores(objects_of(prob, method="watershed"),
-                                                        dataset.instances[i])["map_05_095"]
+                    objects = objects_of(prob, 0.5, "watershed", *in_diameters(config.object_size or None))
+                    rows[-1]["val_map"] = object_scores(objects, dataset.instances[i])["map_05_095"]
     scores = dict(val_loss=float(np.mean(losses)))
     if config.classes > 1:
         overall = confusion_scores(confusion)

@@ -12,6 +12,11 @@ From a one-class foreground map: the mask at a threshold, holes filled, objects 
 the background, seeded at its maxima `min_distance` apart ("watershed"). For ISBI membranes the
 objects are the cells between the membranes: 4-connected regions of cell pixels ("cells").
 
+Object size (Cellpose's idea): a network trained with --object-size sees every image rescaled so
+that its objects' median diameter is STANDARD_DIAMETER pixels; prediction estimates the diameter
+of a new image from the objects of two quick passes (estimate_diameter) and rescales it alike,
+and the watershed's seed distance and smallest object follow the diameter (in_diameters).
+
 Scores of a label image against the true one (objects matched one-to-one by IoU):
   map_05_095  the DSB 2018 metric: for IoU thresholds 0.50, 0.55, ..., 0.95, TP / (TP + FP + FN)
               with TP the objects matched at IoU > t, averaged over the thresholds
@@ -34,6 +39,45 @@ METHODS = ("interior", "watershed", "cells")
 BOUNDARY_WIDTH = 2  # pixels (Caicedo et al. 2019 used 2; other widths not measured here)
 OBJECT_CLASSES = ("background", "interior", "boundary")  # the values 0, 1, 2 of object_classes
 MEASUREMENTS = ("label", "area", "centroid", "bbox", "intensity_mean", "eccentricity")
+STANDARD_DIAMETER = 24  # pixels: the median object diameter a network trained at an object size sees
+SCALES = (0.25, 4.0)  # the rescaling of an image for its object size stays within these factors
+SEED_DISTANCE = 0.5  # the watershed's seeds at least this many diameters apart
+SMALLEST_OBJECT = 0.05  # objects of less than this share of the median object's area are dropped
+
+
+def median_diameter(objects):
+    """The median diameter in pixels (of a disc of the same area) of numbered objects, or None when
+    there are none."""
+    areas = np.bincount(np.asarray(objects).ravel())[1:]
+    areas = areas[areas > 0]
+    return float(np.median(np.sqrt(4 * areas / np.pi))) if len(areas) else None
+
+
+def size_scale(diameter, standard=STANDARD_DIAMETER):
+    """The factor that brings objects `diameter` pixels wide to `standard` (1 where it is unknown), within SCALES."""
+    return 1.0 if not diameter else float(np.clip(standard / diameter, *SCALES))
+
+
+def in_diameters(diameter, min_size=None, min_distance=None):
+    """(min_size, min_distance) in pixels: those given, else the shares of the median object
+    (SMALLEST_OBJECT of its area, SEED_DISTANCE of its diameter) where `diameter` is known, else 16 and 10."""
+    if min_size is None:
+        min_size = 16 if not diameter else max(1, round(SMALLEST_OBJECT * np.pi / 4 * diameter ** 2))
+    if min_distance is None:
+        min_distance = 10 if not diameter else max(1, round(SEED_DISTANCE * diameter))
+    return min_size, min_distance
+
+
+def estimate_diameter(foreground_at, standard=STANDARD_DIAMETER):
+    """The median object diameter of an image in its own pixels, or None where nothing is found:
+    measured on the objects of `foreground_at(scale)` (the foreground probability of the image
+    rescaled by `scale`) at its own scale, then again at the scale that first estimate asks for."""
+    first = median_diameter(split_objects(foreground_at(1.0), 0.5, *in_diameters(None)))
+    if first is None:
+        return None
+    scale = size_scale(first, standard)
+    second = median_diameter(split_objects(foreground_at(scale), 0.5, *in_diameters(standard)))
+    return first if second is None else second / scale
 
 
 def object_classes(objects, width=BOUNDARY_WIDTH):

@@ -28,13 +28,13 @@ import numpy as np
 import backend
 import volumes
 from checkpoint import CheckpointError, build_model, network_input, predicted_classes
-from cli import ArgumentParser, probability, ranged
+from cli import ArgumentParser, object_size_flags, probability, ranged
 from dataloader import channels_of, rgb_planes
 from datasets import FORMATS, find_samples, read_sample_label
 from evaluate import format_table, score_binary, score_multiclass, write_json
 from files import DataError, atomic_write, write_png, write_tiff
-from inference import predict_sample, probability_values
-from instances import METHODS, foreground, measure, objects_of, roi_set
+from inference import predict_at_object_size, probability_values
+from instances import METHODS, foreground, in_diameters, measure, objects_of, roi_set
 from unet import MIN_SIDE
 from visualize import class_colors, montage, outline_objects, overlay
 
@@ -105,26 +105,33 @@ def parse_args(argv=None):
                         "for objects (--instances) predicts; watershed: the mask split at its distance maxima; "
                         "cells: the regions between membranes (4-connected); auto: cells for ISBI-like data, "
                         "else watershed")
-    p.add_argument("--min-size", type=ranged(int, 0), default=16, help="objects smaller than this many pixels are dropped")
-    p.add_argument("--min-distance", type=ranged(int, 1), default=10,
-                   help="watershed: least distance in pixels between the centres of two touching objects "
-                        "(10: best DSB 2018 object score on the training images of BENCHMARKS.md's split)")
+    object_size_flags(p, "estimated for each image from two quick passes where the network was trained at an "
+                         "object size (the checkpoint says), which then sees the image rescaled to its training "
+                         "objects' size; else each image at its own scale")
+    p.add_argument("--min-size", type=ranged(int, 0),
+                   help="objects smaller than this many pixels are dropped (default: 5%% of the median object's area "
+                        "where the object size is known, else 16)")
+    p.add_argument("--min-distance", type=ranged(int, 1),
+                   help="watershed: least distance in pixels between the centres of two touching objects (default: "
+                        "half the median object's diameter where the object size is known, else 10)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda ...")
     p.add_argument("--amp", choices=backend.PRECISIONS, default="off",
                    help="mixed precision of the forward pass: bf16 or fp16 on CUDA (bf16 also on a CPU with PyTorch)")
     return p.parse_args(argv)
 
 
-def write_outputs(name, image, prob, maps, truth, outputs, threshold=0.5, in_stack=False):
+def write_outputs(name, image, prob, maps, truth, outputs, threshold=0.5, in_stack=False, diameter=None):
     """Write the mask (0/255) of the cell probability `prob`, or class indices plus a colour picture,
-    and the optional extras; objects come from the network's probability `maps` (instances.objects_of).
+    and the optional extras; objects come from the network's probability `maps` (instances.objects_of,
+    the smallest object and the seeds' distance in units of the objects' `diameter` where it is known).
     A page of a stack (`in_stack`) writes only its overlay: its mask, probability and objects are
     returned for write_stacks. Returns (mask, objects or None, objects' table or None)."""
     multiclass = prob.ndim == 3
     mask = prob.argmax(axis=2).astype(np.uint8) if multiclass else np.where(prob > threshold, 255, 0).astype(np.uint8)
     objects, table = None, None
     if outputs.get("instances") and not multiclass:
-        objects = objects_of(maps, threshold, outputs["objects"], outputs["min_size"], outputs["min_distance"])
+        objects = objects_of(maps, threshold, outputs["objects"],
+                             *in_diameters(diameter, outputs["min_size"], outputs["min_distance"]))
         table = dict(image=[name] * int(objects.max()), **measure(objects, image))
     if not in_stack:
         write_png(os.path.join(outputs["masks"], name), mask)
@@ -210,7 +217,7 @@ def with_object_method(job, meta):
 def _predict_one(index):
     """Predict sample `index` and write its outputs; returns what the report and the scores need."""
     read = _read_one(index)
-    return _write_one(read, _infer(read))
+    return _write_one(read, *_infer(read))
 
 
 def _predict_overlapped(indices):
@@ -222,10 +229,10 @@ def _predict_overlapped(indices):
             read = reading.result()
             if n + 1 < len(indices):
                 reading = reader.submit(_read_one, indices[n + 1])
-            maps = _infer(read)
+            maps, diameter = _infer(read)
             if writing:
                 yield writing.result()
-            writing = writer.submit(_write_one, read, maps)
+            writing = writer.submit(_write_one, read, maps, diameter)
         yield writing.result()
 
 
@@ -239,11 +246,12 @@ def _read_one(index):
 def _infer(read):
     job = _worker["job"]
     with backend.autocast(job["device"], job["amp"]):
-        return predict_sample(_worker["model"], _worker["meta"], read["image"], job["device"], job["tile"],
-                              job["overlap"], job["tta"], read["sample"].source, job["batch"])
+        return predict_at_object_size(_worker["model"], _worker["meta"], read["image"], job["device"], job["tile"],
+                                      job["overlap"], job["tta"], read["sample"].source, job["batch"],
+                                      job["object_size"])
 
 
-def _write_one(read, maps):
+def _write_one(read, maps, diameter):
     job, meta, index, sample, image = _worker["job"], _worker["meta"], read["index"], read["sample"], read["image"]
     data, classes = meta.get("data", {}), predicted_classes(meta)
     name = sample.name + ".png"
@@ -253,10 +261,13 @@ def _write_one(read, maps):
         truth = read_sample_label(sample, image.shape[:2], classes, data.get("ignore_index", 255),
                                   data.get("instance_labels", False))[0]
     in_stack = sample.stack is not None and not job["outputs"].get("slices")
-    mask, objects, table = write_outputs(name, image, prob, maps, truth, job["outputs"], job["threshold"], in_stack)
+    mask, objects, table = write_outputs(name, image, prob, maps, truth, job["outputs"], job["threshold"], in_stack,
+                                         diameter)
     summary = f"cell {np.mean(mask > 0):.1%}" if classes == 1 else f"classes {sorted(np.unique(mask).tolist())}"
     if table is not None:
         summary += f", {len(table['image'])} objects"
+    if diameter:
+        summary += f", objects {diameter:.0f} pixels wide"
     if read["note"]:
         summary += f"; {read['note']}"
     wants_prob = job["outputs"].get("prob") and classes == 1
@@ -281,7 +292,7 @@ def planes_warning(sample, raw, channels):
 
 def predict_dataset(checkpoint, data_path, outputs, data_format="auto", label_path=None, threshold=0.5,
                     device="cpu", tile=1024, overlap=128, tta=False, split="val", workers=1, amp="off", batch=1,
-                    compiled=False):
+                    compiled=False, object_size="auto"):
     """Predict every image of a dataset (any layout datasets.py reads) into `outputs` (a dict:
     masks, colors, prob, prob_bits, overlay folders), over `workers` processes (0: backend.default_workers);
     with labels, also the scores. The outputs do not depend on the number of workers.
@@ -292,7 +303,7 @@ def predict_dataset(checkpoint, data_path, outputs, data_format="auto", label_pa
     labelled = [i for i, sample in enumerate(samples) if sample.read_label]
     job = dict(checkpoint=checkpoint, data_path=data_path, data_format=data_format, label_path=label_path,
                split=split, outputs=outputs, threshold=threshold, device=device, tile=tile, overlap=overlap,
-               tta=tta, amp=amp, batch=batch, compile=compiled, montage=set(labelled[:MONTAGE_ROWS]))
+               tta=tta, amp=amp, batch=batch, compile=compiled, object_size=object_size, montage=set(labelled[:MONTAGE_ROWS]))
     threads = max(1, backend.cores() // workers)
     if workers == 1:
         _start_worker(job, threads, samples)
@@ -352,6 +363,12 @@ def predict_blockwise(args, outputs, device):
     if args.halo % volumes.ALIGN:
         sys.exit(f"error: --halo must be a multiple of {volumes.ALIGN} (the network's pooling grid), not {args.halo}")
     meta = build_model(args.checkpoint, "cpu")[1]
+    if meta.get("data", {}).get("object_size"):
+        sys.exit(f"error: {args.checkpoint}: trained on images rescaled for their objects' size (--object-size); "
+                 f"blocks are predicted at the volume's own scale: train with --no-object-size for volumes")
+    diameter = args.object_size if isinstance(args.object_size, float) else None
+    outputs = dict(outputs, **dict(zip(("min_size", "min_distance"),
+                                       in_diameters(diameter, args.min_size, args.min_distance))))
     objects = with_object_method(dict(checkpoint=args.checkpoint, outputs=outputs), meta)["outputs"]["objects"]
     return volumes.predict_volume(args.test_data_path, args.checkpoint, dict(outputs, objects=objects),
                                   args.threshold, device, args.tta, args.amp, args.block, args.halo, args.workers,
@@ -381,7 +398,8 @@ def main(argv=None):
             written, scores = predict_dataset(args.checkpoint, args.test_data_path, outputs, args.data_format,
                                               args.label_path, args.threshold, device, args.tile, args.overlap,
                                               args.tta, args.split, args.workers, args.amp,
-                                              args.batch or (8 if device.startswith("cuda") else 1), args.compile)
+                                              args.batch or (8 if device.startswith("cuda") else 1), args.compile,
+                                              args.object_size)
     except (DataError, CheckpointError, OSError) as err:
         sys.exit(f"error: {err}")
     print(f"{len(written)} OME-Zarr stores written" if blockwise else f"{len(written)} masks written to {args.save_res_path}")

@@ -272,7 +272,8 @@ def test_cross_entropy_leaves_ignored_pixels_out():
 def test_dsb2018_trains_on_rgb_and_predicts_one_mask_per_id_at_each_images_size(tmp_path):
     root = write_dsb(tmp_path / "dsb")
     out = run_script("TrainUnetDataSet.py", "--data-path", root, "--checkpoint-dir", "ck", "--log", "log.txt", "--progress", "",
-                     "--base", 4, "--epochs", 1, "--crop", 0, "--batch-size", 2, "--val-fraction", 0, cwd=tmp_path).stdout
+                     "--base", 4, "--epochs", 1, "--crop", 0, "--batch-size", 2, "--val-fraction", 0, "--no-object-size",
+                     cwd=tmp_path).stdout
     assert "images of 3 sizes: batches of random 32x32 crops" in out
     assert load_checkpoint(str(tmp_path / "ck" / "last.npz"))[0]["config"]["weight_map"] is False  # nuclei: off
     test = write_dsb(tmp_path / "test", sizes=((36, 52), (60, 44)), masks=False, seed=1)

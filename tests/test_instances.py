@@ -3,6 +3,7 @@ whose answers are worked out by hand."""
 import csv
 import json
 import os
+import re
 
 import cv2
 import numpy as np
@@ -198,7 +199,7 @@ def test_dsb_data_trains_a_network_for_objects_by_default_and_prediction_counts_
     out = run_script("predict_unet_test.py", "--checkpoint", tmp_path / "ck" / "best.npz", "--test-data-path", root,
                      "--save-res-path", tmp_path / "masks", "--instance-path", tmp_path / "objects", "--no-tta",
                      "--min-size", 1, cwd=tmp_path).stdout
-    assert "objects)" in out
+    assert re.search(r", \d+ objects, objects \d+ pixels wide\)", out)  # counted, and their size estimated
     for name in os.listdir(tmp_path / "masks"):
         mask = cv2.imread(str(tmp_path / "masks" / name), cv2.IMREAD_UNCHANGED)
         objects = cv2.imread(str(tmp_path / "objects" / name), cv2.IMREAD_UNCHANGED)
