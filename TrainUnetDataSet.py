@@ -39,7 +39,7 @@ from dataloader import (DEFAULT_PERCENTILES, NORMALIZATIONS, BatchLoader, Segmen
                         lazy_map, pick, resize)
 from datasets import FORMATS, detect_format, find_samples, labels_beside, load_dataset, load_store, voc_split_exists
 from files import DataError
-from inference import best_threshold, threshold_errors, validate
+from inference import best_threshold, scores_v_rand, threshold_errors, validate
 from instances import (OBJECT_CLASSES, STANDARD_DIAMETER, connected_objects, median_diameter, object_classes,
                        size_scale)
 from log import Logger, append_json, json_log_path
@@ -276,7 +276,8 @@ def validate_share(model, val_set, weights, config, class_weights, rank, process
     mine = list(range(rank, len(val_set), processes))
     scores = validate(model, val_set.subset(mine), pick(weights, mine),
                       config, class_weights, config.device) if mine else {}
-    names = ONE_CLASS_SCORES + (OBJECT_SCORES if val_set.instances is not None else ())
+    names = [name for name in ONE_CLASS_SCORES if name != "val_v_rand" or scores_v_rand(config, val_set)]
+    names += OBJECT_SCORES if val_set.instances is not None else ()
     sums = backend.all_sum([scores.get(name, 0.0) * len(mine) for name in names], config.device, processes)
     return {name: total / len(val_set) for name, total in zip(names, sums)}
 

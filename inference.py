@@ -182,10 +182,16 @@ def best_threshold(errors):
     return float(THRESHOLDS[best]), float(errors[best]), float(errors[list(THRESHOLDS).index(0.5)])
 
 
+def scores_v_rand(config, dataset):
+    """Whether validation computes ISBI's V_rand (ten watersheds an image): for membranes, not for
+    numbered objects (scored by val_map) unless --best-metric asks for it."""
+    return dataset.instances is None or config.best_metric == "val_v_rand"
+
+
 def validate(model, dataset, weights, config, class_weights, device):
     """Scores of whole validation images: val_loss as training computes its loss (segmentation_loss,
     with the pixel `weights` if any, the Dice term and class weights); with one class the mean pixel
-    error, Dice and ISBI V_rand (and where objects are numbered the DSB 2018 object score of
+    error, Dice and ISBI V_rand (where objects are numbered, instead the DSB 2018 object score of
     the watershed's objects, val_map; a network for objects is scored on its foreground and
     objects); with several the pixel accuracy and mean IoU of the summed confusion."""
     model.eval()
@@ -203,8 +209,9 @@ def validate(model, dataset, weights, config, class_weights, device):
             else:
                 cell, label = foreground(prob), label > 0  # objects' three classes: background or not
                 pixel = pixel_scores(cell > 0.5, label)
-                rows.append(dict(val_pixel_error=pixel["pixel_error"], val_dice=pixel["dice"],
-                                 val_v_rand=isbi_scores(cell, label)["v_rand"]))
+                rows.append(dict(val_pixel_error=pixel["pixel_error"], val_dice=pixel["dice"]))
+                if scores_v_rand(config, dataset):
+                    rows[-1]["val_v_rand"] = isbi_scores(cell, label)["v_rand"]
                 if dataset.instances is not None:  # numbered objects: the DSB 2018 object score too
                     objects = objects_of(prob, 0.5, "watershed", *in_diameters(config.object_size or None))
                     rows[-1]["val_map"] = object_scores(objects, dataset.instances[i])["map_05_095"]

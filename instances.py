@@ -46,11 +46,15 @@ SMALLEST_OBJECT = 0.05  # objects of less than this share of the median object's
 
 
 def median_diameter(objects):
-    """The median diameter in pixels (of a disc of the same area) of numbered objects, or None when
-    there are none."""
-    areas = np.bincount(np.asarray(objects).ravel())[1:]
+    """The diameter in pixels (of a disc of the same area) of the object that holds the median object
+    pixel, or None when there are none: the median weighted by area, so that specks and fragments
+    (of a first, rough prediction) hardly count."""
+    areas = np.sort(np.bincount(np.asarray(objects).ravel())[1:])
     areas = areas[areas > 0]
-    return float(np.median(np.sqrt(4 * areas / np.pi))) if len(areas) else None
+    if not len(areas):
+        return None
+    median_area = areas[np.searchsorted(np.cumsum(areas), areas.sum() / 2)]
+    return float(np.sqrt(4 * median_area / np.pi))
 
 
 def size_scale(diameter, standard=STANDARD_DIAMETER):

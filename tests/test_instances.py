@@ -196,6 +196,7 @@ def test_dsb_data_trains_a_network_for_objects_by_default_and_prediction_counts_
     meta = load_checkpoint(str(tmp_path / "ck" / "best.npz"))[0]
     assert meta["model"]["n_classes"] == 3 and meta["data"]["instances"] is True
     assert meta["best_metric"] == "val_map" and 0 <= meta["scores"]["val_map"] <= 1
+    assert "val_v_rand" not in meta["scores"]  # membranes' score, ten watersheds an image: not for nuclei
     out = run_script("predict_unet_test.py", "--checkpoint", tmp_path / "ck" / "best.npz", "--test-data-path", root,
                      "--save-res-path", tmp_path / "masks", "--instance-path", tmp_path / "objects", "--no-tta",
                      "--min-size", 1, cwd=tmp_path).stdout

@@ -104,3 +104,10 @@ def test_a_network_trained_at_an_object_size_keeps_it_and_predicts_at_each_image
                "--no-tta", "--save-res-path", "pred", cwd=tmp_path)
     assert os.listdir(tmp_path / "pred") == ["id0.png"]
     assert cv2.imread(str(tmp_path / "pred" / "id0.png"), 0).shape == (36, 52)
+
+
+def test_specks_around_the_objects_hardly_move_their_median_diameter():
+    objects = discs((120, 120), 10, 30)
+    specks = np.zeros_like(objects)
+    specks[::7, ::7] = np.arange(1, specks[::7, ::7].size + 1).reshape(specks[::7, ::7].shape) + objects.max()
+    assert median_diameter(np.where(objects > 0, objects, specks)) == pytest.approx(20, abs=1.5)
