@@ -20,7 +20,7 @@ import TrainUnetDataSet
 from checkpoint import CheckpointError, build_model, load_checkpoint, save_checkpoint
 from conftest import ROOT, train_small, write_dataset
 from files import atomic_write
-from predict_unet_test import predict_sample
+from inference import predict_sample
 from unet import UNet
 
 
