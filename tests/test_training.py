@@ -229,7 +229,7 @@ def test_a_time_budget_plans_the_epochs_that_fit_and_the_schedule_follows(datase
     assert rates[0] == pytest.approx(1e-3) and rates == sorted(rates, reverse=True) and rates[-1] < 1e-4
     assert sum(r["time"] for r in records) <= 0.1 * 60 * 1.2 and seconds < 60
     assert load_checkpoint(str(tmp_path / "checkpoints" / "last.npz"))[0]["config"]["epochs"] == len(records)
-    again = [*flags[:-1], "--resume", "--time-budget"]
+    again = [*flags[:-2], "--resume", "--time-budget"]
     refused = run_script("TrainUnetDataSet.py", *again, 0.1, cwd=tmp_path, check=False)
     assert refused.returncode != 0 and "the whole --time-budget 0.1: give a larger one" in refused.stderr
     run_script("TrainUnetDataSet.py", *again, 0.15, cwd=tmp_path)  # a larger budget: trains for what is left of it
