@@ -348,9 +348,9 @@ def resume(path, model, optimizer, rng, config):
     if epochs_done >= config.epochs and not partial and not config.time_budget:
         raise TrainingError(f"{path} has trained {epochs_done} epochs already: ask for more with --epochs")
     seconds = float(meta.get("trained_seconds", 0.0))
-    if config.time_budget and not partial and seconds >= config.time_budget * 60:
-        raise TrainingError(f"{path} has trained {seconds / 60:.1f} minutes already, the whole --time-budget "
-                            f"{config.time_budget:g}: give a larger one to train on")
+    if config.time_budget and not partial and config.time_budget * 60 - seconds < seconds / max(1, epochs_done):
+        raise TrainingError(f"{path} has trained {seconds / 60:.1f} minutes of --time-budget {config.time_budget:g}, "
+                            f"and an epoch does not fit in what is left: give a larger budget to train on")
     print(f"resumed from {path} after epoch {epochs_done}" + (f", step {partial['step']}" if partial else ""))
     return epochs_done, best, stale, partial, seconds
 

@@ -459,6 +459,8 @@ def prepare_stores(job, volume, overwrite=False):
     if created:  # a store made anew: every block again
         for stage in ("done", "numbered", "objects"):
             shutil.rmtree(_progress_dir(job, stage), ignore_errors=True)
+    for leftover in glob.glob(os.path.join(job["stores"]["masks"], ".unet", "*", ".tmp-*")):
+        os.remove(leftover)  # a write cut short by a kill (files.atomic_write's temporary file)
     if job["stores"].get("instances"):
         zarr.open_array(zarr.storage.DirectoryStore(os.path.join(_objects_dir(job), "local")), mode="a",
                         shape=shape, chunks=chunks, dtype=np.uint16, fill_value=0, write_empty_chunks=True)

@@ -231,7 +231,7 @@ def test_a_time_budget_plans_the_epochs_that_fit_and_the_schedule_follows(datase
     assert load_checkpoint(str(tmp_path / "checkpoints" / "last.npz"))[0]["config"]["epochs"] == len(records)
     again = [*flags[:-2], "--resume", "--time-budget"]
     refused = run_script("TrainUnetDataSet.py", *again, 0.1, cwd=tmp_path, check=False)
-    assert refused.returncode != 0 and "the whole --time-budget 0.1: give a larger one" in refused.stderr
+    assert refused.returncode != 0 and "of --time-budget 0.1, and an epoch does not fit" in refused.stderr
     run_script("TrainUnetDataSet.py", *again, 0.15, cwd=tmp_path)  # a larger budget: trains for what is left of it
     meta = load_checkpoint(str(tmp_path / "checkpoints" / "last.npz"))[0]
     assert meta["epoch"] > len(records) and 0.1 * 60 <= meta["trained_seconds"] <= 0.15 * 60 * 1.2
