@@ -213,20 +213,18 @@ def at_object_size(flags, train_set, val_set):
     if flags.img_size:
         raise ConfigError("--img-size resizes every image to one square; --object-size rescales each image for its "
                           "objects: choose one")
-    measured = [median_diameter(objects) for objects in train_set.instances] if wanted == "auto" else [wanted]
-    typical = float(np.median([d for d in measured if d] or [STANDARD_DIAMETER]))
 
-    def diameters(dataset):
-        if wanted != "auto":
-            return [wanted] * len(dataset)
-        if dataset is train_set:
-            return [d or typical for d in measured]
-        return [typical] * len(dataset) if dataset.instances is None else \
-            [median_diameter(objects) or typical for objects in dataset.instances]
-    found = diameters(train_set)
+    def measured(dataset):  # per image, or None where it is not measured
+        if wanted != "auto" or dataset.instances is None:
+            return [None] * len(dataset)
+        return [median_diameter(objects) for objects in dataset.instances]
+    train_diameters = measured(train_set)
+    typical = wanted if wanted != "auto" else float(np.median([d for d in train_diameters if d] or [STANDARD_DIAMETER]))
+    found = [d or typical for d in train_diameters]
     print(f"object size: objects {min(found):.0f}-{max(found):.0f} pixels wide (median {typical:.0f}), each image "
           f"rescaled to {STANDARD_DIAMETER} (--no-object-size: each at its own scale)")
-    return rescaled(train_set, found), val_set and rescaled(val_set, diameters(val_set)), STANDARD_DIAMETER
+    return (rescaled(train_set, found), val_set and rescaled(val_set, [d or typical for d in measured(val_set)]),
+            STANDARD_DIAMETER)
 
 
 def rescaled(dataset, diameters):

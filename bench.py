@@ -79,7 +79,7 @@ def measure(base, size, steps, threads, device, batch, norm, amp, mode):
         return F.binary_cross_entropy_with_logits(logits.float(), y)
 
     if mode == "graph":
-        train_graph, predict_graph = oneflow_graphs(model, optimizer, loss_of, amp != "off")
+        train_graph, predict_graph = oneflow_graph(model, optimizer, loss_of, amp != "off"), backend.compiled(model, amp)
         train_step = lambda: train_graph(x, y).item()  # noqa: E731
         predict = lambda: predict_graph(x).sum().item()  # noqa: E731
     else:
@@ -112,9 +112,10 @@ def measure(base, size, steps, threads, device, batch, norm, amp, mode):
     return dict(train=batch / train_s, predict=batch / predict_s, flops=forward_flops(base, size), memory_mb=memory)
 
 
-def oneflow_graphs(model, optimizer, loss_of, amp):
-    """OneFlow nn.Graphs of a training step (returns the loss) and of a forward pass; `amp`: the
-    graphs' own mixed precision (OneFlow's eager autocast does not apply inside a graph)."""
+def oneflow_graph(model, optimizer, loss_of, amp):
+    """OneFlow's nn.Graph of a training step (returns the loss); `amp`: the graph's own mixed
+    precision (OneFlow's eager autocast does not apply inside a graph). The forward pass's graph is
+    backend.compiled's."""
     import oneflow as flow
 
     class TrainStep(flow.nn.Graph):
@@ -129,15 +130,7 @@ def oneflow_graphs(model, optimizer, loss_of, amp):
             loss.backward()
             return loss
 
-    class Forward(flow.nn.Graph):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-            self.config.enable_amp(amp)
-
-        def build(self, x):
-            return self.model(x)
-    return TrainStep(), Forward()
+    return TrainStep()
 
 
 def matmul_gflops(n=2048, repeats=3):
