@@ -188,6 +188,21 @@ def scores_v_rand(config, dataset):
     return dataset.instances is None or config.best_metric == "val_v_rand"
 
 
+def _validation_logits(model, dataset, batch, device):
+    """(index, image, label, its 1 x N x H x W logits) of each validation image, the forward passes
+    taking up to `batch` consecutive images of one shape at once (a GPU's speed; the same logits)."""
+    start = 0
+    while start < len(dataset):
+        images = [dataset.images[start]]
+        while len(images) < batch and start + len(images) < len(dataset) \
+                and dataset.images[start + len(images)].shape == images[0].shape:
+            images.append(dataset.images[start + len(images)])
+        logits = batch_logits(model, images, device)
+        for k, image in enumerate(images):
+            yield start + k, image, dataset.labels[start + k], logits[k:k + 1]
+        start += len(images)
+
+
 def validate(model, dataset, weights, config, class_weights, device):
     """Scores of whole validation images: val_loss as training computes its loss (segmentation_loss,
     with the pixel `weights` if any, the Dice term and class weights); with one class the mean pixel
@@ -197,8 +212,8 @@ def validate(model, dataset, weights, config, class_weights, device):
     model.eval()
     losses, rows, confusion = [], [], 0
     with flow.no_grad():
-        for i, (image, label) in enumerate(zip(dataset.images, dataset.labels)):
-            logits = image_logits(model, image, device)
+        batch = max(1, config.batch_size // config.processes)
+        for i, image, label, logits in _validation_logits(model, dataset, batch, device):
             _, labels, pixel_weights = stack_batch([(image, label, None if weights is None else weights[i])],
                                                    dataset.classes)
             losses.append(segmentation_loss(logits, labels, pixel_weights, config, class_weights, device).item())

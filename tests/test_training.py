@@ -240,3 +240,25 @@ def test_a_time_budget_plans_the_epochs_that_fit_and_the_schedule_follows(datase
 def test_a_time_budget_and_epochs_together_are_refused_in_one_line(dataset, tmp_path):
     result = train_small(dataset, tmp_path, "--time-budget", 1, check=False)
     assert result.returncode != 0 and "--time-budget sets the number of epochs" in result.stderr
+
+
+def test_validation_scores_are_the_same_when_images_of_one_size_share_a_forward_pass():
+    import TrainUnetDataSet
+    from config import data_facts, settle
+    from dataloader import SegmentationDataset
+    from inference import validate
+    rng = np.random.default_rng(0)
+    shapes = [(48, 48), (48, 48), (48, 48), (40, 56), (48, 48)]  # batches: 3, then 1, then 1
+    images = [rng.random(shape).astype(np.float32) for shape in shapes]
+    labels = [(rng.random(shape) > 0.5).astype(np.uint8) for shape in shapes]
+    dataset = SegmentationDataset(images, labels)
+    backend.seed_everything(0)
+    model = UNet(base=4, norm="instance")
+    scores = []
+    for batch in [1, 3]:
+        flags = TrainUnetDataSet.parse_args(["--batch-size", str(batch), "--dice-weight", "0.5"])
+        config = settle(flags, data_facts("isbi", dataset, dataset), "cpu", backend.NAME)
+        scores.append(validate(model, dataset, None, config, None, "cpu"))
+    assert scores[0].keys() == scores[1].keys() and "val_v_rand" in scores[0]
+    for name in scores[0]:
+        assert scores[1][name] == pytest.approx(scores[0][name], abs=1e-5), name
