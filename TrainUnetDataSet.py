@@ -40,8 +40,8 @@ from dataloader import (DEFAULT_PERCENTILES, NORMALIZATIONS, BatchLoader, Segmen
 from datasets import FORMATS, detect_format, find_samples, labels_beside, load_dataset, load_store, voc_split_exists
 from files import DataError
 from inference import best_threshold, scores_v_rand, threshold_errors, validate
-from instances import (OBJECT_CLASSES, STANDARD_DIAMETER, connected_objects, median_diameter, object_classes,
-                       size_scale)
+from instances import (OBJECT_CLASSES, OBJECT_TARGETS, STANDARD_DIAMETER, connected_objects, median_diameter,
+                       object_classes, size_scale)
 from log import Logger, append_json, json_log_path
 from losses import learning_rate, segmentation_loss
 from unet import MIN_SIDE, UNet, mirror_for_valid
@@ -81,6 +81,10 @@ def data_flags(p):
                    help="train for objects: three classes (background, object interior, object boundary) from the "
                         "numbered objects (or the labels' 4-connected regions), so that touching objects come apart; "
                         "default: on for DSB 2018 data")
+    p.add_argument("--object-target", choices=OBJECT_TARGETS, default="boundary",
+                   help="--instances: the boundary class is every object's outer 2 pixels (boundary) or only where "
+                        "an object comes within 2 pixels of another (touching); prediction then seeds objects at "
+                        "the interiors (instances.py)")
     p.add_argument("--ignore-index", type=ranged(int, 0, 255), default=255, help="label value left out of loss and scores (classes > 1)")
     p.add_argument("--class-weights", help="classes > 1: cross-entropy weights, e.g. 1,2,2, or 'auto' "
                                            "(median frequency balancing on the training labels)")
@@ -238,11 +242,12 @@ def rescaled(dataset, diameters):
                                resized(dataset.instances, True), dataset.normalization, dataset.input_types, shapes)
 
 
-def for_objects(dataset):
+def for_objects(dataset, target):
     """The dataset with the targets of a network for objects (instances.object_classes) as labels,
     from its numbered objects, or where it numbers none from its labels' 4-connected regions."""
     numbered = dataset.instances or lazy_map(lambda label: connected_objects(label, connectivity=1), dataset.labels)
-    return SegmentationDataset(dataset.images, lazy_map(object_classes, numbered), len(OBJECT_CLASSES),
+    targets = lazy_map(lambda objects: object_classes(objects, target), numbered)
+    return SegmentationDataset(dataset.images, targets, len(OBJECT_CLASSES),
                                dataset.names, numbered, dataset.normalization, dataset.input_types, dataset.shapes)
 
 
@@ -396,7 +401,8 @@ def prepare(flags, processes):
     train_set, val_set, object_size = at_object_size(flags, train_set, val_set)
     config = settle(flags, data_facts(data_format, train_set, val_set, object_size), device, backend.NAME, processes)
     if config.instances:
-        train_set, val_set = for_objects(train_set), val_set and for_objects(val_set)
+        train_set, val_set = (for_objects(train_set, config.object_target),
+                              val_set and for_objects(val_set, config.object_target))
     print(describe(config))
     if note := backend.cpu_speed_note(device, "bash train.sh", "trains 5-7x faster"):
         print(note)
@@ -429,7 +435,7 @@ def checkpoint_writer(folder, model, optimizer, rng, config, train_set, rank):
     that prediction can map images of other types onto them: checkpoint.network_input)."""
     data = dict(format=config.data_format, img_size=config.img_size, ignore_index=config.ignore_index,
                 instance_labels=config.instance_labels, instances=config.instances, object_size=config.object_size,
-                normalize=config.normalize, percentiles=config.percentiles)
+                object_target=config.object_target, normalize=config.normalize, percentiles=config.percentiles)
     if config.normalize == "range":
         data.update(input_types=train_set.input_types, input_levels=intensity_levels(train_set.images, config.percentiles))
     run = dict(best_metric=config.best_metric, input_scale=1.0, config=as_dict(config), data=data)

@@ -9,13 +9,19 @@ Each augmentation happens with its own probability (TrainUnetDataSet.py's --aug-
   intensity  brightness (+-0.1), contrast (x0.8-1.2), gamma (0.7-1.4)
   noise      Gaussian, sigma up to 0.05
   blur       Gaussian, sigma 0.5-1.5 px
+  stain      stained RGB images (H&E histology): the amounts of haematoxylin, eosin and DAB each
+             scaled by 0.9-1.1 and shifted by +-0.01 (about 7% of the stains in the DSB 2018 H&E
+             images at their 99th percentile; Tellez et al. 2018's jitter in HED space); grey images,
+             RGB files of equal channels included, are left alone
 """
 
 import cv2
 import numpy as np
+from skimage.color import hed2rgb, rgb2hed
 
 
-DEFAULT_PROBABILITIES = dict(flip=1.0, affine=0.0, elastic=0.0, intensity=0.0, noise=0.0, blur=0.0)
+DEFAULT_PROBABILITIES = dict(flip=1.0, affine=0.0, elastic=0.0, intensity=0.0, noise=0.0, blur=0.0, stain=0.0)
+STAINED = 0.02  # an RGB image is stained where its channels differ by more than this on average
 
 
 def _remap(array, map_x, map_y, nearest=False):
@@ -78,6 +84,17 @@ def adjust_intensity(image, rng):
     return (image - mean) * rng.uniform(0.8, 1.2) + mean + rng.uniform(-0.1, 0.1)
 
 
+def is_stained(image):
+    return image.ndim == 3 and image.shape[2] == 3 and float(np.mean(np.ptp(image, axis=2))) > STAINED
+
+
+def jitter_stains(image, rng):
+    """An RGB image in [0, 1] with its stains' amounts (HED space) scaled and shifted at random."""
+    stains = rgb2hed(np.clip(image, 0, 1))
+    stains = stains * rng.uniform(0.9, 1.1, 3) + rng.uniform(-0.01, 0.01, 3)
+    return hed2rgb(stains).astype(np.float32)
+
+
 def augment(image, label, weights, rng, probabilities):
     """(image, label, weights) after the augmentations drawn with `probabilities` (name -> p)."""
     p = {**DEFAULT_PROBABILITIES, **probabilities}
@@ -95,4 +112,6 @@ def augment(image, label, weights, rng, probabilities):
         image = image + rng.normal(0, rng.uniform(0, 0.05), image.shape).astype(np.float32)
     if rng.random() < p["blur"]:
         image = cv2.GaussianBlur(image, (0, 0), rng.uniform(0.5, 1.5))
+    if rng.random() < p["stain"] and is_stained(image):
+        image = jitter_stains(image, rng)
     return image.astype(np.float32), label, weights  # not clipped: prediction sees the normalized values as they are

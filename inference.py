@@ -10,7 +10,8 @@ import numpy as np
 import backend
 from backend import flow
 from dataloader import match_channels, resize, stack_batch
-from instances import estimate_diameter, foreground, in_diameters, object_scores, objects_of, size_scale
+from instances import (estimate_diameter, foreground, in_diameters, object_method, object_scores, objects_of,
+                       size_scale)
 from losses import segmentation_loss
 from metrics import confusion_matrix, confusion_scores, isbi_scores, pixel_scores
 from unet import MIN_SIDE, mirror_for_valid, smallest_side
@@ -228,7 +229,7 @@ def validate(model, dataset, weights, config, class_weights, device):
                 if scores_v_rand(config, dataset):
                     rows[-1]["val_v_rand"] = isbi_scores(cell, label)["v_rand"]
                 if dataset.instances is not None:  # numbered objects: the DSB 2018 object score too
-                    objects = objects_of(prob, 0.5, "watershed", *in_diameters(config.object_size or None))
+                    objects = objects_of(prob, 0.5, object_method(vars(config)), *in_diameters(config.object_size or None))
                     rows[-1]["val_map"] = object_scores(objects, dataset.instances[i])["map_05_095"]
     scores = dict(val_loss=float(np.mean(losses)))
     if config.classes > 1:

@@ -2,10 +2,13 @@
 their measurements, and the object scores of the Data Science Bowl 2018.
 
 A network trained for objects (--instances) predicts three classes: background, the interior of
-an object, and its boundary (the outer BOUNDARY_WIDTH pixels of every object, where it meets the
-background or another object). Its foreground is 1 - background; "interior" seeds objects at the
-connected interiors and grows them by a watershed on the boundary probability (measured below the
-distance watershed on DSB 2018, so not the default: BENCHMARKS.md).
+an object, and its boundary, one of two OBJECT_TARGETS (--object-target): "boundary", the outer
+BOUNDARY_WIDTH pixels of every object, where it meets the background or another object; or
+"touching", only the pixels of an object less than BOUNDARY_WIDTH from another object (the class
+of the DSB 2018 winners), so that a lone object is all interior. Its foreground is
+1 - background; "interior" seeds objects at the connected interiors and grows them by a watershed
+on the boundary probability: the way objects come from a network trained for touching borders
+(object_method); for boundaries the distance watershed measured better on DSB 2018 (BENCHMARKS.md).
 
 From a one-class foreground map: the mask at a threshold, holes filled, objects smaller than
 `min_size` pixels removed, then objects that touch are split by a watershed on the distance to
@@ -38,6 +41,7 @@ THRESHOLDS = np.round(np.arange(0.5, 1.0, 0.05), 2)
 METHODS = ("interior", "watershed", "cells")
 BOUNDARY_WIDTH = 2  # pixels (Caicedo et al. 2019 used 2; other widths not measured here)
 OBJECT_CLASSES = ("background", "interior", "boundary")  # the values 0, 1, 2 of object_classes
+OBJECT_TARGETS = ("boundary", "touching")  # what the border class is
 MEASUREMENTS = ("label", "area", "centroid", "bbox", "intensity_mean", "eccentricity")
 STANDARD_DIAMETER = 24  # pixels: the median object diameter a network trained at an object size sees
 SCALES = (0.25, 4.0)  # the rescaling of an image for its object size stays within these factors
@@ -84,14 +88,27 @@ def estimate_diameter(foreground_at, standard=STANDARD_DIAMETER):
     return first if second is None else second / scale
 
 
-def object_classes(objects, width=BOUNDARY_WIDTH):
+def object_classes(objects, target="boundary", width=BOUNDARY_WIDTH):
     """The training target of a network for objects, from numbered objects (0 = background):
-    uint8 0 background, 1 interior, 2 boundary (pixels of an object with another label, background
-    or another object, less than `width` pixels away along rows, columns or diagonals)."""
+    uint8 0 background, 1 interior, 2 boundary: the pixels of an object with another label less than
+    `width` pixels away along rows, columns or diagonals; for target "boundary" background or
+    another object, for "touching" another object only."""
     objects = np.asarray(objects)
     size = 2 * width + 1
-    inside = (ndimage.minimum_filter(objects, size) == objects) & (ndimage.maximum_filter(objects, size) == objects)
+    if target == "touching":
+        objects = objects.astype(np.int64)
+        lowest = ndimage.minimum_filter(np.where(objects > 0, objects, objects.max() + 1), size)  # ignore background
+        highest = ndimage.maximum_filter(objects, size)
+    else:
+        lowest, highest = ndimage.minimum_filter(objects, size), ndimage.maximum_filter(objects, size)
+    inside = (lowest == objects) & (highest == objects)
     return np.where(objects > 0, np.where(inside, 1, 2), 0).astype(np.uint8)
+
+
+def object_method(data):
+    """How objects come from a network's probabilities where nothing asks otherwise (data: the
+    checkpoint's): interior seeds for a network trained for touching borders, else the distance watershed."""
+    return "interior" if data.get("instances") and data.get("object_target") == "touching" else "watershed"
 
 
 def foreground(prob):

@@ -34,7 +34,7 @@ from datasets import FORMATS, find_samples, read_sample_label
 from evaluate import format_table, score_binary, score_multiclass, write_json
 from files import DataError, atomic_write, write_png, write_tiff
 from inference import predict_at_object_size, probability_values
-from instances import METHODS, foreground, in_diameters, measure, objects_of, roi_set
+from instances import METHODS, foreground, in_diameters, measure, object_method, objects_of, roi_set
 from unet import MIN_SIDE
 from visualize import class_colors, montage, outline_objects, overlay
 
@@ -203,14 +203,13 @@ def _start_worker(job, threads, samples=None):
 
 def with_object_method(job, meta):
     """The job with --objects auto settled for the checkpoint: cells for membranes (trained on image
-    folders or TIFFs), else watershed (on DSB 2018 it beat interior seeds, also for networks
-    trained for objects: BENCHMARKS.md)."""
+    folders or TIFFs), else instances.object_method's."""
     method, data = job["outputs"].get("objects"), meta.get("data", {})
     if method == "interior" and not data.get("instances"):
         raise CheckpointError(f"{job['checkpoint']}: --objects interior needs a network trained for objects "
                               f"(--instances); this one predicts one class: use --objects watershed")
     if method == "auto":
-        method = "cells" if data.get("format") in ("pairs", "tiff") else "watershed"
+        method = "cells" if data.get("format") in ("pairs", "tiff") else object_method(data)
     return dict(job, outputs=dict(job["outputs"], objects=method))
 
 

@@ -97,3 +97,18 @@ def test_the_weight_map_equals_one_distance_map_per_cell_computed_the_slow_way()
     border = 10 * np.exp(-((distances[0] + distances[1]) ** 2) / (2 * 25))
     expected = class_balance(label) + np.where(label > 0, 0, border)
     np.testing.assert_allclose(weight_map(label), expected, atol=1e-6)
+
+
+def test_stain_jitter_changes_the_colours_of_stained_images_a_little_and_leaves_grey_ones_alone():
+    rng = np.random.default_rng(0)
+    label = blobs(32)
+    pink = np.array([0.9, 0.6, 0.8], np.float32)  # eosin, and haematoxylin's purple where the label is
+    stained = np.where(label[..., None] == 1, np.array([0.4, 0.2, 0.6], np.float32), pink)
+    jittered = [augment(stained, label, None, rng, dict(flip=0.0, stain=1.0)) for _ in range(5)]
+    for image, aug_label, _ in jittered:
+        np.testing.assert_array_equal(aug_label, label)
+        assert image.shape == stained.shape and image.dtype == np.float32
+        assert 0.0005 < np.abs(image - stained).mean() < 0.1
+    assert not np.allclose(jittered[0][0], jittered[1][0])  # drawn anew each time
+    grey = np.repeat(stained.mean(axis=2, keepdims=True), 3, axis=2)  # a grey image saved as RGB
+    np.testing.assert_array_equal(augment(grey, label, None, rng, dict(flip=0.0, stain=1.0))[0], grey)

@@ -14,7 +14,7 @@ from skimage.morphology import disk
 
 from checkpoint import load_checkpoint
 from conftest import run_script, tiny_checkpoint, train_small
-from instances import (connected_objects, measure, object_classes, object_scores, roi_set, split_by_interior,
+from instances import (connected_objects, measure, object_classes, object_method, object_scores, roi_set, split_by_interior,
                        split_objects)
 from visualize import outline_objects
 
@@ -166,6 +166,20 @@ def test_a_network_for_objects_learns_each_objects_interior_ringed_by_its_bounda
     wide = object_classes(objects, width=2)  # two pixels: each rectangle keeps a 2 x 1 interior
     assert np.array_equal(np.argwhere(wide == 1), [[3, 3], [3, 8], [4, 3], [4, 8]])
     assert np.array_equal(wide == 0, objects == 0)
+
+
+def test_the_touching_target_marks_only_where_objects_meet_so_a_lone_object_is_all_interior():
+    objects = np.zeros((10, 20), np.uint16)
+    objects[1:7, 1:6], objects[1:7, 6:11] = 1, 2  # two touching rectangles
+    objects[2:8, 14:19] = 3  # a lone one, 3 pixels of background from the second
+    touching = object_classes(objects, target="touching", width=1)
+    assert np.array_equal(np.argwhere(touching == 2)[:, 1], [5, 6] * 6)  # the two columns where 1 meets 2
+    assert np.all(touching[objects == 3] == 1)
+    assert np.array_equal(touching == 0, objects == 0)
+    near = object_classes(objects, target="touching", width=2)  # a gap of 3 pixels is still apart
+    assert np.all(near[objects == 3] == 1) and np.all(near[1:7, 4:8] == 2)
+    assert object_method(dict(instances=True, object_target="touching")) == "interior"
+    assert object_method(dict(instances=True, object_target="boundary")) == "watershed"
 
 
 def three_class_map(interiors, mask):
