@@ -94,9 +94,11 @@ def data_flags(p):
                         "largest value); auto: range for 8-bit images, else percentile. Prediction does the same")
     p.add_argument("--percentiles", type=ranged(float, 0, 100), nargs=2, default=DEFAULT_PERCENTILES,
                    metavar=("LOW", "HIGH"), help="--normalize percentile: the percentiles mapped to 0 and 1")
-    object_size_flags(p, f"auto: measured on each image's numbered objects (DSB 2018, Cellpose, --instance-labels), "
-                         f"and every image rescaled so that its objects are {STANDARD_DIAMETER} pixels wide, as "
-                         f"prediction then rescales new images (instances.py); other labels: each image at its own scale")
+    object_size_flags(p, f"auto: measured on each image's objects, and every image rescaled so that they are as wide "
+                         f"as the training images' median ({STANDARD_DIAMETER} pixels for numbered objects), as "
+                         f"prediction then rescales new images (instances.py); default: auto where the labels number "
+                         f"their objects (DSB 2018, Cellpose, --instance-labels), else each image at its own scale",
+                      default=None)
     p.add_argument("--img-size", type=ranged(int, MIN_SIDE, also=(0,)), default=0,
                    help="resize every image to this square for training, and for prediction (0: keep sizes; "
                         "predictions come back at each image's own size)")
@@ -209,31 +211,35 @@ def read_data(flags, rng):
 
 def at_object_size(flags, train_set, val_set):
     """(training set, validation set, the objects' diameter in them or 0): with --object-size, every
-    image rescaled so that its objects' median diameter is STANDARD_DIAMETER pixels (auto: measured
-    on each image's numbered objects; an image without any takes the training images' median)."""
-    wanted = flags.object_size
-    if wanted == "off" or (wanted == "auto" and (train_set.instances is None or flags.classes > 1 or flags.img_size)):
+    image rescaled so that its objects' median diameter is the same, STANDARD_DIAMETER pixels for
+    numbered objects, for other labels (cells between membranes) the training images' median.
+    auto measures each image's objects: the numbered ones, else its labels' 4-connected regions;
+    an image without any takes the training images' median. Unset: auto for numbered objects only."""
+    wanted, numbered = flags.object_size, train_set.instances is not None
+    if wanted == "off" or (wanted is None and (not numbered or flags.classes > 1 or flags.img_size)):
         return train_set, val_set, 0
     if flags.img_size:
         raise ConfigError("--img-size resizes every image to one square; --object-size rescales each image for its "
                           "objects: choose one")
 
-    def measured(dataset):  # per image, or None where it is not measured
-        if wanted != "auto" or dataset.instances is None:
-            return [None] * len(dataset)
-        return [median_diameter(objects) for objects in dataset.instances]
+    def measured(dataset):  # per image, or None where it has no objects
+        if wanted not in (None, "auto"):
+            return [wanted] * len(dataset)
+        cells = lazy_map(lambda label: connected_objects(label, connectivity=1), dataset.labels)
+        return [median_diameter(objects) for objects in dataset.instances or cells]
     train_diameters = measured(train_set)
-    typical = wanted if wanted != "auto" else float(np.median([d for d in train_diameters if d] or [STANDARD_DIAMETER]))
+    typical = float(np.median([d for d in train_diameters if d] or [STANDARD_DIAMETER]))
+    standard = STANDARD_DIAMETER if numbered else round(typical)
     found = [d or typical for d in train_diameters]
     print(f"object size: objects {min(found):.0f}-{max(found):.0f} pixels wide (median {typical:.0f}), each image "
-          f"rescaled to {STANDARD_DIAMETER} (--no-object-size: each at its own scale)")
-    return (rescaled(train_set, found), val_set and rescaled(val_set, [d or typical for d in measured(val_set)]),
-            STANDARD_DIAMETER)
+          f"rescaled to {standard} (--no-object-size: each at its own scale)")
+    return (rescaled(train_set, found, standard),
+            val_set and rescaled(val_set, [d or typical for d in measured(val_set)], standard), standard)
 
 
-def rescaled(dataset, diameters):
-    """The dataset with each image, label and numbered objects resized so its objects are STANDARD_DIAMETER wide."""
-    shapes = [tuple(max(MIN_SIDE, round(side * size_scale(d))) for side in shape[:2]) + tuple(shape[2:])
+def rescaled(dataset, diameters, standard):
+    """The dataset with each image, label and numbered objects resized so its objects are `standard` pixels wide."""
+    shapes = [tuple(max(MIN_SIDE, round(side * size_scale(d, standard))) for side in shape[:2]) + tuple(shape[2:])
               for shape, d in zip(dataset.shapes, diameters)]
 
     def resized(arrays, nearest=False):

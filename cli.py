@@ -49,14 +49,14 @@ def ranged(kind, low=None, high=None, below=None, also=()):
 probability = ranged(float, 0, 1)
 
 
-def object_size_flags(p, auto_help):
+def object_size_flags(p, auto_help, default="auto"):
     """--object-size auto|PIXELS and --no-object-size (dest object_size: "auto", a number or "off")."""
     pixels = ranged(float, 2, 2000)
 
     def object_size(text):
         return "auto" if text == "auto" else pixels(text)
     object_size.__name__ = "object size"
-    p.add_argument("--object-size", type=object_size, default="auto", metavar="auto|PIXELS",
+    p.add_argument("--object-size", type=object_size, default=default, metavar="auto|PIXELS",
                    help=f"the objects' median diameter: {auto_help}; PIXELS: the images' objects are that wide")
     p.add_argument("--no-object-size", dest="object_size", action="store_const", const="off",
                    help="every image at its own pixel scale, whatever its objects' size")

@@ -142,7 +142,8 @@ def predict_at_object_size(model, meta, image, device, tile=1024, overlap=128, t
     auto, estimated from two quick passes (instances.estimate_diameter); "off", or a network
     trained at every image's own scale, predicts at the image's own scale (a given diameter is still
     returned, for the objects' post-processing)."""
-    standard = meta.get("data", {}).get("object_size", 0)
+    data = meta.get("data", {})
+    standard = data.get("object_size", 0)
     if object_size == "off" or (object_size == "auto" and not standard):
         return predict_sample(model, meta, image, device, tile, overlap, tta, source, batch), None
 
@@ -151,7 +152,9 @@ def predict_at_object_size(model, meta, image, device, tile=1024, overlap=128, t
         return predict_sample(model, meta, resize(image, shape), device, tile, overlap, views, source, batch)
     diameter = object_size
     if object_size == "auto":
-        diameter = estimate_diameter(lambda scale: foreground(scaled_prediction(scale, False)), standard)
+        cells = object_method(data.get("format")) == "cells"
+        diameter = estimate_diameter(lambda scale: foreground(scaled_prediction(scale, False)), standard,
+                                     "cells" if cells else "watershed")
     scale = size_scale(diameter, standard) if standard else 1.0
     return resize(scaled_prediction(scale, tta), image.shape[:2]), diameter
 
@@ -229,7 +232,8 @@ def validate(model, dataset, weights, config, class_weights, device):
                 if scores_v_rand(config, dataset):
                     rows[-1]["val_v_rand"] = isbi_scores(cell, label)["v_rand"]
                 if dataset.instances is not None:  # numbered objects: the DSB 2018 object score too
-                    objects = objects_of(prob, 0.5, object_method(vars(config)), *in_diameters(config.object_size or None))
+                    method = object_method(config.data_format, config.instances, config.object_target)
+                    objects = objects_of(prob, 0.5, method, *in_diameters(config.object_size or None))
                     rows[-1]["val_map"] = object_scores(objects, dataset.instances[i])["map_05_095"]
     scores = dict(val_loss=float(np.mean(losses)))
     if config.classes > 1:

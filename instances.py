@@ -16,7 +16,8 @@ the background, seeded at its maxima `min_distance` apart ("watershed"). For ISB
 objects are the cells between the membranes: 4-connected regions of cell pixels ("cells").
 
 Object size (Cellpose's idea): a network trained with --object-size sees every image rescaled so
-that its objects' median diameter is STANDARD_DIAMETER pixels; prediction estimates the diameter
+that its objects' median diameter is STANDARD_DIAMETER pixels (nuclei; cells between membranes:
+their training images' median, as membranes a few pixels thin must not shrink away); prediction estimates the diameter
 of a new image from the objects of two quick passes (estimate_diameter) and rescales it alike,
 and the watershed's seed distance and smallest object follow the diameter (in_diameters).
 
@@ -76,15 +77,16 @@ def in_diameters(diameter, min_size=None, min_distance=None):
     return min_size, min_distance
 
 
-def estimate_diameter(foreground_at, standard=STANDARD_DIAMETER):
+def estimate_diameter(foreground_at, standard=STANDARD_DIAMETER, method="watershed"):
     """The median object diameter of an image in its own pixels, or None where nothing is found:
-    measured on the objects of `foreground_at(scale)` (the foreground probability of the image
-    rescaled by `scale`) at its own scale, then again at the scale that first estimate asks for."""
-    first = median_diameter(split_objects(foreground_at(1.0), 0.5, *in_diameters(None)))
+    measured on the objects (by `method`, watershed or cells) of `foreground_at(scale)` (the
+    foreground probability of the image rescaled by `scale`) at its own scale, then again at the
+    scale that first estimate asks for."""
+    first = median_diameter(objects_of(foreground_at(1.0), 0.5, method, *in_diameters(None)))
     if first is None:
         return None
     scale = size_scale(first, standard)
-    second = median_diameter(split_objects(foreground_at(scale), 0.5, *in_diameters(standard)))
+    second = median_diameter(objects_of(foreground_at(scale), 0.5, method, *in_diameters(standard)))
     return first if second is None else second / scale
 
 
@@ -105,10 +107,13 @@ def object_classes(objects, target="boundary", width=BOUNDARY_WIDTH):
     return np.where(objects > 0, np.where(inside, 1, 2), 0).astype(np.uint8)
 
 
-def object_method(data):
-    """How objects come from a network's probabilities where nothing asks otherwise (data: the
-    checkpoint's): interior seeds for a network trained for touching borders, else the distance watershed."""
-    return "interior" if data.get("instances") and data.get("object_target") == "touching" else "watershed"
+def object_method(data_format, instances=False, target=None):
+    """How objects come from a network's probabilities where nothing asks otherwise: the cells
+    between membranes for ISBI-like data (image folders, TIFFs), interior seeds for a network
+    trained for touching borders, else the distance watershed."""
+    if data_format in ("pairs", "tiff"):
+        return "cells"
+    return "interior" if instances and target == "touching" else "watershed"
 
 
 def foreground(prob):

@@ -104,7 +104,8 @@ def parse_args(argv=None):
                    help="how the probabilities become objects: interior: seeded at the interiors a network trained "
                         "for objects (--instances) predicts; watershed: the mask split at its distance maxima; "
                         "cells: the regions between membranes (4-connected); auto: cells for ISBI-like data, "
-                        "else watershed")
+                        "interior for a network trained for touching objects (--object-target touching), else "
+                        "watershed")
     object_size_flags(p, "estimated for each image from two quick passes where the network was trained at an "
                          "object size (the checkpoint says), which then sees the image rescaled to its training "
                          "objects' size; else each image at its own scale")
@@ -202,14 +203,13 @@ def _start_worker(job, threads, samples=None):
 
 
 def with_object_method(job, meta):
-    """The job with --objects auto settled for the checkpoint: cells for membranes (trained on image
-    folders or TIFFs), else instances.object_method's."""
+    """The job with --objects auto settled for the checkpoint (instances.object_method)."""
     method, data = job["outputs"].get("objects"), meta.get("data", {})
     if method == "interior" and not data.get("instances"):
         raise CheckpointError(f"{job['checkpoint']}: --objects interior needs a network trained for objects "
                               f"(--instances); this one predicts one class: use --objects watershed")
     if method == "auto":
-        method = "cells" if data.get("format") in ("pairs", "tiff") else object_method(data)
+        method = object_method(data.get("format"), data.get("instances"), data.get("object_target"))
     return dict(job, outputs=dict(job["outputs"], objects=method))
 
 

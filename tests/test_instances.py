@@ -178,8 +178,8 @@ def test_the_touching_target_marks_only_where_objects_meet_so_a_lone_object_is_a
     assert np.array_equal(touching == 0, objects == 0)
     near = object_classes(objects, target="touching", width=2)  # a gap of 3 pixels is still apart
     assert np.all(near[objects == 3] == 1) and np.all(near[1:7, 4:8] == 2)
-    assert object_method(dict(instances=True, object_target="touching")) == "interior"
-    assert object_method(dict(instances=True, object_target="boundary")) == "watershed"
+    assert object_method("dsb2018", instances=True, target="touching") == "interior"
+    assert object_method("dsb2018", instances=True, target="boundary") == "watershed"
 
 
 def three_class_map(interiors, mask):

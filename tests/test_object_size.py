@@ -10,9 +10,9 @@ import pytest
 import backend
 from checkpoint import load_checkpoint
 from conftest import run_script
-from dataloader import SegmentationDataset
+from dataloader import SegmentationDataset, resize
 from inference import predict_at_object_size
-from instances import STANDARD_DIAMETER, estimate_diameter, in_diameters, median_diameter
+from instances import STANDARD_DIAMETER, connected_objects, estimate_diameter, in_diameters, median_diameter
 
 
 def discs(shape, radius, spacing):
@@ -88,6 +88,31 @@ def test_training_rescales_each_image_so_that_its_objects_have_the_standard_diam
     assert at_object_size(parse_args(["--no-object-size"]), data, None)[2] == 0
     unnumbered = SegmentationDataset(data.images, data.labels)  # ISBI-like labels: each image at its own scale
     assert at_object_size(parse_args([]), unnumbered, None)[0] is unnumbered
+
+
+def membranes(shape, spacing):
+    """ISBI-like labels: cells (1) spacing pixels apart between membranes (0) 2 pixels thin."""
+    label = np.ones(shape, np.uint8)
+    label[::spacing], label[1::spacing], label[:, ::spacing], label[:, 1::spacing] = 0, 0, 0, 0
+    return label
+
+
+def test_for_membranes_the_diameter_is_the_cells_and_images_are_brought_to_the_training_median():
+    from TrainUnetDataSet import at_object_size, parse_args
+    fine, mid, coarse = membranes((120, 120), 20), membranes((120, 120), 30), membranes((120, 120), 40)
+    data = SegmentationDataset([label.astype(np.float32) for label in (fine, mid, coarse)], [fine, mid, coarse])
+    train, _, size = at_object_size(parse_args(["--object-size", "auto"]), data, None)
+    assert size == pytest.approx(median_diameter(connected_objects(mid, connectivity=1)), abs=0.5)  # about 31
+    (fine_side, _), (mid_side, _), (coarse_side, _) = train.shapes  # cells about 20, 30, 40 wide: to the middle's
+    assert fine_side > 180 and abs(mid_side - 120) <= 3 and coarse_side < 95
+    for label in train.labels:
+        assert median_diameter(connected_objects(label, connectivity=1)) == pytest.approx(size, rel=0.1)
+    given = at_object_size(parse_args(["--object-size", "40"]), data, None)  # said to be 40 wide: kept as they are
+    def cell_probability_at(scale):  # a perfect network for membranes, on the coarse image rescaled
+        return resize(coarse.astype(np.float32), (round(120 * scale), round(120 * scale)))
+    assert estimate_diameter(cell_probability_at, size, "cells") == pytest.approx(
+        median_diameter(connected_objects(coarse, connectivity=1)), rel=0.1)
+    assert given[2] == 40 and given[0].shapes == data.shapes
 
 
 def test_a_network_trained_at_an_object_size_keeps_it_and_predicts_at_each_images_own_size(tmp_path):
