@@ -108,11 +108,12 @@ def test_for_membranes_the_diameter_is_the_cells_and_images_are_brought_to_the_t
     for label in train.labels:
         assert median_diameter(connected_objects(label, connectivity=1)) == pytest.approx(size, rel=0.1)
     given = at_object_size(parse_args(["--object-size", "40"]), data, None)  # said to be 40 wide: kept as they are
+    assert given[2] == 40 and given[0].shapes == data.shapes
+
     def cell_probability_at(scale):  # a perfect network for membranes, on the coarse image rescaled
         return resize(coarse.astype(np.float32), (round(120 * scale), round(120 * scale)))
     assert estimate_diameter(cell_probability_at, size, "cells") == pytest.approx(
         median_diameter(connected_objects(coarse, connectivity=1)), rel=0.1)
-    assert given[2] == 40 and given[0].shapes == data.shapes
 
 
 def test_a_network_trained_at_an_object_size_keeps_it_and_predicts_at_each_images_own_size(tmp_path):
