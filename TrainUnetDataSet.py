@@ -40,7 +40,7 @@ from dataloader import (DEFAULT_PERCENTILES, NORMALIZATIONS, BatchLoader, Segmen
 from datasets import FORMATS, detect_format, find_samples, labels_beside, load_dataset, load_store, voc_split_exists
 from files import DataError
 from inference import best_threshold, scores_v_rand, threshold_errors, validate
-from instances import (OBJECT_CLASSES, OBJECT_TARGETS, STANDARD_DIAMETER, connected_objects, median_diameter,
+from instances import (OBJECT_TARGETS, STANDARD_DIAMETER, connected_objects, median_diameter, object_class_names,
                        object_classes, size_scale)
 from log import Logger, append_json, json_log_path
 from losses import learning_rate, segmentation_loss
@@ -82,9 +82,11 @@ def data_flags(p):
                         "numbered objects (or the labels' 4-connected regions), so that touching objects come apart; "
                         "default: on for DSB 2018 data")
     p.add_argument("--object-target", choices=OBJECT_TARGETS, default="boundary",
-                   help="--instances: the boundary class is every object's outer 2 pixels (boundary) or only where "
-                        "an object comes within 2 pixels of another (touching); prediction then seeds objects at "
-                        "the interiors (instances.py)")
+                   help="--instances: what the network learns of objects: background, interior and a boundary "
+                        "class of every object's outer 2 pixels (boundary) or only where an object comes within 2 "
+                        "pixels of another (touching), or background and 4 levels of the distance to the object's "
+                        "edge (distance); for touching and distance, prediction seeds objects at the interiors "
+                        "(instances.py)")
     p.add_argument("--ignore-index", type=ranged(int, 0, 255), default=255, help="label value left out of loss and scores (classes > 1)")
     p.add_argument("--class-weights", help="classes > 1: cross-entropy weights, e.g. 1,2,2, or 'auto' "
                                            "(median frequency balancing on the training labels)")
@@ -253,7 +255,7 @@ def for_objects(dataset, target):
     from its numbered objects, or where it numbers none from its labels' 4-connected regions."""
     numbered = dataset.instances or lazy_map(lambda label: connected_objects(label, connectivity=1), dataset.labels)
     targets = lazy_map(lambda objects: object_classes(objects, target), numbered)
-    return SegmentationDataset(dataset.images, targets, len(OBJECT_CLASSES),
+    return SegmentationDataset(dataset.images, targets, len(object_class_names(target)),
                                dataset.names, numbered, dataset.normalization, dataset.input_types, dataset.shapes)
 
 

@@ -232,7 +232,7 @@ def config_from_weights(weights, path):
 
 def predicted_classes(meta):
     """Classes a checkpoint's masks hold: its outputs, or 1 for a network trained for objects (its
-    three outputs are background, interior and boundary of one class)."""
+    outputs are background and classes of object pixels: instances.object_class_names)."""
     return 1 if meta.get("data", {}).get("instances") else meta["model"]["n_classes"]
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from augment import DEFAULT_PROBABILITIES
 from backend import cores, precision_problem
 from dataloader import DEFAULT_PERCENTILES
-from instances import OBJECT_CLASSES
+from instances import object_class_names
 from losses import median_frequency_weights
 from unet import MIN_SIDE, VALID_MARGIN, smallest_side, valid_input_size
 
@@ -100,9 +100,10 @@ def settle(flags, data, device, backend_name, processes=1):
         s["loader_workers"] = max(0, cores() // processes - 1) if device.startswith("cuda") else 0
     if s["instances"] is None:
         s["instances"] = s["classes"] == 1 and data.format in INSTANCE_FORMATS and not s["weight_map"]
-    s["outputs"] = len(OBJECT_CLASSES) if s["instances"] else s["classes"]  # channels the network predicts
+    names = object_class_names(s["object_target"])
+    s["outputs"] = len(names) if s["instances"] else s["classes"]  # channels the network predicts
     if s["instances"]:
-        notes.append(f"trained for objects: classes {', '.join(OBJECT_CLASSES)} (--no-instances: one class)")
+        notes.append(f"trained for objects: classes {', '.join(names)} (--no-instances: one class)")
     if s["weight_map"] is None:
         s["weight_map"] = s["classes"] == 1 and data.format in WEIGHT_MAP_FORMATS and not s["instances"]
     if s["dice_weight"] is None:

@@ -28,7 +28,7 @@ from cli import ArgumentParser
 from dataloader import match_channels, normalize, read_raw_image, resize
 from files import DataError, atomic_write, write_png
 from inference import predict_probability
-from instances import OBJECT_CLASSES
+from instances import object_class_names
 from unet import smallest_side
 
 EXPORT_TOLERANCE = 1e-4
@@ -179,7 +179,7 @@ def preprocessing(meta, raw_dtype):
 def output_names(meta):
     classes = meta["model"]["n_classes"]
     if meta.get("data", {}).get("instances"):
-        return list(OBJECT_CLASSES)
+        return list(object_class_names(meta["data"].get("object_target")))
     return ["foreground"] if classes == 1 else [f"class{i}" for i in range(classes)]
 
 

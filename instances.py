@@ -1,14 +1,17 @@
 """Objects: numbered label images of touching nuclei or cells from a network's probabilities,
 their measurements, and the object scores of the Data Science Bowl 2018.
 
-A network trained for objects (--instances) predicts three classes: background, the interior of
-an object, and its boundary, one of two OBJECT_TARGETS (--object-target): "boundary", the outer
-BOUNDARY_WIDTH pixels of every object, where it meets the background or another object; or
-"touching", only the pixels of an object less than BOUNDARY_WIDTH from another object (the class
-of the DSB 2018 winners), so that a lone object is all interior. Its foreground is
-1 - background; "interior" seeds objects at the connected interiors and grows them by a watershed
-on the boundary probability: the way objects come from a network trained for touching borders
-(object_method); for boundaries the distance watershed measured better on DSB 2018 (BENCHMARKS.md).
+A network trained for objects (--instances) predicts background and classes of object pixels,
+one of the OBJECT_TARGETS (--object-target): "boundary", three classes, background, interior and
+the outer BOUNDARY_WIDTH pixels of every object, where it meets the background or another object;
+"touching", the same but the boundary only where an object comes within BOUNDARY_WIDTH of another
+(the class of the DSB 2018 winners), so that a lone object is all interior; "distance", each
+object's distance to its edge in DISTANCE_LEVELS levels of its largest (the deep watershed
+transform's quantized energy, Bai & Urtasun 2017). Its foreground is 1 - background; "interior"
+seeds objects at the connected interiors (with distance levels: the upper half) and grows them by
+a watershed on the boundary probability (the expected level), the way objects come from networks
+trained for touching borders or distances (object_method); for boundaries the distance watershed
+of the mask measured better on DSB 2018 (BENCHMARKS.md).
 
 From a one-class foreground map: the mask at a threshold, holes filled, objects smaller than
 `min_size` pixels removed, then objects that touch are split by a watershed on the distance to
@@ -42,7 +45,8 @@ THRESHOLDS = np.round(np.arange(0.5, 1.0, 0.05), 2)
 METHODS = ("interior", "watershed", "cells")
 BOUNDARY_WIDTH = 2  # pixels (Caicedo et al. 2019 used 2; other widths not measured here)
 OBJECT_CLASSES = ("background", "interior", "boundary")  # the values 0, 1, 2 of object_classes
-OBJECT_TARGETS = ("boundary", "touching")  # what the border class is
+OBJECT_TARGETS = ("boundary", "touching", "distance")
+DISTANCE_LEVELS = 4  # the classes of object pixels of the "distance" target
 MEASUREMENTS = ("label", "area", "centroid", "bbox", "intensity_mean", "eccentricity")
 STANDARD_DIAMETER = 24  # pixels: the median object diameter a network trained at an object size sees
 SCALES = (0.25, 4.0)  # the rescaling of an image for its object size stays within these factors
@@ -90,12 +94,35 @@ def estimate_diameter(foreground_at, standard=STANDARD_DIAMETER, method="watersh
     return first if second is None else second / scale
 
 
+def object_class_names(target):
+    """The classes a network for objects trained for `target` predicts, in the order of its outputs."""
+    if target == "distance":
+        return ("background",) + tuple(f"distance {k}/{DISTANCE_LEVELS}" for k in range(1, DISTANCE_LEVELS + 1))
+    return OBJECT_CLASSES
+
+
+def distance_levels(objects):
+    """uint8 0 background, else 1..DISTANCE_LEVELS: each object pixel's distance to the object's edge
+    as a share of the largest in that object, in equal steps (1 at the edge, the top level at its centre)."""
+    levels = np.zeros(objects.shape, np.uint8)
+    for number, box in enumerate(ndimage.find_objects(objects), start=1):
+        if box is None:
+            continue
+        inside = np.pad(objects[box] == number, 1)
+        distance = ndimage.distance_transform_edt(inside)[1:-1, 1:-1]
+        level = np.ceil(DISTANCE_LEVELS * distance / distance.max()).clip(1, DISTANCE_LEVELS)
+        levels[box] = np.where(objects[box] == number, level, levels[box])
+    return levels
+
+
 def object_classes(objects, target="boundary", width=BOUNDARY_WIDTH):
     """The training target of a network for objects, from numbered objects (0 = background):
     uint8 0 background, 1 interior, 2 boundary: the pixels of an object with another label less than
     `width` pixels away along rows, columns or diagonals; for target "boundary" background or
-    another object, for "touching" another object only."""
+    another object, for "touching" another object only; for "distance", distance_levels."""
     objects = np.asarray(objects)
+    if target == "distance":
+        return distance_levels(objects)
     size = 2 * width + 1
     if target == "touching":
         objects = objects.astype(np.int64)
@@ -113,7 +140,7 @@ def object_method(data_format, instances=False, target=None):
     trained for touching borders, else the distance watershed."""
     if data_format in ("pairs", "tiff"):
         return "cells"
-    return "interior" if instances and target == "touching" else "watershed"
+    return "interior" if instances and target in ("touching", "distance") else "watershed"
 
 
 def foreground(prob):
@@ -145,11 +172,17 @@ def _flood(elevation, seeds, components, min_size):
 
 
 def split_by_interior(prob, threshold=0.5, min_size=16):
-    """Objects of the three classes' probabilities (H x W x 3): the foreground mask (holes filled,
-    small pieces removed) flooded from the connected regions where interior is the likeliest class."""
+    """Objects of a network for objects' probabilities (H x W x classes): the foreground mask (holes
+    filled, small pieces removed) flooded from the connected regions where interior is the likeliest
+    class, up the boundary probability; with distance levels (more than three classes) from where
+    the expected level is in the upper half, down the expected level."""
     mask = _mask(foreground(prob), threshold, min_size)
-    seeds = connected(mask & (prob.argmax(axis=2) == 1))
-    return _flood(prob[..., 2], seeds, connected(mask), min_size)
+    if prob.shape[2] == 3:
+        interior, elevation = prob.argmax(axis=2) == 1, prob[..., 2]
+    else:
+        level = prob @ np.arange(prob.shape[2])
+        interior, elevation = level > (prob.shape[2] - 1) / 2, -level
+    return _flood(elevation, connected(mask & interior), connected(mask), min_size)
 
 
 def split_objects(prob, threshold=0.5, min_size=16, min_distance=10):

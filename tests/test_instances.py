@@ -14,8 +14,8 @@ from skimage.morphology import disk
 
 from checkpoint import load_checkpoint
 from conftest import run_script, tiny_checkpoint, train_small
-from instances import (connected_objects, measure, object_classes, object_method, object_scores, roi_set, split_by_interior,
-                       split_objects)
+from instances import (DISTANCE_LEVELS, connected_objects, measure, object_class_names, object_classes, object_method,
+                       object_scores, roi_set, split_by_interior, split_objects)
 from visualize import outline_objects
 
 
@@ -201,6 +201,21 @@ def test_objects_grow_from_the_interiors_the_network_predicts():
     assert split_by_interior(three_class_map(apart, mask)).max() == 3
 
 
+def test_the_distance_target_counts_up_from_each_objects_edge_and_its_upper_half_seeds_the_objects():
+    mask = two_touching_disks()
+    objects = connected_objects(mask)  # one object: the target is learnt per numbered object
+    yy, xx = np.mgrid[:40, :60]
+    two = np.where(mask, np.where(xx < 27, 1, 2), 0)  # the touching disks, numbered apart at their waist
+    levels = object_classes(two, target="distance")
+    assert set(np.unique(levels)) == {0, 1, 2, 3, 4} and np.array_equal(levels > 0, mask)
+    assert levels[20, 18] == 4 and levels[20, 36] == 4 and levels[20, 27] == 1  # centres on top, the waist an edge
+    assert object_classes(objects, target="distance")[20, 27] > 1  # one object: its waist is inside
+    sure = np.eye(DISTANCE_LEVELS + 1, dtype=np.float32)[levels]  # a network sure of each pixel's level
+    split = split_by_interior(sure)
+    assert split.max() == 2 and np.array_equal(split > 0, mask) and split[20, 12] != split[20, 42]
+    assert object_class_names("distance")[-1] == f"distance {DISTANCE_LEVELS}/{DISTANCE_LEVELS}"
+
+
 def test_dsb_data_trains_a_network_for_objects_by_default_and_prediction_counts_its_objects(tmp_path):
     from test_formats import write_dsb
     root = write_dsb(tmp_path / "dsb", sizes=((48, 48),) * 4)
@@ -224,6 +239,21 @@ def test_dsb_data_trains_a_network_for_objects_by_default_and_prediction_counts_
                            "--progress", "", "--base", 4, "--epochs", 1, "--crop", 0, "--no-instances", cwd=tmp_path)
     assert "trained for objects" not in one_class.stdout
     assert load_checkpoint(str(tmp_path / "ck1" / "last.npz"))[0]["model"]["n_classes"] == 1
+
+
+def test_a_network_for_distance_levels_has_an_output_per_level_and_its_objects_grow_from_its_interiors(tmp_path):
+    from test_formats import write_dsb
+    root = write_dsb(tmp_path / "dsb", sizes=((48, 48),) * 2)
+    trained = run_script("TrainUnetDataSet.py", "--data-path", root, "--checkpoint-dir", "ck", "--progress", "",
+                         "--base", 4, "--epochs", 1, "--crop", 0, "--val-fraction", 0.5, "--object-target", "distance",
+                         cwd=tmp_path)
+    assert "classes background, distance 1/4, distance 2/4, distance 3/4, distance 4/4" in trained.stdout
+    meta = load_checkpoint(str(tmp_path / "ck" / "best.npz"))[0]
+    assert meta["model"]["n_classes"] == 5 and meta["data"]["object_target"] == "distance"
+    run_script("predict_unet_test.py", "--checkpoint", tmp_path / "ck" / "best.npz", "--test-data-path", root,
+               "--save-res-path", tmp_path / "masks", "--instance-path", tmp_path / "objects", "--no-tta", cwd=tmp_path)
+    assert sorted(os.listdir(tmp_path / "objects")) == ["id0.png", "id0_RoiSet.zip", "id1.png", "id1_RoiSet.zip",
+                                                        "objects.csv"]
 
 
 def test_training_for_objects_refuses_the_weight_map_in_one_line_and_writes_nothing(dataset, tmp_path):
