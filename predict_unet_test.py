@@ -104,7 +104,7 @@ def parse_args(argv=None):
                    help="how the probabilities become objects: interior: seeded at the interiors a network trained "
                         "for objects (--instances) predicts; watershed: the mask split at its distance maxima; "
                         "cells: the regions between membranes (4-connected); auto: cells for ISBI-like data, "
-                        "interior for a network trained for touching objects (--object-target touching), else "
+                        "interior for a network trained for touching objects or distances (--object-target), else "
                         "watershed")
     object_size_flags(p, "estimated for each image from two quick passes where the network was trained at an "
                          "object size (the checkpoint says), which then sees the image rescaled to its training "
