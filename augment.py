@@ -9,10 +9,11 @@ Each augmentation happens with its own probability (TrainUnetDataSet.py's --aug-
   intensity  brightness (+-0.1), contrast (x0.8-1.2), gamma (0.7-1.4)
   noise      Gaussian, sigma up to 0.05
   blur       Gaussian, sigma 0.5-1.5 px
-  stain      stained RGB images (H&E histology): the amounts of haematoxylin, eosin and DAB each
-             scaled by 0.9-1.1 and shifted by +-0.01 (about 7% of the stains in the DSB 2018 H&E
-             images at their 99th percentile; Tellez et al. 2018's jitter in HED space); grey images,
-             RGB files of equal channels included, are left alone
+  stain      stained brightfield images (RGB, coloured, a bright background: H&E histology, IHC):
+             the amounts of haematoxylin, eosin and DAB each scaled by 0.9-1.1 and shifted by +-0.01
+             (about 7% of the stains in the DSB 2018 H&E images at their 99th percentile; Tellez et
+             al. 2018's jitter in HED space); other images (grey, RGB files of equal channels,
+             fluorescence on a dark background) are left alone
 """
 
 import cv2
@@ -21,7 +22,7 @@ from skimage.color import hed2rgb, rgb2hed
 
 
 DEFAULT_PROBABILITIES = dict(flip=1.0, affine=0.0, elastic=0.0, intensity=0.0, noise=0.0, blur=0.0, stain=0.0)
-STAINED = 0.02  # an RGB image is stained where its channels differ by more than this on average
+STAINED = 0.02  # an RGB image is coloured where its channels differ by more than this on average
 
 
 def _remap(array, map_x, map_y, nearest=False):
@@ -85,7 +86,9 @@ def adjust_intensity(image, rng):
 
 
 def is_stained(image):
-    return image.ndim == 3 and image.shape[2] == 3 and float(np.mean(np.ptp(image, axis=2))) > STAINED
+    """Whether an image in [0, 1] looks like stained brightfield: coloured RGB, mostly bright."""
+    return (image.ndim == 3 and image.shape[2] == 3 and float(np.mean(np.ptp(image, axis=2))) > STAINED
+            and float(np.median(image)) > 0.5)
 
 
 def jitter_stains(image, rng):

@@ -111,4 +111,6 @@ def test_stain_jitter_changes_the_colours_of_stained_images_a_little_and_leaves_
         assert 0.0005 < np.abs(image - stained).mean() < 0.1
     assert not np.allclose(jittered[0][0], jittered[1][0])  # drawn anew each time
     grey = np.repeat(stained.mean(axis=2, keepdims=True), 3, axis=2)  # a grey image saved as RGB
-    np.testing.assert_array_equal(augment(grey, label, None, rng, dict(flip=0.0, stain=1.0))[0], grey)
+    fluorescence = np.where(label[..., None] == 1, np.array([0.1, 0.2, 0.9], np.float32), 0.02)  # blue on black
+    for other in (grey, fluorescence):
+        np.testing.assert_array_equal(augment(other, label, None, rng, dict(flip=0.0, stain=1.0))[0], other)
