@@ -252,10 +252,12 @@ def read_label(path, classes=1, ignore_index=255):
 
 
 def resize(array, size, nearest=False):
-    """`array` resized to `size` (height, width); labels by nearest neighbour."""
+    """`array` (H x W or H x W x C) resized to `size` (height, width); labels by nearest neighbour."""
     height, width = size
     if array.shape[:2] == (height, width):
         return array
+    if array.ndim == 3 and array.shape[2] > 4:  # OpenCV resizes up to 4 channels at once
+        return np.dstack([resize(array[..., c], size, nearest) for c in range(array.shape[2])])
     shrink = height * width < array.shape[0] * array.shape[1]
     method = cv2.INTER_NEAREST if nearest else (cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
     dtype = array.dtype

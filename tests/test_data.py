@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from augment import flip_rotate
-from dataloader import SegmentationDataset, Sampler, read_image, read_label
+from dataloader import SegmentationDataset, Sampler, read_image, read_label, resize
 from files import DataError, list_images
 from datasets import find_samples, load_dataset
 
@@ -113,3 +113,12 @@ def test_images_of_different_sizes_in_one_batch_stop_with_a_hint_to_crop():
     sampler = Sampler(SegmentationDataset(images, [im.astype(np.uint8) for im in images]))
     with pytest.raises(DataError, match="cannot share a batch: train with --crop"):
         sampler.batch([0, 1], (0, 0))
+
+
+@pytest.mark.parametrize("channels", [3, 5])  # a network for objects' 3 or 5 class probabilities
+def test_resizing_keeps_every_channel_and_each_as_if_resized_alone(channels):
+    maps = np.random.default_rng(0).random((20, 30, channels)).astype(np.float32)
+    resized = resize(maps, (40, 60))
+    assert resized.shape == (40, 60, channels) and resized.dtype == np.float32
+    for c in range(channels):
+        np.testing.assert_allclose(resized[..., c], resize(maps[..., c], (40, 60)), atol=1e-6)
