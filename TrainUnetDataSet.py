@@ -81,12 +81,12 @@ def data_flags(p):
                    help="train for objects: three classes (background, object interior, object boundary) from the "
                         "numbered objects (or the labels' 4-connected regions), so that touching objects come apart; "
                         "default: on for DSB 2018 data")
-    p.add_argument("--object-target", choices=OBJECT_TARGETS, default="boundary",
+    p.add_argument("--object-target", choices=OBJECT_TARGETS, default="touching",
                    help="--instances: what the network learns of objects: background, interior and a boundary "
                         "class of every object's outer 2 pixels (boundary) or only where an object comes within 2 "
                         "pixels of another (touching), or background and 4 levels of the distance to the object's "
                         "edge (distance); for touching and distance, prediction seeds objects at the interiors "
-                        "(instances.py)")
+                        "(instances.py; touching measured best on DSB 2018: BENCHMARKS.md)")
     p.add_argument("--ignore-index", type=ranged(int, 0, 255), default=255, help="label value left out of loss and scores (classes > 1)")
     p.add_argument("--class-weights", help="classes > 1: cross-entropy weights, e.g. 1,2,2, or 'auto' "
                                            "(median frequency balancing on the training labels)")
