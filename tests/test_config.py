@@ -55,6 +55,9 @@ def test_dsb_data_trains_for_objects_by_default_with_three_outputs_and_picks_bes
     assert settled(["--weight-map"], MIXED).instances is False  # the weight map separates them instead
     isbi = settled([])
     assert (isbi.instances, isbi.outputs) == (False, 1) and settled(["--instances"]).outputs == 3
+    distance = settled(["--object-target", "distance"], MIXED)  # background and 4 levels of distance
+    assert distance.outputs == 5 and "classes background, distance 1/4, distance 2/4, distance 3/4, distance 4/4" \
+        in describe(distance)
     with pytest.raises(ConfigError, match="^--instances trains objects of one class: it needs --classes 1$"):
         settled(["--instances", "--classes", "3"], VOC)
     with pytest.raises(ConfigError, match="^--weight-map weighs the one-class loss"):

@@ -241,16 +241,12 @@ def test_dsb_data_trains_a_network_for_objects_by_default_and_prediction_counts_
     assert load_checkpoint(str(tmp_path / "ck1" / "last.npz"))[0]["model"]["n_classes"] == 1
 
 
-def test_a_network_for_distance_levels_has_an_output_per_level_and_its_objects_grow_from_its_interiors(tmp_path):
+def test_a_network_for_distance_levels_rescaled_for_its_object_size_gives_objects(tmp_path):
     from test_formats import write_dsb
     root = write_dsb(tmp_path / "dsb", sizes=((48, 48),) * 2)
-    trained = run_script("TrainUnetDataSet.py", "--data-path", root, "--checkpoint-dir", "ck", "--progress", "",
-                         "--base", 4, "--epochs", 1, "--crop", 0, "--val-fraction", 0.5, "--object-target", "distance",
-                         cwd=tmp_path)
-    assert "classes background, distance 1/4, distance 2/4, distance 3/4, distance 4/4" in trained.stdout
-    meta = load_checkpoint(str(tmp_path / "ck" / "best.npz"))[0]
-    assert meta["model"]["n_classes"] == 5 and meta["data"]["object_target"] == "distance"
-    run_script("predict_unet_test.py", "--checkpoint", tmp_path / "ck" / "best.npz", "--test-data-path", root,
+    data = dict(format="dsb2018", instances=True, object_target="distance", object_size=12)  # images shrink by 2
+    checkpoint = tiny_checkpoint(tmp_path / "distance.npz", data=data, n_channels=3, n_classes=5)
+    run_script("predict_unet_test.py", "--checkpoint", checkpoint, "--test-data-path", root, "--object-size", 24,
                "--save-res-path", tmp_path / "masks", "--instance-path", tmp_path / "objects", "--no-tta", cwd=tmp_path)
     assert sorted(os.listdir(tmp_path / "objects")) == ["id0.png", "id0_RoiSet.zip", "id1.png", "id1_RoiSet.zip",
                                                         "objects.csv"]
