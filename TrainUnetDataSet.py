@@ -78,7 +78,7 @@ def data_flags(p):
                    help="labels number the objects 1, 2, ... (GlaS's *_anno.bmp): nonzero = object, and the "
                         "weight map separates the numbered objects")
     p.add_argument("--instances", action=argparse.BooleanOptionalAction,
-                   help="train for objects: three classes (background, object interior, object boundary) from the "
+                   help="train for objects: background and classes of object pixels (--object-target) from the "
                         "numbered objects (or the labels' 4-connected regions), so that touching objects come apart; "
                         "default: on for DSB 2018 data")
     p.add_argument("--object-target", choices=OBJECT_TARGETS, default="touching",
@@ -227,8 +227,7 @@ def at_object_size(flags, train_set, val_set):
     def measured(dataset):  # per image, or None where it has no objects
         if wanted not in (None, "auto"):
             return [wanted] * len(dataset)
-        cells = lazy_map(lambda label: connected_objects(label, connectivity=1), dataset.labels)
-        return [median_diameter(objects) for objects in dataset.instances or cells]
+        return [median_diameter(objects) for objects in numbered_objects(dataset)]
     train_diameters = measured(train_set)
     typical = float(np.median([d for d in train_diameters if d] or [STANDARD_DIAMETER]))
     standard = STANDARD_DIAMETER if numbered else round(typical)
@@ -250,10 +249,15 @@ def rescaled(dataset, diameters, standard):
                                resized(dataset.instances, True), dataset.normalization, dataset.input_types, shapes)
 
 
+def numbered_objects(dataset):
+    """A dataset's numbered objects, or where it numbers none its labels' 4-connected regions (cells)."""
+    return dataset.instances or lazy_map(lambda label: connected_objects(label, connectivity=1), dataset.labels)
+
+
 def for_objects(dataset, target):
     """The dataset with the targets of a network for objects (instances.object_classes) as labels,
-    from its numbered objects, or where it numbers none from its labels' 4-connected regions."""
-    numbered = dataset.instances or lazy_map(lambda label: connected_objects(label, connectivity=1), dataset.labels)
+    from its numbered_objects."""
+    numbered = numbered_objects(dataset)
     targets = lazy_map(lambda objects: object_classes(objects, target), numbered)
     return SegmentationDataset(dataset.images, targets, len(object_class_names(target)),
                                dataset.names, numbered, dataset.normalization, dataset.input_types, dataset.shapes)
