@@ -152,9 +152,8 @@ def predict_at_object_size(model, meta, image, device, tile=1024, overlap=128, t
         return predict_sample(model, meta, resize(image, shape), device, tile, overlap, views, source, batch)
     diameter = object_size
     if object_size == "auto":
-        cells = object_method(data.get("format")) == "cells"
-        diameter = estimate_diameter(lambda scale: foreground(scaled_prediction(scale, False)), standard,
-                                     "cells" if cells else "watershed")
+        method = "cells" if object_method(data.get("format")) == "cells" else "watershed"  # on the foreground alone
+        diameter = estimate_diameter(lambda scale: foreground(scaled_prediction(scale, False)), standard, method)
     scale = size_scale(diameter, standard) if standard else 1.0
     return resize(scaled_prediction(scale, tta), image.shape[:2]), diameter
 
