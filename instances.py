@@ -20,9 +20,10 @@ objects are the cells between the membranes: 4-connected regions of cell pixels 
 
 Object size (Cellpose's idea): a network trained with --object-size sees every image rescaled so
 that its objects' median diameter is STANDARD_DIAMETER pixels (nuclei; cells between membranes:
-their training images' median, as membranes a few pixels thin must not shrink away); prediction estimates the diameter
-of a new image from the objects of two quick passes (estimate_diameter) and rescales it alike,
-and the watershed's seed distance and smallest object follow the diameter (in_diameters).
+their training images' median, as membranes a few pixels thin must not shrink away); prediction
+estimates the diameter of a new image from the objects of two quick passes (estimate_diameter)
+and rescales it alike, and the watershed's seed distance and smallest object follow the diameter
+(in_diameters).
 
 Scores of a label image against the true one (objects matched one-to-one by IoU):
   map_05_095  the DSB 2018 metric: for IoU thresholds 0.50, 0.55, ..., 0.95, TP / (TP + FP + FN)
@@ -137,7 +138,7 @@ def object_classes(objects, target="boundary", width=BOUNDARY_WIDTH):
 def object_method(data_format, instances=False, target=None):
     """How objects come from a network's probabilities where nothing asks otherwise: the cells
     between membranes for ISBI-like data (image folders, TIFFs), interior seeds for a network
-    trained for touching borders, else the distance watershed."""
+    trained for touching borders or distances, else the distance watershed."""
     if data_format in ("pairs", "tiff"):
         return "cells"
     return "interior" if instances and target in ("touching", "distance") else "watershed"
