@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import backend
-from conftest import ROOT, write_dataset
+from conftest import ROOT, tiny_checkpoint, write_dataset
 
 SLOW_CPU_NOTE = "note: OneFlow 0.9 convolves at 6-25 GFLOP/s on one CPU core, PyTorch at 77-190 on two here (BENCHMARKS.md): "
 
@@ -43,9 +43,7 @@ def test_train_sh_then_test_sh_train_and_predict_with_the_documented_variables(d
 
 
 def test_test_sh_scores_the_predictions_when_test_labels_are_given(dataset, tmp_path):
-    bash("train.sh", "--base", 4, "--crop", 32, "--checkpoint-dir", tmp_path / "ck", "--log", tmp_path / "log",
-         env={"EPOCHS": "1", "DATA_PATH": f"{dataset}/train_image", "LABEL_PATH": f"{dataset}/train_label"})
-    out = bash("test.sh", env={"CHECKPOINT": str(tmp_path / "ck" / "best.npz"),
+    out = bash("test.sh", env={"CHECKPOINT": tiny_checkpoint(tmp_path / "net.npz"),
                                "TEST_DATA_PATH": f"{dataset}/train_image", "TEST_LABEL_PATH": f"{dataset}/train_label",
                                "SAVE_RES_PATH": str(tmp_path / "pred"), "PROB_PATH": str(tmp_path / "prob"),
                                "OVERLAY_PATH": str(tmp_path / "overlay"), "SCORES_JSON": str(tmp_path / "s.json")})
@@ -73,7 +71,8 @@ def test_offline_train_sh_trains_on_the_users_images_and_test_sh_names_the_empty
     write_dataset(project, n_train=4, n_test=0)
     os.makedirs(project / "test_image")
     before = {name: sorted(os.listdir(project / name)) for name in ("train_image", "train_label", "test_image")}
-    env = {**os.environ, "ISBI_BASE_URL": "http://127.0.0.1:9/", "EPOCHS": "1"}
+    env = {**os.environ, "ISBI_BASE_URL": "http://127.0.0.1:9/", "EPOCHS": "1",
+           "NPROC_PER_NODE": "1"}  # the data's way here; the launched processes are test_parallel's
     trained = subprocess.run(["bash", "train.sh", "--base", "4", "--crop", "32"], cwd=project, env=env,
                              capture_output=True, text=True, timeout=600)
     assert trained.returncode == 0, trained.stdout + trained.stderr
