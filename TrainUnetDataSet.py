@@ -352,6 +352,9 @@ def resume(path, model, optimizer, rng, config):
     if trained_on != (config.normalize, config.percentiles):
         raise CheckpointError(f"{path}: trained on images normalized by {trained_on[0]} {trained_on[1]}, these by "
                               f"{config.normalize} {config.percentiles}: resume with the same --normalize")
+    target = meta.get("data", {}).get("object_target", "boundary")  # (the only target before there were three)
+    if config.instances and target != config.object_target:
+        raise CheckpointError(f"{path}: trained for --object-target {target}; resume with the same")
     load_weights(model, weights, path)
     restore_optimizer(optimizer, meta, arrays, path)
     try:

@@ -252,6 +252,16 @@ def test_a_network_for_distance_levels_rescaled_for_its_object_size_gives_object
                                                         "objects.csv"]
 
 
+def test_a_run_for_objects_resumes_only_for_the_target_it_was_trained_for(tmp_path):
+    from test_formats import write_dsb
+    root = write_dsb(tmp_path / "dsb", sizes=((48, 48),) * 2)
+    flags = ["--data-path", root, "--progress", "", "--base", 4, "--crop", 0, "--val-fraction", 0.5]
+    run_script("TrainUnetDataSet.py", *flags, "--epochs", 1, "--object-target", "boundary", cwd=tmp_path)
+    refused = run_script("TrainUnetDataSet.py", *flags, "--epochs", 2, "--resume", cwd=tmp_path, check=False)
+    assert refused.returncode == 1 and refused.stderr.strip().splitlines()[-1].endswith(
+        "last.npz: trained for --object-target boundary; resume with the same")
+
+
 def test_training_for_objects_refuses_the_weight_map_in_one_line_and_writes_nothing(dataset, tmp_path):
     refused = train_small(dataset, tmp_path / "run", "--instances", "--weight-map", check=False)
     assert refused.returncode == 1 and refused.stderr.strip().splitlines()[-1].startswith(
