@@ -196,14 +196,14 @@ def _validation_logits(model, dataset, batch, device):
     taking up to `batch` consecutive images of one shape at once (a GPU's speed; the same logits)."""
     start = 0
     while start < len(dataset):
-        images = [dataset.images[start]]
-        while len(images) < batch and start + len(images) < len(dataset) \
-                and dataset.images[start + len(images)].shape == images[0].shape:
-            images.append(dataset.images[start + len(images)])
+        end = start + 1  # the shapes are known without reading the images (lazy ones may not stay cached)
+        while end < min(len(dataset), start + batch) and dataset.shapes[end] == dataset.shapes[start]:
+            end += 1
+        images = [dataset.images[i] for i in range(start, end)]
         logits = batch_logits(model, images, device)
         for k, image in enumerate(images):
             yield start + k, image, dataset.labels[start + k], logits[k:k + 1]
-        start += len(images)
+        start = end
 
 
 def validate(model, dataset, weights, config, class_weights, device):
@@ -214,6 +214,7 @@ def validate(model, dataset, weights, config, class_weights, device):
     objects); with several the pixel accuracy and mean IoU of the summed confusion."""
     model.eval()
     losses, rows, confusion = [], [], 0
+    method = object_method(config.data_format, config.instances, config.object_target)
     with flow.no_grad():
         batch = max(1, config.batch_size // config.processes)
         for i, image, label, logits in _validation_logits(model, dataset, batch, device):
@@ -231,7 +232,6 @@ def validate(model, dataset, weights, config, class_weights, device):
                 if scores_v_rand(config, dataset):
                     rows[-1]["val_v_rand"] = isbi_scores(cell, label)["v_rand"]
                 if dataset.instances is not None:  # numbered objects: the DSB 2018 object score too
-                    method = object_method(config.data_format, config.instances, config.object_target)
                     objects = objects_of(prob, 0.5, method, *in_diameters(config.object_size or None))
                     rows[-1]["val_map"] = object_scores(objects, dataset.instances[i])["map_05_095"]
     scores = dict(val_loss=float(np.mean(losses)))
