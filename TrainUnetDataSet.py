@@ -116,9 +116,9 @@ def schedule_flags(p):
                    help="instead of --epochs: as many epochs as end training after MINUTES (measured as it goes; "
                         "the learning-rate schedule follows; start-up and calibration come on top)")
     p.add_argument("--batch-size", "--batch_size", type=ranged(int, 1), help="images per step (default: from --preset)")
-    p.add_argument("--steps-per-epoch", type=ranged(int, 0), default=0,
+    p.add_argument("--steps-per-epoch", type=ranged(int, 0),
                    help="steps of an epoch, drawing the training pairs in a new random order each pass over them "
-                        "(0: one pass over the pairs)")
+                        "(0: one pass over the pairs) (default: from --preset)")
     p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
                    help="Adam, or the paper's SGD with high momentum")
     p.add_argument("--momentum", type=ranged(float, 0, below=1), default=0.99, help="SGD momentum (the paper's 0.99)")

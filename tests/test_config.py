@@ -24,6 +24,11 @@ def test_the_preset_for_the_device_fills_only_the_flags_left_open():
     assert settled(["--preset", "gpu"]).base == 64
 
 
+def test_on_a_gpu_an_epoch_is_long_enough_that_validation_does_not_dominate_it():
+    assert (settled([]).steps_per_epoch, settled([], device="cuda").steps_per_epoch) == (0, 250)
+    assert settled(["--steps-per-epoch", "0"], device="cuda").steps_per_epoch == 0
+
+
 def test_the_presets_train_for_a_time_budget_unless_epochs_are_given():
     assert (settled([]).time_budget, settled([], device="cuda").time_budget) == (30, 10)
     assert (settled(["--epochs", "3"]).time_budget, settled(["--epochs", "3"]).epochs) == (None, 3)
