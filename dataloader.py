@@ -398,9 +398,10 @@ def stack_batch(samples, classes):
 _loader_sampler = None  # the Sampler of the BatchLoader whose worker this process is (inherited by fork)
 
 
-def _worker_signals():
+def _start_worker():
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training process's to handle
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not training's StopRequest: Pool.terminate ends a worker so
+    cv2.setNumThreads(1)  # a worker per core: OpenCV's own threads in each would fight over the cores
 
 
 def _loader_batch(indices, seed):
@@ -417,7 +418,7 @@ class BatchLoader:
         self.sampler, self.workers, self.pool = sampler, workers, None
         if workers:
             _loader_sampler = sampler  # the workers inherit the data: nothing is pickled but the pairs' indices
-            self.pool = multiprocessing.get_context("fork").Pool(workers, initializer=_worker_signals)
+            self.pool = multiprocessing.get_context("fork").Pool(workers, initializer=_start_worker)
 
     def batches(self, steps):
         """The batch of each (indices, seed) of `steps`, in order."""
