@@ -111,7 +111,9 @@ def schedule_flags(p):
     p = p.add_argument_group("schedule")
     p.add_argument("--preset", choices=["auto", "cpu", "gpu"], default="auto",
                    help="defaults for the flags below: auto = gpu on CUDA, else cpu; %s" % PRESETS)
-    p.add_argument("--epochs", type=ranged(int, 1), help="passes over the training images (default: as many as fit --preset's time budget)")
+    p.add_argument("--epochs", type=ranged(int, 1),
+                   help="epochs to train: passes over the training images, or of --steps-per-epoch steps "
+                        "(default: as many as fit --preset's time budget)")
     p.add_argument("--time-budget", type=ranged(float, 0.1), metavar="MINUTES",
                    help="instead of --epochs: as many epochs as end training after MINUTES (measured as it goes; "
                         "the learning-rate schedule follows; start-up and calibration come on top)")
