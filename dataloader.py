@@ -401,7 +401,8 @@ _loader_sampler = None  # the Sampler of the BatchLoader whose worker this proce
 def _start_worker():
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training process's to handle
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not training's StopRequest: Pool.terminate ends a worker so
-    cv2.setNumThreads(1)  # a worker per core: OpenCV's own threads in each would fight over the cores
+    # Not cv2.setNumThreads(1): in a child forked from a process whose OpenCV threads had run, it
+    # hangs for ever (pthread_cond_destroy on the copied pool).
 
 
 def _loader_batch(indices, seed):

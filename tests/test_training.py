@@ -1,5 +1,7 @@
 import json
 import os
+import subprocess
+import sys
 import time
 
 import cv2
@@ -196,6 +198,24 @@ def test_loader_workers_prepare_the_same_batches_so_the_weights_are_the_same(dat
     assert "loader_workers=2" in result.stdout
     here, workers = (load_checkpoint(str(tmp_path / run / "checkpoints" / "last.npz"))[1] for run in ("here", "workers"))
     assert len(here) > 20 and all(np.array_equal(here[name], workers[name]) for name in here)
+
+
+def test_loader_workers_start_after_opencv_has_used_its_threads_in_the_training_process():
+    code = """if True:
+        import cv2, numpy as np
+        from dataloader import BatchLoader
+        image = np.zeros((2048, 2048), np.float32)
+        for _ in range(3):  # OpenCV's thread pool runs, as augmentation's warps make it do
+            cv2.remap(image, image, image, cv2.INTER_LINEAR)
+        class Sampler:
+            def batch(self, indices, seed):
+                return indices
+        loader = BatchLoader(Sampler(), workers=2)
+        print(list(loader.batches([([1], 0), ([2], 1)])))
+        loader.close()"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.stdout.strip() == "[[1], [2]]", result.stderr
 
 
 def test_an_epoch_of_steps_per_epoch_draws_the_pairs_pass_after_pass_in_new_orders():
