@@ -110,7 +110,8 @@ def test_help_lists_the_flags_with_their_defaults(tmp_path):
                           ("--optimizer", "adam"), ("--w0", "10.0")]:
         help_text = out[out.rindex(flag + " "):]
         assert help_text[help_text.index("(default: "):].startswith(f"(default: {default})"), flag
-    assert "--epochs EPOCHS passes over the training images (default: as many as fit --preset's time budget)" in out
+    assert ("--epochs EPOCHS epochs to train: passes over the training images, or of --steps-per-epoch steps "
+            "(default: as many as fit --preset's time budget)") in out
     assert "default: None" not in out
 
 
