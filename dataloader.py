@@ -398,7 +398,7 @@ def stack_batch(samples, classes):
 _loader_sampler = None  # the Sampler of the BatchLoader whose worker this process is (inherited by fork)
 
 
-def _start_worker():
+def _worker_signals():
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training process's to handle
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not training's StopRequest: Pool.terminate ends a worker so
     # Not cv2.setNumThreads(1): in a child forked from a process whose OpenCV threads had run, it
@@ -419,7 +419,7 @@ class BatchLoader:
         self.sampler, self.workers, self.pool = sampler, workers, None
         if workers:
             _loader_sampler = sampler  # the workers inherit the data: nothing is pickled but the pairs' indices
-            self.pool = multiprocessing.get_context("fork").Pool(workers, initializer=_start_worker)
+            self.pool = multiprocessing.get_context("fork").Pool(workers, initializer=_worker_signals)
 
     def batches(self, steps):
         """The batch of each (indices, seed) of `steps`, in order."""

@@ -10,7 +10,7 @@ import pytest
 
 import backend
 from checkpoint import build_model, load_checkpoint, load_weights
-from conftest import run_script, train_small, write_dataset
+from conftest import ROOT, run_script, train_small, write_dataset
 from dataloader import read_image, read_label
 from metrics import dice
 from inference import predict_probability
@@ -214,8 +214,7 @@ def test_loader_workers_start_after_opencv_has_used_its_threads_in_the_training_
         loader = BatchLoader(Sampler(), workers=2)
         print(list(loader.batches([([1], 0), ([2], 1)])))
         loader.close()"""
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert result.stdout.strip() == "[[1], [2]]", result.stderr
 
 
