@@ -44,7 +44,8 @@ from instances import (OBJECT_TARGETS, STANDARD_DIAMETER, connected_objects, med
                        object_classes, size_scale)
 from log import Logger, append_json, json_log_path
 from losses import learning_rate, segmentation_loss
-from unet import MIN_SIDE, UNet, mirror_for_valid
+from processes import WorkersDied
+from unet import MIN_SIDE, NORMS, PADDINGS, UNet, mirror_for_valid
 from weightmap import weight_map
 
 
@@ -135,8 +136,8 @@ def network_flags(p):
     p.add_argument("--base", type=ranged(int, 1, 1024), help="channels of the first level (64 = the paper's U-Net) (default: from --preset)")
     p.add_argument("--crop", type=ranged(int, MIN_SIDE, also=(0,)), help="train on random crops of this size (0: whole images) (default: from --preset)")
     p.add_argument("--bilinear", action="store_true", help="bilinear upsampling instead of transposed convs")
-    p.add_argument("--norm", choices=["batch", "instance"], help="normalization layers of the U-Net (default: from --preset)")
-    p.add_argument("--padding", choices=["same", "valid"], default="same",
+    p.add_argument("--norm", choices=NORMS, help="normalization layers of the U-Net (default: from --preset)")
+    p.add_argument("--padding", choices=PADDINGS, default="same",
                    help="valid: the paper's unpadded U-Net (572 -> 388), trained on mirrored tiles")
     p.add_argument("--dropout", type=ranged(float, 0, below=1), default=0.0, help="dropout at the end of the contracting path")
 
@@ -557,20 +558,30 @@ def train(flags, folder, stop, rank=0, processes=1):
             # Alone, the last step takes what is left; data parallel, every process needs its equal share.
             steps = math.ceil(len(order) / config.batch_size) if processes == 1 else len(order) // config.batch_size
             batches = loader.batches(step_batches(order, first_step, steps, epoch, config, rank, processes))
-            for step, batch in zip(tqdm(range(first_step, steps), total=steps, initial=first_step, leave=False,
-                                        desc=f"epoch {epoch + 1}/{config.epochs}", file=sys.stderr, disable=rank > 0),
-                                   batches):
-                loss, value, stop_now = step_loss(net, batch, config, class_weights, stop, processes)
-                check_loss(value, first_loss, epoch, step, config.lr)  # before the step: a NaN never reaches the weights
-                first_loss = value if first_loss is None else first_loss
-                apply_gradients(optimizer, scaler, loss)
-                losses.append(value)
-                if stop_now and step + 1 < steps:
-                    save(last, epoch, best, stale, partial=dict(step=step + 1, order=order.tolist(), losses=losses),
-                         trained_seconds=seconds_before + time.perf_counter() - run_start)
-                    if folder is not None:
-                        folder.flush()
-                    stop.stop(f"in epoch {epoch + 1}, after step {step + 1} of {steps}: {last} holds that state")
+            done = first_step
+
+            def save_midway():
+                save(last, epoch, best, stale, partial=dict(step=done, order=order.tolist(), losses=losses),
+                     trained_seconds=seconds_before + time.perf_counter() - run_start)
+                if folder is not None:
+                    folder.flush()
+                return f"in epoch {epoch + 1}, after step {done} of {steps}: {last} holds that state"
+            try:
+                for step, batch in zip(tqdm(range(first_step, steps), total=steps, initial=first_step, leave=False,
+                                            desc=f"epoch {epoch + 1}/{config.epochs}", file=sys.stderr,
+                                            disable=rank > 0), batches):
+                    loss, value, stop_now = step_loss(net, batch, config, class_weights, stop, processes)
+                    check_loss(value, first_loss, epoch, step, config.lr)  # before the step: a NaN never reaches the weights
+                    first_loss = value if first_loss is None else first_loss
+                    apply_gradients(optimizer, scaler, loss)
+                    losses.append(value)
+                    done = step + 1
+                    if stop_now and done < steps:
+                        stop.stop(save_midway())
+            except WorkersDied as err:
+                if done == first_step:
+                    raise TrainingError(f"{err}; stopped before a step of epoch {epoch + 1}: checkpoints kept as they were")
+                raise TrainingError(f"{err}; stopped {save_midway()}; continue with --resume")
             scores = dict(train_loss=float(np.mean(losses)))
             if val_set is not None and ((epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs):
                 scores.update(validate_share(model, val_set, val_weights, config, class_weights, rank, processes))

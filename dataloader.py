@@ -10,7 +10,8 @@ Dataset layouts (DSB 2018, VOC, nnU-Net, Cellpose, TIFF stacks) are found by dat
 import multiprocessing
 import os
 import signal
-from collections import OrderedDict, deque
+from collections import OrderedDict
+from concurrent.futures import ProcessPoolExecutor
 
 import cv2
 import numpy as np
@@ -19,6 +20,7 @@ from PIL import Image
 
 from augment import augment as augment_sample
 from files import DataError
+from processes import WatchedPool
 
 NORMALIZATIONS = ("percentile", "zscore", "range")
 DEFAULT_PERCENTILES = (1.0, 99.8)
@@ -400,7 +402,7 @@ _loader_sampler = None  # the Sampler of the BatchLoader whose worker this proce
 
 def _worker_signals():
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training process's to handle
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not training's StopRequest: Pool.terminate ends a worker so
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not training's StopRequest: a broken pool ends its workers so
     # Not cv2.setNumThreads(1): in a child forked from a process whose OpenCV threads had run, it
     # hangs for ever (pthread_cond_destroy on the copied pool).
 
@@ -412,29 +414,24 @@ def _loader_batch(indices, seed):
 class BatchLoader:
     """The steps' batches, made by `workers` processes up to 2 x `workers` steps ahead of the step
     (0: in this process, when the step asks). A batch depends only on its pairs and seed
-    (Sampler.batch), so the weights are the same whatever the number of workers."""
+    (Sampler.batch), so the weights are the same whatever the number of workers, and a batch lost
+    with a worker that died is made again alike (processes.WatchedPool)."""
 
     def __init__(self, sampler, workers=0):
         global _loader_sampler
         self.sampler, self.workers, self.pool = sampler, workers, None
         if workers:
             _loader_sampler = sampler  # the workers inherit the data: nothing is pickled but the pairs' indices
-            self.pool = multiprocessing.get_context("fork").Pool(workers, initializer=_worker_signals)
+            self.pool = WatchedPool(lambda: ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("fork"), initializer=_worker_signals),
+                                    name="loader worker", flag="--loader-workers")
 
     def batches(self, steps):
         """The batch of each (indices, seed) of `steps`, in order."""
         if self.pool is None:
-            yield from (self.sampler.batch(indices, seed) for indices, seed in steps)
-            return
-        steps, pending = iter(steps), deque()
-        for indices, seed in steps:
-            pending.append(self.pool.apply_async(_loader_batch, (indices, seed)))
-            if len(pending) >= 2 * self.workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+            return (self.sampler.batch(indices, seed) for indices, seed in steps)
+        return self.pool.results(_loader_batch, steps, ahead=2 * self.workers)
 
     def close(self):
         if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
+            self.pool.close()

@@ -35,6 +35,7 @@ from evaluate import format_table, score_binary, score_multiclass, write_json
 from files import DataError, atomic_write, write_png, write_tiff
 from inference import predict_at_object_size, probability_values
 from instances import METHODS, foreground, in_diameters, measure, object_method, objects_of, roi_set
+from processes import WatchedPool, WorkersDied
 from unet import MIN_SIDE
 from visualize import class_colors, montage, outline_objects, overlay
 
@@ -313,9 +314,10 @@ def predict_dataset(checkpoint, data_path, outputs, data_format="auto", label_pa
         job = with_object_method(job, meta)
         print(f"predicting with {workers} processes")
         backend.before_processes_share_the_cores()
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_start_worker, initargs=(job, threads))
-        results = pool.map(_predict_one, range(len(samples)))
+        pool = WatchedPool(lambda: ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                       initializer=_start_worker, initargs=(job, threads)),
+                           name="prediction worker", flag="--workers")
+        results = pool.results(_predict_one, ((i,) for i in range(len(samples))), ahead=2 * workers)
     classes, ignore_index = predicted_classes(meta), meta.get("data", {}).get("ignore_index", 255)
     written, montage_rows, scored, tables, stacks = [], [], [], [], {}
     try:
@@ -337,7 +339,7 @@ def predict_dataset(checkpoint, data_path, outputs, data_format="auto", label_pa
             tables += [result["objects"]] if result["objects"] is not None else []
     finally:
         if workers > 1:
-            pool.shutdown(cancel_futures=True)
+            pool.close()
         _worker.clear()  # the network is not kept after the run
     if outputs.get("instances") and classes == 1:
         write_objects_csv(os.path.join(outputs["instances"], "objects.csv"), tables)
@@ -399,7 +401,7 @@ def main(argv=None):
                                               args.tta, args.split, args.workers, args.amp,
                                               args.batch or (8 if device.startswith("cuda") else 1), args.compile,
                                               args.object_size)
-    except (DataError, CheckpointError, OSError) as err:
+    except (DataError, CheckpointError, OSError, WorkersDied) as err:
         sys.exit(f"error: {err}")
     print(f"{len(written)} OME-Zarr stores written" if blockwise else f"{len(written)} masks written to {args.save_res_path}")
     if scores:

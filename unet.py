@@ -7,6 +7,9 @@ import numpy as np
 
 from backend import F, flow, nn
 
+NORMS = ("batch", "instance")
+PADDINGS = ("same", "valid")
+
 
 def norm_layer(kind, channels):
     """BatchNorm as in the paper's U-Net; InstanceNorm (each image normalized by its own statistics)

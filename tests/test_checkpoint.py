@@ -1,6 +1,7 @@
 import errno
 import gc
 import io
+import json
 import os
 import pickle
 import subprocess
@@ -44,6 +45,37 @@ def test_an_instance_norm_network_round_trips_too(tmp_path):
     assert meta["model"]["norm"] == "instance"
     x = np.random.default_rng(0).random((1, 1, 32, 48))
     np.testing.assert_array_equal(outputs(rebuilt, x), outputs(model, x))
+
+
+# The metadata of checkpoints written by earlier versions of train.sh (read off checkpoints they wrote).
+FLAGS_OF_THE_FIRST_VERSION = dict(base=4, batch_size=1, bilinear=False, crop=32, epochs=1, lr=1e-3, preset="cpu")
+EARLIER_METADATA = {
+    "first version: no norm, padding or dropout (batch norm), flags as args": dict(
+        model=dict(n_channels=1, n_classes=1, bilinear=False, base=4), epoch=1, best=0.73, input_scale=1.0,
+        scores=dict(train_loss=0.73, val_loss=0.73, val_accuracy=0.41), args=FLAGS_OF_THE_FIRST_VERSION),
+    "instance norm, best metric, no padding or dropout": dict(
+        model=dict(n_channels=1, n_classes=1, bilinear=False, base=4, norm="instance"), epoch=1, best=0.62,
+        best_metric="val_v_rand", stale_epochs=0, input_scale=1.0, args=dict(FLAGS_OF_THE_FIRST_VERSION, norm=None)),
+    "calibrated, data described, flags as args": dict(
+        model=dict(n_channels=1, n_classes=1, bilinear=False, base=4, norm="instance", padding="same", dropout=0.0),
+        epoch=1, best=0.60, best_metric="val_v_rand", stale_epochs=0, input_scale=1.0, args=FLAGS_OF_THE_FIRST_VERSION,
+        data=dict(format="pairs", img_size=0, ignore_index=255, instance_labels=False), output_shift=-0.405,
+        calibrated_threshold=0.4),
+}
+
+
+@pytest.mark.parametrize("era", EARLIER_METADATA)
+def test_checkpoints_of_earlier_versions_keep_loading_as_the_network_they_were(tmp_path, era):
+    meta = dict(format="unet-npz/1", backend=backend.NAME, **EARLIER_METADATA[era])
+    model = UNet(**{"norm": "batch", **meta["model"]})
+    arrays = {f"model/{k}": backend.to_numpy(v) for k, v in model.state_dict().items()}
+    path = str(tmp_path / "earlier.npz")
+    np.savez(path, __meta__=np.array(json.dumps(meta)), **arrays)
+    rebuilt, loaded = build_model(path, "cpu")
+    assert loaded["model"] == model.config()
+    x = np.random.default_rng(0).random((1, 1, 32, 32))
+    shift = meta.get("output_shift", 0.0)
+    np.testing.assert_allclose(outputs(rebuilt, x), outputs(model, x) - shift, atol=1e-5)
 
 
 def test_a_checkpoint_is_an_npz_that_loads_without_pickle(tmp_path):

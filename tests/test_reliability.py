@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 import backend
+import dataloader
 import predict_unet_test
 import TrainUnetDataSet
 from checkpoint import CheckpointError, build_model, load_checkpoint, save_checkpoint
@@ -277,6 +279,57 @@ def test_a_full_disk_gives_one_line_and_leaves_the_previous_file_whole(tmp_path)
 
 # ---- crafted checkpoints ---------------------------------------------------------------------------
 
+KILL_MARKER = None  # a file: once it exists, batch_killing_its_worker_once has killed a worker
+
+
+def batch_killing_its_worker_once(indices, seed):
+    """dataloader's batch, except that the first batch of the second epoch kills its worker (kill -9)."""
+    if seed[1] == 1 and not os.path.exists(KILL_MARKER):
+        open(KILL_MARKER, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return dataloader._loader_sampler.batch(indices, seed)
+
+
+def test_a_loader_worker_killed_midway_is_replaced_and_the_run_ends_with_the_weights_of_an_undisturbed_one(
+        dataset, tmp_path, monkeypatch):
+    flags = ["--epochs", 3, "--weight-map", "--aug-elastic", 1, "--loader-workers", 2]
+    train_small(dataset, tmp_path / "undisturbed", *flags)
+    monkeypatch.setattr(dataloader, "_loader_batch", batch_killing_its_worker_once)
+    monkeypatch.setattr(sys.modules[__name__], "KILL_MARKER", str(tmp_path / "killed"))
+    disturbed = train_small(dataset, tmp_path / "disturbed", *flags)
+    assert os.path.exists(tmp_path / "killed")
+    assert re.search(r"warning: loader worker \d+ \(SIGKILL\) died; a new loader worker makes its work again",
+                     disturbed.stderr)
+    assert_same_weights(tmp_path / "disturbed", load_checkpoint(f"{tmp_path}/undisturbed/checkpoints/last.npz")[1])
+
+
+def batch_killing_its_worker_from_the_third_of_epoch_2(indices, seed):
+    """dataloader's batch, except that from the third batch of the second epoch on, each kills its worker."""
+    if seed[1] == 1:
+        with open(KILL_MARKER, "a") as calls:
+            calls.write(".")
+        if os.path.getsize(KILL_MARKER) >= 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return dataloader._loader_sampler.batch(indices, seed)
+
+
+def test_loader_workers_that_keep_dying_stop_the_run_with_one_line_keeping_its_state_for_resume(
+        dataset, tmp_path, monkeypatch):
+    flags = ["--epochs", 3, "--val-fraction", 0, "--schedule", "constant", "--loader-workers", 1]
+    train_small(dataset, tmp_path / "undisturbed", *flags)
+    monkeypatch.setattr(dataloader, "_loader_batch", batch_killing_its_worker_from_the_third_of_epoch_2)
+    monkeypatch.setattr(sys.modules[__name__], "KILL_MARKER", str(tmp_path / "calls"))
+    stopped = train_small(dataset, tmp_path / "disturbed", *flags, check=False)
+    assert stopped.returncode == 1
+    assert re.fullmatch(r"error: loader workers died 3 times \(loader worker \d+ \(SIGKILL\) the last; out of memory\?\): "
+                        r"try a smaller --loader-workers; stopped in epoch 2, after step 2 of 4: \S+last.npz holds that "
+                        r"state; continue with --resume", last_line(stopped))
+    monkeypatch.undo()
+    resumed = train_small(dataset, tmp_path / "disturbed", *flags, "--resume")
+    assert "after epoch 1, step 2" in resumed.stdout
+    assert_same_weights(tmp_path / "disturbed", load_checkpoint(f"{tmp_path}/undisturbed/checkpoints/last.npz")[1])
+
+
 def crafted_checkpoint(tmp_path, **changes):
     path = str(tmp_path / "model.npz")
     save_checkpoint(path, UNet(base=4))
@@ -286,28 +339,51 @@ def crafted_checkpoint(tmp_path, **changes):
     return path
 
 
+MODEL = dict(n_channels=1, n_classes=1, bilinear=False, base=4, norm="batch", padding="same", dropout=0)
+
+
 @pytest.mark.parametrize("changes, message", [
-    (dict(model=None), "damaged model description None"),
-    (dict(model=[1, 2]), "damaged model description"),
-    (dict(model=dict(n_channels=1)), "damaged model description"),
-    (dict(model=dict(n_channels=0, n_classes=1, bilinear=False, base=4, norm="batch", padding="same", dropout=0)),
-     "damaged model description"),
-    (dict(model=dict(n_channels=1, n_classes=1, bilinear=False, base="4", norm="batch", padding="same",
-                     dropout=0)), "damaged model description"),
-    (dict(data=[]), "damaged data description"),
-    (dict(data=dict(img_size=-3)), "damaged data description"),
-    (dict(data=dict(normalize="magic")), "damaged data description"),
-    (dict(data=dict(percentiles=[99.8, 1])), "damaged data description"),
-    (dict(data=dict(input_types=["uint8", "os.system"])), "damaged data description"),
-    (dict(data=dict(input_levels=[[0.1, "high"]])), "damaged data description"),
-    (dict(data=dict(input_levels=[])), "damaged data description"),
-    (dict(output_shift="left"), "damaged output_shift left"),
-    (dict(input_scale=float("nan")), "damaged input_scale nan"),
-    (dict(format="unet-npz/9"), "unknown checkpoint format 'unet-npz/9'"),
+    (dict(model=None), "field model is null; this version reads an object"),
+    (dict(model=[1, 2]), "field model is [1, 2]; this version reads an object"),
+    (dict(model=dict(n_channels=1)), "field model.n_classes is missing"),
+    (dict(model=dict(MODEL, n_channels=0)), "field model.n_channels is 0; this version reads a whole number of "
+                                            "channels, 1-1024"),
+    (dict(model=dict(MODEL, base="4")), 'field model.base is "4"; this version reads a whole number'),
+    (dict(model=dict(MODEL, norm="groupnorm")), 'field model.norm is "groupnorm"; this version reads batch or instance'),
+    (dict(model=dict(MODEL, padding="reflect")), 'field model.padding is "reflect"; this version reads same or valid'),
+    (dict(model=dict(MODEL, n_classes=300)), "field model.n_classes is 300; this version reads a whole number of "
+                                             "outputs, 1-255"),
+    (dict(model=dict(MODEL, attention=True)), "field model.attention is unknown to this version (a checkpoint of a "
+                                              "newer one?)"),
+    (dict(config=dict(norm="groupnorm")), 'field config.norm is "groupnorm", its model.norm "batch": the two describe '
+                                          'different networks'),
+    (dict(config=dict(outputs=3)), "field config.outputs is 3, its model.n_classes 1: the two describe different "
+                                   "networks"),
+    (dict(data=[]), "field data is []; this version reads an object"),
+    (dict(data=dict(img_size=-3)), "field data.img_size is -3; this version reads a whole number of pixels"),
+    (dict(data=dict(normalize="magic")), 'field data.normalize is "magic"; this version reads percentile or zscore '
+                                         'or range'),
+    (dict(data=dict(percentiles=[99.8, 1])), "field data.percentiles is [99.8, 1]; this version reads two "
+                                             "percentiles, low before high"),
+    (dict(data=dict(input_types=["uint8", "os.system"])), "field data.input_types is"),
+    (dict(data=dict(input_levels=[[0.1, "high"]])), "field data.input_levels is"),
+    (dict(data=dict(input_levels=[])), "field data.input_levels is []"),
+    (dict(data=dict(object_target="blobs")), 'field data.object_target is "blobs"; this version reads boundary or '
+                                             'touching or distance'),
+    (dict(data=dict(tile_overlap=0.5)), "field data.tile_overlap is unknown to this version"),
+    (dict(output_shift="left"), 'field output_shift is "left"; this version reads a number'),
+    (dict(input_scale=float("nan")), "field input_scale is NaN; this version reads a number above 0"),
+    (dict(calibrated_threshold=1.5), "field calibrated_threshold is 1.5; this version reads a number in (0, 1)"),
+    (dict(object_thresholds=[0.5, 0.3]), "field object_thresholds is unknown to this version (a checkpoint of a "
+                                         "newer one?)"),
+    (dict(format="unet-npz/2"), "written by a newer version of this program (format unet-npz/2; this version reads "
+                                "unet-npz/1): update the program to use it"),
+    (dict(format="unet-npz/9"), "written by a newer version of this program (format unet-npz/9"),
+    (dict(format="keras-h5"), "unknown checkpoint format 'keras-h5'"),
 ])
-def test_crafted_checkpoint_metadata_stops_with_one_line(tmp_path, changes, message):
+def test_crafted_checkpoint_metadata_stops_with_one_line_naming_the_field(tmp_path, changes, message):
     path = crafted_checkpoint(tmp_path, **changes)
-    with pytest.raises(CheckpointError, match=f"model.npz: {message}"):
+    with pytest.raises(CheckpointError, match=re.escape(f"{path}: {message}")):
         build_model(path, "cpu")
 
 
