@@ -31,7 +31,7 @@ from backend import flow
 from augment import DEFAULT_PROBABILITIES
 from checkpoint import (CheckpointError, RunFolder, input_normalization, load_checkpoint, load_weights, model_weights,
                         restore_optimizer, update_meta)
-from cli import ArgumentParser, object_size_flags, probability, ranged
+from cli import ArgumentParser, file_to_write, folder_to_write, object_size_flags, probability, ranged
 from config import (OBJECT_SCORES, ONE_CLASS_SCORES, PRESETS, Config, ConfigError, as_dict, data_facts, describe,
                     settle)
 from curves import plot_curves, read_log
@@ -181,11 +181,11 @@ def run_flags(p):
                    help="processes preparing the next batches (crops, augmentation, weight maps) while a step "
                         "runs; the same weights whatever the number (default: on CUDA the cores the training "
                         "processes leave, on a CPU 0, where the cores compute)")
-    p.add_argument("--checkpoint-dir", default="checkpoints", help="where best.npz and last.npz go")
+    p.add_argument("--checkpoint-dir", type=folder_to_write, default="checkpoints", help="where best.npz and last.npz go")
     p.add_argument("--resume", action="store_true", help="continue from CHECKPOINT_DIR/last.npz")
-    p.add_argument("--log-file", "--log", dest="log", default="Unet_train.txt",
+    p.add_argument("--log-file", "--log", dest="log", type=file_to_write, default="Unet_train.txt",
                    help="human-readable training log; one JSON line per epoch goes beside it (.jsonl), read by plot.py")
-    p.add_argument("--progress", default="progress.png",
+    p.add_argument("--progress", type=file_to_write, default="progress.png",
                    help="picture of the curves so far, redrawn after every epoch ('' : none)")
 
 

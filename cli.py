@@ -2,6 +2,7 @@
 line, and numeric flags checked against their range when they are parsed."""
 import argparse
 import math
+import os
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -60,3 +61,36 @@ def object_size_flags(p, auto_help, default="auto"):
                    help=f"the objects' median diameter: {auto_help}; PIXELS: the images' objects are that wide")
     p.add_argument("--no-object-size", dest="object_size", action="store_const", const="off",
                    help="every image at its own pixel scale, whatever its objects' size")
+
+
+def _file_in_the_way(path):
+    """The file that keeps `path` from being a folder (the path itself, or a folder above it), or None."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return None if os.path.isdir(path) else path
+
+
+def folder_to_write(text):
+    """An argparse type: a folder to write into (made if missing), not a file."""
+    if in_the_way := _file_in_the_way(text):
+        if in_the_way == os.path.abspath(text):
+            raise argparse.ArgumentTypeError(f"{text} is a file, not a folder to write into")
+        raise argparse.ArgumentTypeError(f"{text} cannot be made: {in_the_way} is a file, not a folder")
+    return text
+
+
+def file_to_write(text):
+    """An argparse type: a file to write (made or replaced), not a folder; "" for none."""
+    if text and os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a folder, not a file to write")
+    if text and (in_the_way := _file_in_the_way(os.path.dirname(os.path.abspath(text)))):
+        raise argparse.ArgumentTypeError(f"{text} cannot be written: {in_the_way} is a file, not a folder")
+    return text
+
+
+def path_to_read(text):
+    """An argparse type: a file or folder that exists."""
+    if not os.path.exists(text):
+        raise argparse.ArgumentTypeError(f"{text}: no such file or folder")
+    return text

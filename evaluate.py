@@ -20,7 +20,7 @@ import sys
 
 import numpy as np
 
-from cli import ArgumentParser, ranged
+from cli import ArgumentParser, file_to_write, ranged
 from dataloader import label_to_classes, normalize, read_label_array, read_tiff_stack
 from datasets import FORMATS, detect_format, find_samples, label_files, page_names
 from files import DataError, atomic_write, list_images
@@ -146,7 +146,7 @@ def main(argv=None):
     p.add_argument("--instance-labels", action="store_true", help="labels number objects: nonzero = object")
     p.add_argument("--instances", action="store_true",
                    help="score objects: PRED_DIR holds label images numbering objects, LABELS numbers them too")
-    p.add_argument("--json", help="also write every score, per image and mean, to this JSON file")
+    p.add_argument("--json", type=file_to_write, help="also write every score, per image and mean, to this JSON file")
     args = p.parse_args(argv)
     try:
         scores = score_folder(args.pred_dir, args.labels, args.classes, args.ignore_index, args.data_format,

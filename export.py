@@ -24,7 +24,7 @@ import tifffile
 
 import backend
 from checkpoint import CheckpointError, build_model, input_normalization
-from cli import ArgumentParser
+from cli import ArgumentParser, file_to_write
 from dataloader import match_channels, normalize, read_raw_image, resize
 from files import DataError, atomic_write, write_png
 from inference import predict_probability
@@ -41,7 +41,7 @@ U_NET_PAPER = dict(text="Ronneberger, Fischer, Brox. U-Net: Convolutional Networ
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
     p.add_argument("checkpoint", help="our .npz checkpoint (or the original example's OneFlow folder)")
-    p.add_argument("--onnx", help="write the network as an ONNX file here")
+    p.add_argument("--onnx", type=file_to_write, help="write the network as an ONNX file here")
     p.add_argument("--bioimageio", help="write a bioimage.io model package into this new folder")
     p.add_argument("--sample", help="an image like those trained on: the test input and the cover "
                                     "(default: a random image)")

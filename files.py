@@ -69,7 +69,7 @@ def _natural_key(path):
 def list_images(folder):
     """Image files in `folder`, in natural order (2.png before 10.png)."""
     if not os.path.isdir(folder):
-        raise DataError(f"{folder}: no such folder")
+        raise DataError(f"{folder}: {'a file, not a folder of images' if os.path.exists(folder) else 'no such folder'}")
     paths = [os.path.join(folder, name) for name in os.listdir(folder)
              if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")]
     if not paths:

@@ -14,7 +14,7 @@ import importlib.util
 import os
 import sys
 
-from cli import ArgumentParser
+from cli import ArgumentParser, file_to_write
 from curves import plot_curves, read_log
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -34,7 +34,7 @@ def _rerun_in_venv_without_matplotlib():
 def main(argv=None):
     p = ArgumentParser(description=__doc__)
     p.add_argument("log", nargs="?", default="Unet_train.txt", help="training log (its .jsonl beside it is read)")
-    p.add_argument("--out", default="training_curves.png", help="PNG to write")
+    p.add_argument("--out", type=file_to_write, default="training_curves.png", help="PNG to write")
     args = p.parse_args(argv)
     _rerun_in_venv_without_matplotlib()
     try:

@@ -41,6 +41,7 @@ HALO = 128  # more than the network's reach (unet.VALID_MARGIN = 92 pixels, plus
 SAMPLE_PIXELS = 16 * 2 ** 20  # normalization statistics of a slice from at most this many of its pixels
 TIFF_AXES = {"Z": "z", "I": "z", "Q": "z", "T": "t", "C": "c", "S": "c", "Y": "y", "X": "x"}
 ZARR_SUFFIXES = (".ome.zarr", ".zarr")
+OUTPUT_FLAGS = dict(masks="--save-res-path", prob="--prob-path", instances="--instance-path")  # where each store goes
 
 
 # ---- inputs, read lazily --------------------------------------------------------------------
@@ -413,6 +414,22 @@ def settings_of(job):
                 **{k: job[k] for k in ("threshold", "tta", "amp", "block", "halo", "prob_bits", "objects", "levels")})
 
 
+def setting_that_differs(written, settings):
+    """'threshold 0.5 there, 0.3 now': the first of `settings` that a store's settings.json (`written`) does
+    not hold alike."""
+    if not isinstance(written, dict):
+        return "its .unet/settings.json is damaged"
+    for key, value in settings.items():
+        there = written.get(key)
+        if isinstance(value, dict) and isinstance(there, dict):
+            inner = next((k for k in sorted(set(value) | set(there)) if value.get(k) != there.get(k)), None)
+            if inner is not None:
+                return f"{key}.{inner} {there.get(inner)} there, {value.get(inner)} now"
+        elif there != value:
+            return "another checkpoint" if key == "checkpoint" else f"{key} {there} there, {value} now"
+    return "a setting this version does not know"
+
+
 def _file_hash(path):
     digest = hashlib.sha256()
     for file in sorted(glob.glob(os.path.join(path, "**"), recursive=True)) if os.path.isdir(path) else [path]:
@@ -423,6 +440,26 @@ def _file_hash(path):
     return digest.hexdigest()
 
 
+def refuse_or_resume(path, kind, job, settings, overwrite):
+    """Whether the store `path` (of outputs `kind`) goes on as it is (written with these settings), before
+    any store is touched: DataError where it is the input, holds something else and --overwrite was not
+    given, or is no zarr store at all."""
+    if os.path.abspath(path) == os.path.abspath(job["volume"]):
+        raise DataError(f"{path}: is the input, which is never written; give another output folder")
+    if not os.path.exists(path):
+        return False
+    settings_file = os.path.join(path, ".unet", "settings.json")
+    if not overwrite and _read_json(settings_file) == settings:
+        return True
+    if not overwrite:
+        what = "files this command did not write" if not os.path.exists(settings_file) else \
+            f"a prediction with other settings ({setting_that_differs(_read_json(settings_file), settings)})"
+        raise DataError(f"{path}: holds {what}; --overwrite replaces it, or give another {OUTPUT_FLAGS[kind]}")
+    if not any(os.path.exists(os.path.join(path, f)) for f in (".zgroup", ".zarray")):
+        raise DataError(f"{path}: not a zarr store, so not removed, not even with --overwrite")
+    return False
+
+
 def prepare_stores(job, volume, overwrite=False):
     """Create the output stores, or keep those written with the same settings (to resume them)."""
     settings = settings_of(job)
@@ -431,21 +468,13 @@ def prepare_stores(job, volume, overwrite=False):
     chunks = (1, job["block"], job["block"]) if volume.has_z else (job["block"], job["block"])
     dtypes = dict(masks=np.uint8, prob={8: np.uint8, 16: np.uint16, 32: np.float32}.get(job["prob_bits"]),
                   instances=np.uint32)
-    created = False
+    resumed = [kind for kind, path in job["stores"].items() if refuse_or_resume(path, kind, job, settings, overwrite)]
+    created = False  # every store checked before any is touched
     for kind, path in job["stores"].items():
-        if os.path.abspath(path) == os.path.abspath(job["volume"]):
-            raise DataError(f"{path}: is the input, which is never written; give another output folder")
-        settings_file = os.path.join(path, ".unet", "settings.json")
+        if kind in resumed:
+            _remove_partial_chunks(path)
+            continue
         if os.path.exists(path):
-            if not overwrite and _read_json(settings_file) == settings:
-                _remove_partial_chunks(path)
-                continue
-            if not overwrite:
-                what = "a prediction with other settings or another checkpoint" if os.path.exists(settings_file) \
-                    else "files this command did not write"
-                raise DataError(f"{path}: holds {what}; --overwrite replaces it")
-            if not any(os.path.exists(os.path.join(path, f)) for f in (".zgroup", ".zarray")):
-                raise DataError(f"{path}: not a zarr store, so not removed, not even with --overwrite")
             shutil.rmtree(path)
         group = zarr.open_group(zarr.storage.DirectoryStore(path), mode="w")
         for level in range(job["levels"] + 1):
@@ -454,7 +483,7 @@ def prepare_stores(job, volume, overwrite=False):
                                  dimension_separator="/")
         group.attrs.update(ngff_attributes(volume_name(path), axes, _output_scale(volume, axes), kind == "instances",
                                            job["levels"]))
-        atomic_write(settings_file, lambda f: f.write(json.dumps(settings, indent=1).encode()))
+        atomic_write(os.path.join(path, ".unet", "settings.json"), lambda f: f.write(json.dumps(settings, indent=1).encode()))
         created = True
     if created:  # a store made anew: every block again
         for stage in ("done", "numbered", "objects"):

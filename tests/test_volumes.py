@@ -221,11 +221,27 @@ def test_a_store_written_with_other_settings_is_never_written_into(tmp_path, bat
     predict(path, tmp_path, batch_norm_net, "--no-tta")
     before = store_files(tmp_path / "masks" / "vol.ome.zarr")
     result = predict(path, tmp_path, batch_norm_net, "--no-tta", "--threshold", "0.7", check=False)
-    assert result.returncode != 0 and "other settings" in result.stderr and "--overwrite" in result.stderr
+    assert result.returncode != 0
+    assert result.stderr.strip() == (f"error: {tmp_path}/masks/vol.ome.zarr: holds a prediction with other settings "
+                                     f"(threshold 0.5 there, 0.7 now); --overwrite replaces it, or give another "
+                                     f"--save-res-path")
     assert store_files(tmp_path / "masks" / "vol.ome.zarr") == before
     predict(path, tmp_path, batch_norm_net, "--no-tta", "--threshold", "0.7", "--overwrite")
     settings = json.loads((tmp_path / "masks" / "vol.ome.zarr" / ".unet" / "settings.json").read_text())
     assert settings["threshold"] == 0.7
+
+
+def test_a_second_prediction_into_other_mask_folders_names_the_object_store_it_shares_and_why(tmp_path, batch_norm_net):
+    path = write_ome_zarr(tmp_path / "vol.ome.zarr", smooth_volume((1, 64, 64)))
+    objects = tmp_path / "objects"
+    predict(path, tmp_path / "first", batch_norm_net, "--no-tta", "--instance-path", objects)
+    result = predict(path, tmp_path / "second", batch_norm_net, "--no-tta", "--instance-path", objects, check=False)
+    assert result.returncode != 0
+    assert result.stderr.strip() == (
+        f"error: {objects}/vol.ome.zarr: holds a prediction with other settings (outputs.masks "
+        f"{tmp_path}/first/masks/vol.ome.zarr there, {tmp_path}/second/masks/vol.ome.zarr now); --overwrite replaces "
+        f"it, or give another --instance-path")
+    assert not (tmp_path / "second" / "masks").exists()  # every store is checked before any is written
 
 
 def test_a_folder_of_the_users_is_not_removed_even_with_overwrite(tmp_path, batch_norm_net):
