@@ -15,6 +15,7 @@ import tempfile
 
 import cv2
 import numpy as np
+import pytest
 import tifffile
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -148,4 +149,7 @@ def test_a_damaged_oneflow_checkpoint_folder_gives_a_checkpoint_error(data):
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "pickled_data"), "wb") as f:
         f.write(data)
-    read_or_own_error(lambda p: build_model(p, "cpu"), folder, CheckpointError)
+    # No bytes make a network here: its tensors' folders are missing, so the only outcome is the one line.
+    with pytest.raises(CheckpointError) as refused:
+        build_model(folder, "cpu")
+    assert str(refused.value).startswith(folder)

@@ -138,17 +138,33 @@ def test_an_explicit_validation_folder_is_used_instead_of_holding_out(dataset, t
     assert "4 training pairs" in result.stdout and "3 for validation" in result.stdout
 
 
-def test_the_papers_sgd_with_momentum_trains_and_resumes(dataset, tmp_path):
-    train_small(dataset, tmp_path, "--optimizer", "sgd", "--lr", 0.01, "--epochs", 1)
-    result = train_small(dataset, tmp_path, "--optimizer", "sgd", "--lr", 0.01, "--epochs", 2, "--resume")
+def last_weights(run):
+    return load_checkpoint(str(run / "checkpoints" / "last.npz"))[1]
+
+
+def test_the_papers_sgd_with_momentum_resumes_with_its_momentum_to_the_weights_of_an_uninterrupted_run(
+        dataset, tmp_path):
+    sgd = ["--optimizer", "sgd", "--lr", 0.01, "--momentum", 0.99, "--schedule", "constant", "--val-fraction", 0]
+    train_small(dataset, tmp_path / "straight", *sgd, "--epochs", 2)
+    train_small(dataset, tmp_path / "resumed", *sgd, "--epochs", 1)
+    result = train_small(dataset, tmp_path / "resumed", *sgd, "--epochs", 2, "--resume")
     assert "resumed from" in result.stdout and "epoch 2/2 train_loss" in result.stdout
+    straight, resumed = last_weights(tmp_path / "straight"), last_weights(tmp_path / "resumed")
+    for name in straight:  # a momentum buffer lost on resuming would move every weight differently
+        np.testing.assert_allclose(resumed[name], straight[name], atol=1e-6, err_msg=name)
 
 
 def test_weight_map_and_augmentations_train_end_to_end(dataset, tmp_path):
-    result = train_small(dataset, tmp_path, "--weight-map", "--aug-elastic", 1, "--aug-affine", 1,
-                         "--aug-intensity", 1, "--aug-noise", 1, "--aug-blur", 1, "--epochs", 1)
-    assert "epoch 1/1 train_loss" in result.stdout
-    assert load_checkpoint(str(tmp_path / "checkpoints" / "last.npz"))[0]["config"]["weight_map"] is True
+    augmentations = ["--aug-elastic", 1, "--aug-affine", 1, "--aug-intensity", 1, "--aug-noise", 1, "--aug-blur", 1]
+    train_small(dataset, tmp_path / "both", "--weight-map", *augmentations, "--epochs", 3, "--lr", 1e-2)
+    losses = [json.loads(line)["train_loss"] for line in open(tmp_path / "both" / "log.jsonl") if '"epoch"' in line]
+    assert losses[-1] < losses[0]
+    assert load_checkpoint(str(tmp_path / "both" / "checkpoints" / "last.npz"))[0]["config"]["weight_map"] is True
+    train_small(dataset, tmp_path / "no map", "--no-weight-map", *augmentations, "--epochs", 3, "--lr", 1e-2)
+    train_small(dataset, tmp_path / "no augmentation", "--weight-map", "--epochs", 3, "--lr", 1e-2)
+    both = last_weights(tmp_path / "both")
+    for other in ("no map", "no augmentation"):  # each changes what the network learns
+        assert not np.allclose(last_weights(tmp_path / other)["outc.conv.weight"], both["outc.conv.weight"]), other
 
 
 def test_the_unpadded_network_trains_on_mirrored_tiles_and_predicts_whole_images(dataset, tmp_path):
