@@ -26,7 +26,6 @@ import numpy as np
 import backend
 from dataloader import (DEFAULT_PERCENTILES, NORMALIZATIONS, apply_normalization, map_onto_levels,
                         normalization_of)
-from datasets import FORMATS
 from files import atomic_write
 from instances import OBJECT_TARGETS
 from unet import NORMS, PADDINGS, UNet
@@ -163,7 +162,7 @@ MODEL_FIELDS = {
 MODEL_ADDED_LATER = {"norm": "batch", "padding": "same", "dropout": 0.0}  # networks written before these fields
 IMAGE_TYPES = {"uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64", "float16", "float32", "float64"}
 DATA_FIELDS = {
-    "format": (lambda v: v in FORMATS, "a dataset layout: " + ", ".join(FORMATS)),
+    "format": (_is_text, "a dataset layout's name"),
     "img_size": (lambda v: _is_whole(v, 0, 1 << 16), "a whole number of pixels, 0-65536"),
     "ignore_index": (lambda v: _is_whole(v, 0, 255), "a whole number 0-255"),
     "instance_labels": (lambda v: isinstance(v, bool), "true or false"),

@@ -35,6 +35,7 @@ from dataloader import match_channels
 from files import DataError, atomic_write, is_zarr  # noqa: F401 (is_zarr: predict_unet_test.py's)
 from inference import predict_sample, probability_values
 from instances import foreground, objects_of
+from processes import WorkersDied
 
 ALIGN = 16  # the U-Net's four 2x2 poolings: a crop on this grid pools as the whole slice does
 HALO = 128  # more than the network's reach (unet.VALID_MARGIN = 92 pixels, plus a pooling cell), on the grid
@@ -637,7 +638,7 @@ def run_tasks(client, function, keys, what, *more):
                 results.append(function(*args))
                 bar.update()
             return results
-        from distributed import as_completed
+        from distributed import KilledWorker, as_completed
         futures = client.map(function, keys, *more, pure=False)
         try:
             for future in as_completed(futures):
@@ -646,6 +647,9 @@ def run_tasks(client, function, keys, what, *more):
         except ModuleNotFoundError as err:
             raise DataError(f"the Dask workers cannot import this project ({err}): start them in its folder with "
                             f"PYTHONPATH=$PWD (README)") from None
+        except KilledWorker as err:  # Dask gives a dead worker's task to another, up to allowed-failures times
+            raise WorkersDied(f"Dask workers died on each try of one of the {what} ({err.task}; out of memory?): "
+                              f"the {what} done are kept, and the same command goes on with the rest") from None
         finally:
             client.cancel(futures)
     return results

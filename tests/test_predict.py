@@ -1,4 +1,6 @@
 import os
+import re
+import signal
 
 import cv2
 import numpy as np
@@ -120,6 +122,34 @@ def test_images_predicted_by_several_processes_are_those_of_one_process(dataset,
         assert names == ["0.png", "1.png", "2.png"] == sorted(os.listdir(tmp_path / f"{folder}3"))
         for name in names:
             assert (tmp_path / f"{folder}1" / name).read_bytes() == (tmp_path / f"{folder}3" / name).read_bytes()
+
+
+def predict_one_killing_its_worker_once(index):
+    """predict_unet_test's task, except that the first try of image 1 kills its worker (kill -9)."""
+    import predict_unet_test
+    if index == 1 and not os.path.exists(os.environ["KILL_MARKER"]):
+        open(os.environ["KILL_MARKER"], "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return predict_unet_test._predict_one(index)
+
+
+def test_a_prediction_worker_killed_midway_is_replaced_and_every_mask_is_written_as_by_one_process(
+        dataset, tmp_path, monkeypatch):
+    import predict_unet_test
+    checkpoint = tiny_checkpoint(tmp_path / "tiny.npz")
+    cv2.imwrite(f"{dataset}/test_image/2.png", np.random.default_rng(1).integers(0, 255, (40, 72)).astype(np.uint8))
+    run_script("predict_unet_test.py", "--checkpoint", checkpoint, "--test-data-path", f"{dataset}/test_image",
+               "--save-res-path", tmp_path / "undisturbed", "--workers", 1, cwd=tmp_path)
+    monkeypatch.setattr(predict_unet_test, "_predict_one", predict_one_killing_its_worker_once)
+    monkeypatch.setenv("KILL_MARKER", str(tmp_path / "killed"))
+    result = run_script("predict_unet_test.py", "--checkpoint", checkpoint, "--test-data-path",
+                        f"{dataset}/test_image", "--save-res-path", tmp_path / "disturbed", "--workers", 2, cwd=tmp_path)
+    assert os.path.exists(tmp_path / "killed")
+    assert re.search(r"warning: prediction worker \d+ \(SIGKILL\) died; a new prediction worker makes its work again",
+                     result.stderr)
+    assert sorted(os.listdir(tmp_path / "disturbed")) == ["0.png", "1.png", "2.png"]
+    for name in os.listdir(tmp_path / "disturbed"):
+        assert (tmp_path / "disturbed" / name).read_bytes() == (tmp_path / "undisturbed" / name).read_bytes()
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (48, 80), (40, 56, 3)])
