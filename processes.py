@@ -62,21 +62,20 @@ class WatchedPool:
             yield result
 
     def _replace_dead_pool(self, deaths):
-        worker = self._dead_worker()
+        # ProcessPoolExecutor keeps its processes in _processes (no public way to ask how they ended);
+        # its shutdown waits for its own clean-up, which collects their exit codes.
+        processes = list((getattr(self.pool, "_processes", None) or {}).values())
+        self.close()
+        worker = self._dead_worker(processes)
         if deaths >= MAX_DEATHS:
             raise WorkersDied(f"{self.name}s died {deaths} times ({worker} the last; out of memory?): "
                               f"try a smaller {self.flag}")
         tqdm.write(f"warning: {worker} died; a new {self.name} makes its work again", file=sys.stderr)  # below a bar
-        self.close()
         self.pool = self.start_pool()
 
-    def _dead_worker(self):
-        """'loader worker 1234 (SIGKILL)': the pool's process that died. The pool ends its other workers
-        with SIGTERM once it finds one dead, so the dead one is the one that did not end so."""
-        # ProcessPoolExecutor keeps its processes in _processes (no public way to ask how they ended).
-        processes = list((getattr(self.pool, "_processes", None) or {}).values())
-        for process in processes:
-            process.join(timeout=5)
+    def _dead_worker(self, processes):
+        """'loader worker 1234 (SIGKILL)': the one of `processes` that died. The pool ends its other
+        workers with SIGTERM once it finds one dead, so the dead one is the one that did not end so."""
         ended = [p for p in processes if p.exitcode not in (None, -signal.SIGTERM)] or processes
         if not ended:
             return f"a {self.name}"

@@ -621,7 +621,7 @@ def dask_client(workers, scheduler, job):
     else:
         backend.before_processes_share_the_cores()
         job["threads"] = max(1, backend.cores() // workers)
-        client = Client(n_workers=workers, threads_per_worker=1, processes=True, silence_logs=logging.ERROR,
+        client = Client(n_workers=workers, threads_per_worker=1, processes=True, silence_logs=logging.CRITICAL,
                         dashboard_address=":0")
     print(f"dask: {len(client.scheduler_info()['workers'])} workers at {client.scheduler.address}, "
           f"dashboard {client.dashboard_link}")
@@ -648,7 +648,8 @@ def run_tasks(client, function, keys, what, *more):
             raise DataError(f"the Dask workers cannot import this project ({err}): start them in its folder with "
                             f"PYTHONPATH=$PWD (README)") from None
         except KilledWorker as err:  # Dask gives a dead worker's task to another, up to allowed-failures times
-            raise WorkersDied(f"Dask workers died on each try of one of the {what} ({err.task}; out of memory?): "
+            key = dict(zip((future.key for future in futures), keys)).get(err.task, err.task)
+            raise WorkersDied(f"Dask workers kept dying on the {what} (the last try was {key}'s; out of memory?): "
                               f"the {what} done are kept, and the same command goes on with the rest") from None
         finally:
             client.cancel(futures)

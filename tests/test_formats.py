@@ -321,7 +321,7 @@ def test_several_classes_are_learned_from_rgb(tmp_path):
     """Colour tells the three classes apart, so a tiny net must get them nearly all right."""
     root = write_voc(tmp_path / "voc", n_train=6, n_val=2)
     run_script("TrainUnetDataSet.py", "--data-path", root, "--classes", 3, "--checkpoint-dir", "ck", "--progress", "",
-               "--log", "log.txt", "--base", 8, "--crop", 0, "--epochs", 12, "--lr", 1e-2, cwd=tmp_path)
+               "--log", "log.txt", "--base", 8, "--crop", 0, "--epochs", 6, "--lr", 2e-2, cwd=tmp_path)
     run_script("predict_unet_test.py", "--checkpoint", "ck/best.npz", "--test-data-path", root, "--no-tta",
                "--save-res-path", "pred", cwd=tmp_path)
     assert score_folder(str(tmp_path / "pred"), root, classes=3)["mean"]["mean_iou"] > 0.8

@@ -66,6 +66,36 @@ def test_a_prediction_flag_out_of_range_stops_at_parse_time_with_one_line(flags,
     assert capsys.readouterr().err == f"error: {message} (see --help)\n"
 
 
+@pytest.mark.parametrize("script, flags, message", [
+    ("predict", ["--save-res-path", "notes.txt"], "argument --save-res-path/--save_res_path: notes.txt is a file, not "
+                                                  "a folder to write into"),
+    ("predict", ["--instance-path", "notes.txt/objects"], "argument --instance-path: notes.txt/objects cannot be made: "
+                                                          "{here}/notes.txt is a file, not a folder"),
+    ("predict", ["--scores-json", "out"], "argument --scores-json: out is a folder, not a file to write"),
+    ("predict", ["--label-path", "nowhere"], "argument --label-path: nowhere: no such file or folder"),
+    ("train", ["--checkpoint-dir", "notes.txt"], "argument --checkpoint-dir: notes.txt is a file, not a folder to "
+                                                 "write into"),
+    ("train", ["--log", "notes.txt/log.txt"], "argument --log-file/--log: notes.txt/log.txt cannot be written: "
+                                              "{here}/notes.txt is a file, not a folder"),
+    ("train", ["--progress", "out"], "argument --progress: out is a folder, not a file to write"),
+])
+def test_paths_a_user_gives_are_checked_for_what_they_must_be_when_parsed(script, flags, message, tmp_path, capsys,
+                                                                          monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(SystemExit) as stopped:
+        (predict_unet_test if script == "predict" else TrainUnetDataSet).parse_args(flags)
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == f"error: {message.format(here=tmp_path)} (see --help)\n"
+    assert (tmp_path / "notes.txt").read_text() == "mine" and os.listdir(tmp_path / "out") == []
+
+
+def test_a_file_given_where_a_folder_of_labels_is_read_is_named_as_a_file(dataset, tmp_path):
+    result = train_small(dataset, tmp_path, "--label-path", f"{dataset}/train_label/0.png", check=False)
+    assert last_line(result) == f"error: {dataset}/train_label/0.png: a file, not a folder of images"
+
+
 # ---- training runs meeting earlier runs --------------------------------------------------------
 
 def test_runs_into_one_folder_keep_the_previous_checkpoints_append_to_the_log_and_clear_stale_temporaries(
@@ -290,14 +320,14 @@ def batch_killing_its_worker_once(indices, seed):
     return dataloader._loader_sampler.batch(indices, seed)
 
 
-def test_a_loader_worker_killed_midway_is_replaced_and_the_run_ends_with_the_weights_of_an_undisturbed_one(
+def test_loader_workers_even_one_killed_midway_give_the_weights_of_a_run_without_workers(
         dataset, tmp_path, monkeypatch):
-    flags = ["--epochs", 3, "--weight-map", "--aug-elastic", 1, "--loader-workers", 2]
-    train_small(dataset, tmp_path / "undisturbed", *flags)
+    augmented = ["--epochs", 3, "--weight-map", "--aug-elastic", 1, "--aug-affine", 1, "--aug-noise", 0.5]
+    train_small(dataset, tmp_path / "undisturbed", *augmented, "--loader-workers", 0)
     monkeypatch.setattr(dataloader, "_loader_batch", batch_killing_its_worker_once)
     monkeypatch.setattr(sys.modules[__name__], "KILL_MARKER", str(tmp_path / "killed"))
-    disturbed = train_small(dataset, tmp_path / "disturbed", *flags)
-    assert os.path.exists(tmp_path / "killed")
+    disturbed = train_small(dataset, tmp_path / "disturbed", *augmented, "--loader-workers", 2)
+    assert os.path.exists(tmp_path / "killed") and "loader_workers=2" in disturbed.stdout
     assert re.search(r"warning: loader worker \d+ \(SIGKILL\) died; a new loader worker makes its work again",
                      disturbed.stderr)
     assert_same_weights(tmp_path / "disturbed", load_checkpoint(f"{tmp_path}/undisturbed/checkpoints/last.npz")[1])

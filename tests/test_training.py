@@ -208,15 +208,6 @@ def test_without_calibration_the_checkpoint_keeps_the_plain_decision(dataset, tm
     assert "output_shift" not in load_checkpoint(str(tmp_path / "checkpoints" / "last.npz"))[0]
 
 
-def test_loader_workers_prepare_the_same_batches_so_the_weights_are_the_same(dataset, tmp_path):
-    augmented = ["--weight-map", "--aug-elastic", 1, "--aug-affine", 1, "--aug-noise", 0.5, "--epochs", 2]
-    train_small(dataset, tmp_path / "here", *augmented, "--loader-workers", 0)
-    result = train_small(dataset, tmp_path / "workers", *augmented, "--loader-workers", 2)
-    assert "loader_workers=2" in result.stdout
-    here, workers = (load_checkpoint(str(tmp_path / run / "checkpoints" / "last.npz"))[1] for run in ("here", "workers"))
-    assert len(here) > 20 and all(np.array_equal(here[name], workers[name]) for name in here)
-
-
 def test_loader_workers_start_after_opencv_has_used_its_threads_in_the_training_process():
     code = """if True:
         import cv2, numpy as np
