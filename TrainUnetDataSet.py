@@ -571,7 +571,8 @@ def train(flags, folder, stop, rank=0, processes=1):
                                             desc=f"epoch {epoch + 1}/{config.epochs}", file=sys.stderr,
                                             disable=rank > 0), batches):
                     loss, value, stop_now = step_loss(net, batch, config, class_weights, stop, processes)
-                    check_loss(value, first_loss, epoch, step, config.lr)  # before the step: a NaN never reaches the weights
+                    # before the step: a NaN never reaches the weights
+                    check_loss(value, first_loss, epoch, step, config.lr)
                     first_loss = value if first_loss is None else first_loss
                     apply_gradients(optimizer, scaler, loss)
                     losses.append(value)
@@ -580,7 +581,8 @@ def train(flags, folder, stop, rank=0, processes=1):
                         stop.stop(save_midway())
             except WorkersDied as err:
                 if done == first_step:
-                    raise TrainingError(f"{err}; stopped before a step of epoch {epoch + 1}: checkpoints kept as they were")
+                    raise TrainingError(f"{err}; stopped before a step of epoch {epoch + 1}: checkpoints kept as "
+                                        f"they were")
                 raise TrainingError(f"{err}; stopped {save_midway()}; continue with --resume")
             scores = dict(train_loss=float(np.mean(losses)))
             if val_set is not None and ((epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs):

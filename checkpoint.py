@@ -166,7 +166,7 @@ DATA_FIELDS = {
     "img_size": (lambda v: _is_whole(v, 0, 1 << 16), "a whole number of pixels, 0-65536"),
     "ignore_index": (lambda v: _is_whole(v, 0, 255), "a whole number 0-255"),
     "instance_labels": (lambda v: isinstance(v, bool), "true or false"),
-    "instances": (lambda v: isinstance(v, bool), "true or false"),  # trained for objects: background, interior, boundary
+    "instances": (lambda v: isinstance(v, bool), "true or false"),  # trained for objects (interior, boundary ...)
     "object_size": (lambda v: _is_number(v) and 0 <= v <= 1 << 16, "a number of pixels, 0-65536"),
     "object_target": (lambda v: v in OBJECT_TARGETS, " or ".join(OBJECT_TARGETS)),
     "normalize": (lambda v: v in NORMALIZATIONS, " or ".join(NORMALIZATIONS)),

@@ -53,7 +53,8 @@ def parse_args(argv=None):
                         "(datasets.py)")
     p.add_argument("--data-format", choices=("auto",) + FORMATS, default="auto", help="layout of --test-data-path")
     p.add_argument("--split", default="val", help="VOC: the ImageSets/Segmentation list to predict")
-    p.add_argument("--save-res-path", "--save_res_path", type=folder_to_write, default="predict_image/", help="output folder")
+    p.add_argument("--save-res-path", "--save_res_path", type=folder_to_write, default="predict_image/",
+                   help="output folder")
     p.add_argument("--threshold", type=probability, default=0.5, help="cell probability above which a pixel is cell")
     p.add_argument("--save-prob", action="store_true",
                    help="also write cell-probability maps (what the ISBI scores and evaluate.py want)")
@@ -62,10 +63,13 @@ def parse_args(argv=None):
                    help="probability maps as 8- or 16-bit integers (PNG, or TIFF for stacks), or 32: float32 TIFFs")
     p.add_argument("--slices", action="store_true",
                    help="a TIFF volume's predictions as one PNG per page, instead of TIFF stacks named after it")
-    p.add_argument("--overlay-path", type=folder_to_write, help="also write each image with its predicted membranes tinted here")
-    p.add_argument("--label-path", type=path_to_read, help="label folder or TIFF of the test images (DSB and VOC bring their own): "
-                                        "then scores are printed, errors marked in overlays, plus montage.png")
-    p.add_argument("--scores-json", type=file_to_write, help="with labels: write every score, per image and mean, to this JSON file")
+    p.add_argument("--overlay-path", type=folder_to_write,
+                   help="also write each image with its predicted membranes tinted here")
+    p.add_argument("--label-path", type=path_to_read,
+                   help="label folder or TIFF of the test images (DSB and VOC bring their own): then scores are "
+                        "printed, errors marked in overlays, plus montage.png")
+    p.add_argument("--scores-json", type=file_to_write,
+                   help="with labels: write every score, per image and mean, to this JSON file")
     p.add_argument("--color-path", type=folder_to_write, default="predict_color/",
                    help="with several classes: colour pictures of the class-index masks (VOC palette)")
     p.add_argument("--tile", type=ranged(int, MIN_SIDE, also=(0,)), default=1024,
@@ -98,9 +102,9 @@ def parse_args(argv=None):
     volume.add_argument("--scheduler", help="address of a running Dask scheduler (tcp://HOST:8786) to predict on")
     volume.add_argument("--overwrite", action="store_true",
                         help="replace output stores written with other settings (else they are never written into)")
-    p.add_argument("--instance-path", type=folder_to_write, help="also write numbered objects here (one class): 16-bit label PNGs (same "
-                                           "names), ImageJ ROI sets (NAME_RoiSet.zip, for Fiji's ROI Manager) and "
-                                           "objects.csv (a row per object)")
+    p.add_argument("--instance-path", type=folder_to_write,
+                   help="also write numbered objects here (one class): 16-bit label PNGs (same names), ImageJ ROI "
+                        "sets (NAME_RoiSet.zip, for Fiji's ROI Manager) and objects.csv (a row per object)")
     p.add_argument("--objects", choices=("auto",) + METHODS, default="auto",
                    help="how the probabilities become objects: interior: seeded at the interiors a network trained "
                         "for objects (--instances) predicts; watershed: the mask split at its distance maxima; "

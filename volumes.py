@@ -484,7 +484,8 @@ def prepare_stores(job, volume, overwrite=False):
                                  dimension_separator="/")
         group.attrs.update(ngff_attributes(volume_name(path), axes, _output_scale(volume, axes), kind == "instances",
                                            job["levels"]))
-        atomic_write(os.path.join(path, ".unet", "settings.json"), lambda f: f.write(json.dumps(settings, indent=1).encode()))
+        written = json.dumps(settings, indent=1).encode()
+        atomic_write(os.path.join(path, ".unet", "settings.json"), lambda f: f.write(written))
         created = True
     if created:  # a store made anew: every block again
         for stage in ("done", "numbered", "objects"):
