@@ -64,6 +64,9 @@ class Volume:
         self.path = path
         self.array, axes, self.scale = _open_tiff(path) if os.path.isfile(path) else _open_zarr(path)
         self.axes = "".join(axes)
+        if len(self.axes) != self.array.ndim:
+            raise DataError(f"{path}: {len(self.axes)} axes ({self.axes}) for an array of {self.array.ndim} "
+                            f"dimensions {self.array.shape}")
         sizes = dict(zip(self.axes, self.array.shape))
         if sorted(self.axes) not in (sorted(a) for a in ("yx", "zyx", "cyx", "czyx", "tyx", "tzyx", "tcyx", "tczyx")) \
                 or sizes.get("t", 1) != 1:
@@ -125,14 +128,20 @@ def _open_zarr(path):
         arrays = list(node.array_keys())
         raise DataError(f"{path}: a zarr group without NGFF multiscales metadata"
                         + (f"; give one of its arrays: {os.path.join(path, arrays[0])}" if arrays else ""))
-    level = multiscales[0]["datasets"][0]
-    axes = [a["name"] if isinstance(a, dict) else a for a in multiscales[0].get("axes", "tczyx"[-node[level["path"]].ndim:])]
-    scale = next((t["scale"] for t in level.get("coordinateTransformations", []) if t.get("type") == "scale"), None)
+    try:  # metadata edited by hand or written by another tool may take any shape
+        level = multiscales[0]["datasets"][0]
+        name, axes = str(level["path"]), multiscales[0].get("axes")
+        axes = None if axes is None else [str(a["name"] if isinstance(a, dict) else a).lower() for a in axes]
+        scale = next((t["scale"] for t in level.get("coordinateTransformations", []) if t.get("type") == "scale"), None)
+    except Exception as err:
+        raise DataError(f"{path}: damaged NGFF multiscales metadata ({type(err).__name__}: {err})") from None
+    if name not in node:
+        raise DataError(f"{path}: its multiscales name level {name!r}, which is not in the store")
     try:
-        array = node[level["path"]]
-    except KeyError:
-        raise DataError(f"{path}: its multiscales name level {level['path']!r}, which is not in the store") from None
-    return array, [a.lower() for a in axes], scale
+        array = node[name]
+    except Exception as err:  # an unknown codec, a damaged .zarray
+        raise DataError(f"{path}/{name}: not a readable zarr array ({type(err).__name__}: {err})") from None
+    return array, axes or list("tczyx"[-array.ndim:]), scale
 
 
 def _open_tiff(path):
@@ -441,16 +450,21 @@ def _file_hash(path):
     return digest.hexdigest()
 
 
-def refuse_or_resume(path, kind, job, settings, overwrite):
-    """Whether the store `path` (of outputs `kind`) goes on as it is (written with these settings), before
-    any store is touched: DataError where it is the input, holds something else and --overwrite was not
-    given, or is no zarr store at all."""
+def refuse_or_resume(path, kind, job, settings, overwrite, arrays):
+    """Whether the store `path` (of outputs `kind`) goes on as it is (written with these settings and
+    holding `arrays`, {name: (shape, dtype)}), before any store is touched: DataError where it is the
+    input, holds something else and --overwrite was not given, or is no zarr store at all."""
     if os.path.abspath(path) == os.path.abspath(job["volume"]):
         raise DataError(f"{path}: is the input, which is never written; give another output folder")
     if not os.path.exists(path):
         return False
     settings_file = os.path.join(path, ".unet", "settings.json")
     if not overwrite and _read_json(settings_file) == settings:
+        for name, (shape, dtype) in arrays.items():
+            found = _array_layout(os.path.join(path, name))
+            if found != f"{shape} of {np.dtype(dtype)}":
+                raise DataError(f"{path}: its array {name} is {found}, not the {shape} of {np.dtype(dtype)} this "
+                                f"prediction writes (its metadata was changed); --overwrite replaces it")
         return True
     if not overwrite:
         what = "files this command did not write" if not os.path.exists(settings_file) else \
@@ -461,6 +475,15 @@ def refuse_or_resume(path, kind, job, settings, overwrite):
     return False
 
 
+def _array_layout(path):
+    """'(4, 128, 128) of uint8': the zarr array at `path`, or 'unreadable'."""
+    try:
+        array = zarr.open_array(zarr.storage.DirectoryStore(path), mode="r")
+        return f"{array.shape} of {array.dtype}"
+    except Exception:  # zarr raises many kinds on damaged metadata
+        return "unreadable"
+
+
 def prepare_stores(job, volume, overwrite=False):
     """Create the output stores, or keep those written with the same settings (to resume them)."""
     settings = settings_of(job)
@@ -469,7 +492,10 @@ def prepare_stores(job, volume, overwrite=False):
     chunks = (1, job["block"], job["block"]) if volume.has_z else (job["block"], job["block"])
     dtypes = dict(masks=np.uint8, prob={8: np.uint8, 16: np.uint16, 32: np.float32}.get(job["prob_bits"]),
                   instances=np.uint32)
-    resumed = [kind for kind, path in job["stores"].items() if refuse_or_resume(path, kind, job, settings, overwrite)]
+    shapes = {str(level): shape[:-2] + tuple(-(-n // 2 ** level) for n in shape[-2:])
+              for level in range(job["levels"] + 1)}
+    resumed = [kind for kind, path in job["stores"].items() if refuse_or_resume(
+        path, kind, job, settings, overwrite, arrays={name: (size, dtypes[kind]) for name, size in shapes.items()})]
     created = False  # every store checked before any is touched
     for kind, path in job["stores"].items():
         if kind in resumed:
@@ -478,10 +504,9 @@ def prepare_stores(job, volume, overwrite=False):
         if os.path.exists(path):
             shutil.rmtree(path)
         group = zarr.open_group(zarr.storage.DirectoryStore(path), mode="w")
-        for level in range(job["levels"] + 1):
-            group.create_dataset(str(level), shape=shape[:-2] + tuple(-(-n // 2 ** level) for n in shape[-2:]),
-                                 chunks=chunks, dtype=dtypes[kind], fill_value=0, write_empty_chunks=True,
-                                 dimension_separator="/")
+        for name, size in shapes.items():
+            group.create_dataset(name, shape=size, chunks=chunks, dtype=dtypes[kind], fill_value=0,
+                                 write_empty_chunks=True, dimension_separator="/")
         group.attrs.update(ngff_attributes(volume_name(path), axes, _output_scale(volume, axes), kind == "instances",
                                            job["levels"]))
         written = json.dumps(settings, indent=1).encode()

@@ -286,6 +286,46 @@ def test_bad_input_stops_with_one_line_naming_the_store_and_block(tmp_path, batc
         assert "block z0-y0-x0" in lines[0]
 
 
+def edit_json(path, edit):
+    values = json.loads(path.read_text())
+    edit(values)
+    path.write_text(json.dumps(values))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (("0/.zarray", lambda a: a["compressor"].update(id="zstdx")), "vol.ome.zarr/0: not a readable zarr array "
+                                                                  "(ValueError: codec not available: 'zstdx')"),
+    ((".zattrs", lambda g: g["multiscales"][0]["datasets"][0].update(path="9")), "vol.ome.zarr: its multiscales "
+                                                                                 "name level '9', which is not in "
+                                                                                 "the store"),
+    ((".zattrs", lambda g: g.update(multiscales="x")), "vol.ome.zarr: damaged NGFF multiscales metadata"),
+    (("0/.zarray", lambda a: a.update(shape=[1, 64])), "vol.ome.zarr: 3 axes (zyx) for an array of 2 dimensions"),
+])
+def test_an_input_store_whose_metadata_was_edited_stops_with_one_line_naming_it(tmp_path, batch_norm_net, edit,
+                                                                                message):
+    path = write_ome_zarr(tmp_path / "vol.ome.zarr", smooth_volume((1, 64, 64)))
+    edit_json(tmp_path / "vol.ome.zarr" / edit[0], edit[1])
+    for run in (lambda: predict(path, tmp_path, batch_norm_net, "--no-tta", check=False),
+                lambda: train_small(tmp_path, tmp_path / "run", "--data-path", path, "--label-path", "", check=False)):
+        result = run()
+        assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].startswith("error: ")
+        assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "masks").exists() and not list((tmp_path / "run").glob("checkpoints/*.npz"))
+
+
+@stores_not_framework
+def test_an_output_store_whose_array_metadata_was_edited_is_not_resumed_into(tmp_path, batch_norm_net):
+    path = write_ome_zarr(tmp_path / "vol.ome.zarr", smooth_volume((1, 64, 64)))
+    predict(path, tmp_path, batch_norm_net, "--no-tta")
+    edit_json(tmp_path / "masks" / "vol.ome.zarr" / "0" / ".zarray", lambda a: a.update(shape=[1, 32, 32]))
+    result = predict(path, tmp_path, batch_norm_net, "--no-tta", check=False)
+    assert result.stderr.strip() == (f"error: {tmp_path}/masks/vol.ome.zarr: its array 0 is (1, 32, 32) of uint8, not "
+                                     f"the (1, 64, 64) of uint8 this prediction writes (its metadata was changed); "
+                                     f"--overwrite replaces it")
+    predict(path, tmp_path, batch_norm_net, "--no-tta", "--overwrite")
+    assert read_store(tmp_path / "masks" / "vol.ome.zarr").shape == (1, 64, 64)
+
+
 @pytest.fixture
 def dask_cluster(tmp_path):
     """A real Dask cluster on 127.0.0.1: `dask scheduler` and two `dask worker` processes (as README starts them)."""
