@@ -124,7 +124,7 @@ def load_checkpoint(path):
         meta = json.loads(str(arrays.pop("__meta__")))
     except Exception as err:  # zipfile and zlib raise many kinds on damaged files (even NotImplementedError)
         raise CheckpointError(f"{path}: damaged or not a U-Net checkpoint ({type(err).__name__}: {err})")
-    if isinstance(meta, dict) and isinstance(meta.get("model"), dict):
+    if isinstance(meta, dict) and isinstance(meta.get("model"), dict):  # an earlier version's network
         meta["model"] = {**MODEL_ADDED_LATER, **meta["model"]}
     check_meta(meta, path)
     weights = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}
@@ -137,10 +137,6 @@ def _is_number(value):
 
 def _is_whole(value, low, high):
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-
-
-def _is_whole_or_none(value, low, high):
-    return value is None or _is_whole(value, low, high)
 
 
 def _is_text(value):

@@ -12,6 +12,7 @@ import os
 import signal
 from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 
 import cv2
 import numpy as np
@@ -422,9 +423,9 @@ class BatchLoader:
         self.sampler, self.workers, self.pool = sampler, workers, None
         if workers:
             _loader_sampler = sampler  # the workers inherit the data: nothing is pickled but the pairs' indices
-            self.pool = WatchedPool(lambda: ProcessPoolExecutor(
-                workers, mp_context=multiprocessing.get_context("fork"), initializer=_worker_signals),
-                                    name="loader worker", flag="--loader-workers")
+            start = partial(ProcessPoolExecutor, workers, mp_context=multiprocessing.get_context("fork"),
+                            initializer=_worker_signals)
+            self.pool = WatchedPool(start, name="loader worker", flag="--loader-workers")
 
     def batches(self, steps):
         """The batch of each (indices, seed) of `steps`, in order."""

@@ -22,6 +22,7 @@ import multiprocessing
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 
@@ -318,9 +319,9 @@ def predict_dataset(checkpoint, data_path, outputs, data_format="auto", label_pa
         job = with_object_method(job, meta)
         print(f"predicting with {workers} processes")
         backend.before_processes_share_the_cores()
-        pool = WatchedPool(lambda: ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                                       initializer=_start_worker, initargs=(job, threads)),
-                           name="prediction worker", flag="--workers")
+        start = partial(ProcessPoolExecutor, workers, mp_context=multiprocessing.get_context("spawn"),
+                        initializer=_start_worker, initargs=(job, threads))
+        pool = WatchedPool(start, name="prediction worker", flag="--workers")
         results = pool.results(_predict_one, ((i,) for i in range(len(samples))), ahead=2 * workers)
     classes, ignore_index = predicted_classes(meta), meta.get("data", {}).get("ignore_index", 255)
     written, montage_rows, scored, tables, stacks = [], [], [], [], {}

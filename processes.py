@@ -9,8 +9,8 @@ alone, is the one an undisturbed run gets.
 import signal
 import sys
 from collections import deque
-from itertools import islice
 from concurrent.futures.process import BrokenProcessPool
+from itertools import islice
 
 from tqdm import tqdm
 
