@@ -16,7 +16,6 @@ goes as one JSON line into Unet_train.jsonl, and progress.png is redrawn. `pytho
 the curves.
 """
 import argparse
-import ctypes
 import math
 import os
 import signal
@@ -44,7 +43,7 @@ from instances import (OBJECT_TARGETS, STANDARD_DIAMETER, connected_objects, med
                        object_classes, size_scale)
 from log import Logger, append_json, json_log_path
 from losses import learning_rate, segmentation_loss
-from processes import WorkersDied
+from processes import WorkersDied, die_with_parent
 from unet import MIN_SIDE, NORMS, PADDINGS, UNet, mirror_for_valid
 from weightmap import weight_map
 
@@ -627,7 +626,7 @@ def join_launched_run(processes):
     against each other slow every process down), and killed with its launcher, which stops the whole
     run when any process fails (a process waiting for a dead peer would wait for ever)."""
     backend.set_threads(backend.cores() // int(os.environ.get("LOCAL_WORLD_SIZE", processes)))
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: checkpoints are written atomically
+    die_with_parent()  # checkpoints are written atomically
 
 
 def main(argv=None):

@@ -21,7 +21,7 @@ from PIL import Image
 
 from augment import augment as augment_sample
 from files import DataError
-from processes import WatchedPool
+from processes import WatchedPool, die_with_parent
 
 NORMALIZATIONS = ("percentile", "zscore", "range")
 DEFAULT_PERCENTILES = (1.0, 99.8)
@@ -402,6 +402,7 @@ _loader_sampler = None  # the Sampler of the BatchLoader whose worker this proce
 
 
 def _worker_signals():
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training process's to handle
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not training's StopRequest: a broken pool ends its workers so
     # Not cv2.setNumThreads(1): in a child forked from a process whose OpenCV threads had run, it

@@ -36,7 +36,7 @@ from evaluate import format_table, score_binary, score_multiclass, write_json
 from files import DataError, atomic_write, write_png, write_tiff
 from inference import predict_at_object_size, probability_values
 from instances import METHODS, foreground, in_diameters, measure, object_method, objects_of, roi_set
-from processes import WatchedPool, WorkersDied
+from processes import WatchedPool, WorkersDied, die_with_parent
 from unet import MIN_SIDE
 from visualize import class_colors, montage, outline_objects, overlay
 
@@ -208,6 +208,11 @@ def _start_worker(job, threads, samples=None):
     _worker.update(job=with_object_method(job, meta), model=model, meta=meta, samples=samples)
 
 
+def _start_pool_worker(job, threads):
+    die_with_parent()
+    _start_worker(job, threads)
+
+
 def with_object_method(job, meta):
     """The job with --objects auto settled for the checkpoint (instances.object_method)."""
     method, data = job["outputs"].get("objects"), meta.get("data", {})
@@ -320,7 +325,7 @@ def predict_dataset(checkpoint, data_path, outputs, data_format="auto", label_pa
         print(f"predicting with {workers} processes")
         backend.before_processes_share_the_cores()
         start = partial(ProcessPoolExecutor, workers, mp_context=multiprocessing.get_context("spawn"),
-                        initializer=_start_worker, initargs=(job, threads))
+                        initializer=_start_pool_worker, initargs=(job, threads))
         pool = WatchedPool(start, name="prediction worker", flag="--workers")
         results = pool.results(_predict_one, ((i,) for i in range(len(samples))), ahead=2 * workers)
     classes, ignore_index = predicted_classes(meta), meta.get("data", {}).get("ignore_index", 255)

@@ -6,6 +6,7 @@ death at once and fails every task in flight (BrokenProcessPool); WatchedPool th
 and hands it again the tasks that were lost, so that a task's result, which depends on the task
 alone, is the one an undisturbed run gets.
 """
+import ctypes
 import signal
 import sys
 from collections import deque
@@ -19,6 +20,13 @@ MAX_DEATHS = 3  # in one call of WatchedPool.results: a worker that dies this of
 
 class WorkersDied(RuntimeError):
     """Workers kept dying; the message says which, how, and what was kept."""
+
+
+def die_with_parent():
+    """Have the kernel kill this process when the one that started it dies (Linux's PR_SET_PDEATHSIG): a
+    worker whose parent was killed would otherwise wait for work for ever, holding its memory."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
 
 
 def how_it_ended(exitcode):

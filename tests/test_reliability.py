@@ -234,14 +234,34 @@ def test_sigterm_writes_last_npz_and_resume_continues_exactly(tmp_path):
     assert_same_weights(tmp_path / "interrupted", straight)
 
 
-def test_kill_9_midway_then_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path):
+def children(pid):
+    return [int(child) for child in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+
+
+def alive(pid):
+    """Whether process `pid` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_kill_9_midway_then_resume_gives_the_weights_of_an_uninterrupted_run_and_leaves_no_worker_behind(tmp_path):
+    workers = []
+
     def kill_9(process, run):
         wait_for_log(process, run, "epoch 1/3")
+        workers.extend(children(process.pid))
         process.kill()
 
-    flags = ["--val-fraction", 0, "--schedule", "constant", "--epochs", 3]
+    flags = ["--val-fraction", 0, "--schedule", "constant", "--epochs", 3, "--loader-workers", 1]
     killed, _, straight = interrupted_and_resumed(tmp_path, flags, kill_9)
     assert killed.returncode == -signal.SIGKILL
+    assert len(workers) == 1
+    deadline = time.time() + 10  # the kernel kills a worker whose training process died (PR_SET_PDEATHSIG)
+    while any(map(alive, workers)) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(map(alive, workers))
     assert_same_weights(tmp_path / "interrupted", straight)
     assert not [name for name in os.listdir(tmp_path / "interrupted" / "checkpoints") if name.startswith(".tmp-")]
 
