@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import sys
+from concurrent.futures import CancelledError
 from functools import partial
 
 import numpy as np
@@ -587,9 +588,11 @@ def predict_volume(path, checkpoint, outputs, threshold=0.5, device="cpu", tta=T
         stores["prob"] = os.path.join(outputs["prob"], name)
     if outputs.get("instances") and classes == 1:
         stores["instances"] = os.path.join(outputs["instances"], name)
-    job = dict(volume=path, checkpoint=checkpoint, device=device, amp=amp, tta=tta, threshold=threshold,
-               block=block, halo=halo, shape=volume.shape, levels=pyramid_levels(volume.shape[1:], block) if
-               levels is None else levels, has_z=volume.has_z, stores=stores,
+    # Absolute paths: a Dask cluster's workers may run in another folder than this process.
+    job = dict(volume=os.path.abspath(path), checkpoint=os.path.abspath(checkpoint), device=device, amp=amp, tta=tta,
+               threshold=threshold, block=block, halo=halo, shape=volume.shape,
+               levels=pyramid_levels(volume.shape[1:], block) if levels is None else levels, has_z=volume.has_z,
+               stores={kind: os.path.abspath(store) for kind, store in stores.items()},
                prob_bits=outputs.get("prob_bits", 16) if "prob" in stores else None, object_network=bool(
                    data.get("instances")), gpus=backend.flow.cuda.device_count() if device.startswith("cuda") else 0,
                objects=dict(method=outputs["objects"], min_size=outputs["min_size"],
@@ -640,6 +643,9 @@ def dask_client(workers, scheduler, job):
                      "distributed.admin.system-monitor.interval": "5s",
                      "distributed.worker.memory.monitor-interval": "1s"})
     if scheduler:
+        # The client logs its reconnection attempts as tracebacks; a lost cluster is said in one line (run_tasks).
+        for name in [name for name in logging.root.manager.loggerDict if name.startswith("distributed")]:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
         try:
             client = Client(scheduler, timeout="10s")
         except (OSError, TimeoutError) as err:
@@ -673,6 +679,10 @@ def run_tasks(client, function, keys, what, *more):
         except ModuleNotFoundError as err:
             raise DataError(f"the Dask workers cannot import this project ({err}): start them in its folder with "
                             f"PYTHONPATH=$PWD (README)") from None
+        except CancelledError as err:  # the scheduler lost (killed, its machine gone): Dask cancels every task
+            raise WorkersDied(f"the Dask cluster at {client.scheduler.address} stopped answering "
+                              f"({str(err).splitlines()[0]}): the {what} done are kept, and the same command goes on "
+                              f"with the rest") from None
         except KilledWorker as err:  # Dask gives a dead worker's task to another, up to allowed-failures times
             key = dict(zip((future.key for future in futures), keys)).get(err.task, err.task)
             raise WorkersDied(f"Dask workers kept dying on the {what} (the last try was {key}'s; out of memory?): "

@@ -357,8 +357,11 @@ def test_a_dask_cluster_of_two_workers_gives_what_one_process_gives(tmp_path, ba
     path = write_ome_zarr(tmp_path / "vol.ome.zarr", volume)
     extra = ["--block", 48, "--no-tta", "--save-prob", "--instance-path"]
     predict(path, tmp_path / "here", batch_norm_net, *extra, tmp_path / "here" / "objects", "--objects", "watershed")
-    result = predict(path, tmp_path / "cluster", batch_norm_net, *extra, tmp_path / "cluster" / "objects",
-                     "--objects", "watershed", "--scheduler", dask_cluster)
+    # Paths relative to this folder, which the workers do not run in (README: they start in the project's)
+    result = run_script("predict_unet_test.py", "--checkpoint", os.path.relpath(batch_norm_net, tmp_path),
+                        "--test-data-path", "vol.ome.zarr", "--save-res-path", "cluster/masks", "--prob-path",
+                        "cluster/prob", *extra, "cluster/objects", "--objects", "watershed", "--scheduler", dask_cluster,
+                        cwd=tmp_path)
     assert "dask: 2 workers" in result.stdout
     for kind in ("masks", "objects"):
         assert np.array_equal(read_store(tmp_path / "cluster" / kind / "vol.ome.zarr"),
