@@ -192,7 +192,7 @@ def test_calibration_puts_the_decision_at_the_threshold_that_fits_the_training_i
 
 def test_a_resumed_run_recalibrates_an_unchanged_best_checkpoint_from_its_weights_not_its_shifted_decision(
         dataset, tmp_path):
-    train_small(dataset, tmp_path, "--weight-map", "--epochs", 3, "--lr", 1e-2)
+    train_small(dataset, tmp_path, "--weight-map", "--epochs", 2, "--lr", 1e-2)
     first = load_checkpoint(str(tmp_path / "checkpoints" / "best.npz"))[0]
     assert first["calibrated_threshold"] != 0.5  # else recalibrating the shifted decision would change nothing
     train_small(dataset, tmp_path, "--weight-map", "--epochs", 3, "--resume", "--lr", 0)  # no better epoch
