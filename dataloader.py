@@ -7,12 +7,9 @@ type's range, per-image percentiles or z-score); labels become uint8 class indic
 class (255 = cell = 1 in ISBI's labels), 0..N-1 (+ 255 = ignore) for N.
 Dataset layouts (DSB 2018, VOC, nnU-Net, Cellpose, TIFF stacks) are found by datasets.py.
 """
-import multiprocessing
 import os
 import signal
 from collections import OrderedDict
-from concurrent.futures import ProcessPoolExecutor
-from functools import partial
 
 import cv2
 import numpy as np
@@ -21,7 +18,7 @@ from PIL import Image
 
 from augment import augment as augment_sample
 from files import DataError
-from processes import WatchedPool, die_with_parent
+from processes import WatchedPool
 
 NORMALIZATIONS = ("percentile", "zscore", "range")
 DEFAULT_PERCENTILES = (1.0, 99.8)
@@ -402,7 +399,6 @@ _loader_sampler = None  # the Sampler of the BatchLoader whose worker this proce
 
 
 def _worker_signals():
-    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training process's to handle
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not training's StopRequest: a broken pool ends its workers so
     # Not cv2.setNumThreads(1): in a child forked from a process whose OpenCV threads had run, it
@@ -424,9 +420,8 @@ class BatchLoader:
         self.sampler, self.workers, self.pool = sampler, workers, None
         if workers:
             _loader_sampler = sampler  # the workers inherit the data: nothing is pickled but the pairs' indices
-            start = partial(ProcessPoolExecutor, workers, mp_context=multiprocessing.get_context("fork"),
-                            initializer=_worker_signals)
-            self.pool = WatchedPool(start, name="loader worker", flag="--loader-workers")
+            self.pool = WatchedPool(workers, "fork", name="loader worker", flag="--loader-workers",
+                                    initializer=_worker_signals)
 
     def batches(self, steps):
         """The batch of each (indices, seed) of `steps`, in order."""

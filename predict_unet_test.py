@@ -18,11 +18,9 @@ intensities were normalized), so no model flags are needed.
 import argparse
 import csv
 import io
-import multiprocessing
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from functools import partial
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -36,7 +34,7 @@ from evaluate import format_table, score_binary, score_multiclass, write_json
 from files import DataError, atomic_write, write_png, write_tiff
 from inference import predict_at_object_size, probability_values
 from instances import METHODS, foreground, in_diameters, measure, object_method, objects_of, roi_set
-from processes import WatchedPool, WorkersDied, die_with_parent
+from processes import WatchedPool, WorkersDied
 from unet import MIN_SIDE
 from visualize import class_colors, montage, outline_objects, overlay
 
@@ -208,11 +206,6 @@ def _start_worker(job, threads, samples=None):
     _worker.update(job=with_object_method(job, meta), model=model, meta=meta, samples=samples)
 
 
-def _start_pool_worker(job, threads):
-    die_with_parent()
-    _start_worker(job, threads)
-
-
 def with_object_method(job, meta):
     """The job with --objects auto settled for the checkpoint (instances.object_method)."""
     method, data = job["outputs"].get("objects"), meta.get("data", {})
@@ -324,9 +317,8 @@ def predict_dataset(checkpoint, data_path, outputs, data_format="auto", label_pa
         job = with_object_method(job, meta)
         print(f"predicting with {workers} processes")
         backend.before_processes_share_the_cores()
-        start = partial(ProcessPoolExecutor, workers, mp_context=multiprocessing.get_context("spawn"),
-                        initializer=_start_pool_worker, initargs=(job, threads))
-        pool = WatchedPool(start, name="prediction worker", flag="--workers")
+        pool = WatchedPool(workers, "spawn", name="prediction worker", flag="--workers", initializer=_start_worker,
+                           initargs=(job, threads))
         results = pool.results(_predict_one, ((i,) for i in range(len(samples))), ahead=2 * workers)
     classes, ignore_index = predicted_classes(meta), meta.get("data", {}).get("ignore_index", 255)
     written, montage_rows, scored, tables, stacks = [], [], [], [], {}

@@ -7,10 +7,13 @@ and hands it again the tasks that were lost, so that a task's result, which depe
 alone, is the one an undisturbed run gets.
 """
 import ctypes
+import multiprocessing
 import signal
 import sys
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from functools import partial
 from itertools import islice
 
 from tqdm import tqdm
@@ -39,13 +42,23 @@ def how_it_ended(exitcode):
     return f"exit code {exitcode}"
 
 
-class WatchedPool:
-    """`start_pool()` (a ProcessPoolExecutor), started again whenever one of its workers dies.
-    `name` names the workers in what is printed ("loader worker"), `flag` the setting of their number."""
+def _start_worker(initializer, *initargs):
+    die_with_parent()
+    if initializer is not None:
+        initializer(*initargs)
 
-    def __init__(self, start_pool, name, flag):
-        self.start_pool, self.name, self.flag = start_pool, name, flag
-        self.pool = start_pool()
+
+class WatchedPool:
+    """A ProcessPoolExecutor of `workers` processes started by `context` ("fork" or "spawn"), each
+    running `initializer(*initargs)` first and killed with the process that started it; started again
+    whenever one of its workers dies. `name` names the workers in what is printed ("loader worker"),
+    `flag` the setting of their number."""
+
+    def __init__(self, workers, context, name, flag, initializer=None, initargs=()):
+        self.start_pool = partial(ProcessPoolExecutor, workers, mp_context=multiprocessing.get_context(context),
+                                  initializer=_start_worker, initargs=(initializer, *initargs))
+        self.name, self.flag = name, flag
+        self.pool = self.start_pool()
 
     def results(self, function, tasks, ahead):
         """function(*task) of each of `tasks`, in order, with at most `ahead` tasks in flight. A worker

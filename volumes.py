@@ -460,7 +460,8 @@ def refuse_or_resume(path, kind, job, settings, overwrite, arrays):
     if not os.path.exists(path):
         return False
     settings_file = os.path.join(path, ".unet", "settings.json")
-    if not overwrite and _read_json(settings_file) == settings:
+    written = _read_json(settings_file)
+    if not overwrite and written == settings:
         for name, (shape, dtype) in arrays.items():
             found = _array_layout(os.path.join(path, name))
             if found != f"{shape} of {np.dtype(dtype)}":
@@ -469,7 +470,7 @@ def refuse_or_resume(path, kind, job, settings, overwrite, arrays):
         return True
     if not overwrite:
         what = "files this command did not write" if not os.path.exists(settings_file) else \
-            f"a prediction with other settings ({setting_that_differs(_read_json(settings_file), settings)})"
+            f"a prediction with other settings ({setting_that_differs(written, settings)})"
         raise DataError(f"{path}: holds {what}; --overwrite replaces it, or give another {OUTPUT_FLAGS[kind]}")
     if not any(os.path.exists(os.path.join(path, f)) for f in (".zgroup", ".zarray")):
         raise DataError(f"{path}: not a zarr store, so not removed, not even with --overwrite")

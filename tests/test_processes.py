@@ -1,8 +1,6 @@
 """A pool of worker processes that outlives a worker killed as the out-of-memory killer kills one."""
-import multiprocessing
 import os
 import signal
-from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
@@ -24,8 +22,7 @@ def square_dying_always(number):
 
 
 def watched_pool(workers=2):
-    return WatchedPool(lambda: ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")),
-                       name="test worker", flag="--workers")
+    return WatchedPool(workers, "fork", name="test worker", flag="--workers")
 
 
 def test_a_worker_killed_midway_is_replaced_and_its_task_runs_again_so_the_results_are_whole(tmp_path, capsys):
