@@ -1,27 +1,16 @@
-"""Draw the training curves of the last run into a PNG (and show them when a display exists).
-
-    python3 plot.py                          # Unet_train.jsonl (beside Unet_train.txt) -> training_curves.png
-    python3 plot.py my_run.jsonl --out my.png
-
-Reads the JSON-lines log TrainUnetDataSet.py writes (log.py) and draws the losses together (the
-validation loss is computed as the training loss is, so the two compare), and each validation
-score and the learning rate in a panel of its own. Given a human-readable log, it reads the JSON
-lines beside it; a file of one loss per line (the original example's log) works too.
-Training redraws the same picture into progress.png after every epoch.
-Runs with the machine's own python3: without matplotlib it re-runs itself in the project's .venv.
-"""
+"""Draw the training curves of the last run into training_curves.png (`biounet-plot` is the same
+program). Runs with the machine's own python3: without matplotlib it re-runs itself in the
+project's .venv. See `python3 plot.py --help`."""
 import importlib.util
 import os
 import sys
 
-from cli import ArgumentParser, file_to_write
-from curves import plot_curves, read_log
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _rerun_in_venv_without_matplotlib():
-    if importlib.util.find_spec("matplotlib"):
+def in_project_venv():
+    """Re-run this script in the project's environment when this Python lacks what it needs."""
+    if importlib.util.find_spec("matplotlib") and importlib.util.find_spec("numpy"):
         return
     for venv in (".venv", ".venv-torch"):
         python = os.path.join(HERE, venv, "bin", "python")
@@ -32,16 +21,9 @@ def _rerun_in_venv_without_matplotlib():
 
 
 def main(argv=None):
-    p = ArgumentParser(description=__doc__)
-    p.add_argument("log", nargs="?", default="Unet_train.txt", help="training log (its .jsonl beside it is read)")
-    p.add_argument("--out", type=file_to_write, default="training_curves.png", help="PNG to write")
-    args = p.parse_args(argv)
-    _rerun_in_venv_without_matplotlib()
-    try:
-        plot_curves(read_log(args.log), args.out, show=bool(os.environ.get("DISPLAY")))
-    except (OSError, ValueError) as err:
-        sys.exit(f"error: {err}")
-    print(f"wrote {args.out}")
+    in_project_venv()
+    from biounet.commands.plot import main as plot
+    plot(argv)
 
 
 if __name__ == "__main__":

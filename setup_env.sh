@@ -21,16 +21,19 @@ find_python() {
     return 1
 }
 
-# make_venv DIR PYTHON REQUIREMENTS: install once; reinstall when a requirements file changes.
+# make_venv DIR PYTHON REQUIREMENTS EXTRAS: the pinned requirements, then the package itself
+# (`pip install -e .[EXTRAS]`: its console scripts, importable from anywhere); install once,
+# again when a requirements file or pyproject.toml changes.
 make_venv() {
-    local dir=$1 python=$2 requirements=$3 want
-    want=$(cat "$PROJECT_DIR/$requirements" "$PROJECT_DIR/requirements-common.txt" | sha256sum | cut -d' ' -f1)
+    local dir=$1 python=$2 requirements=$3 extras=$4 want
+    want=$(cat "$PROJECT_DIR/$requirements" "$PROJECT_DIR/requirements-common.txt" "$PROJECT_DIR/pyproject.toml" | sha256sum | cut -d' ' -f1)
     if [ -x "$dir/bin/python" ] && [ "$(cat "$dir/.requirements.sha" 2>/dev/null)" = "$want" ]; then
         return 0
     fi
     echo "setup: creating $dir with $("$python" --version) from $requirements (first run only; a few minutes)"
     "$python" -m venv "$dir" || return 1
-    "$dir/bin/python" -m pip install -q --disable-pip-version-check -r "$PROJECT_DIR/$requirements" || {
+    "$dir/bin/python" -m pip install -q --disable-pip-version-check -r "$PROJECT_DIR/$requirements" \
+        -e "$PROJECT_DIR[$extras]" || {
         echo "error: installing $requirements into $dir failed (see pip's message above)" >&2
         return 1
     }
@@ -40,7 +43,7 @@ make_venv() {
 ensure_oneflow_env() {
     local python
     python=$(find_python 8 10) || return 1
-    make_venv "$PROJECT_DIR/.venv" "$python" requirements-oneflow.txt || return 1
+    make_venv "$PROJECT_DIR/.venv" "$python" requirements-oneflow.txt oneflow,dask,test || return 1
     # OneFlow's CUDA build loads cuDNN/cuBLAS even on a CPU-only machine.
     local libs
     libs=$(ls -d "$PROJECT_DIR"/.venv/lib/python3.*/site-packages/nvidia/*/lib 2>/dev/null | tr '\n' ':')
@@ -53,7 +56,7 @@ ensure_torch_env() {
         echo "error: no CPython 3.8-3.13 found for PyTorch" >&2
         return 1
     }
-    make_venv "$PROJECT_DIR/.venv-torch" "$python" requirements-torch.txt
+    make_venv "$PROJECT_DIR/.venv-torch" "$python" requirements-torch.txt torch,dask,export,test
 }
 
 ensure_env() {

@@ -13,7 +13,7 @@
 #                    in the pictures, and the scores printed and written to SCORES_JSON
 #                    (predict_scores.json)
 #   UNET_BACKEND     oneflow (default) or torch
-# Extra arguments go to predict_unet_test.py (see `bash test.sh --help`).
+# Extra arguments go to predict_unet_test.py (biounet-predict) (see `bash test.sh --help`).
 set -euo pipefail
 cd "$(dirname "$0")"
 source ./setup_env.sh
@@ -26,7 +26,7 @@ OVERLAY_PATH=${OVERLAY_PATH:-predict_overlay/}
 TEST_LABEL_PATH=${TEST_LABEL_PATH:-}
 if [ "${TEST_DATA_PATH%/}" = test_image ] && ! wants_help "$@"; then
     # Fills test_image/ only when it is empty; prints where the data is (see train.sh).
-    TEST_DATA_PATH=$("$PYTHON" fetch_data.py --need test_image)/test_image/
+    TEST_DATA_PATH=$("$PYTHON" -m biounet.commands.fetch --need test_image)/test_image/
 fi
 if [ "${PRETRAINED:-0}" = 1 ]; then
     set -- --pretrained "$@"

@@ -14,7 +14,7 @@
 #                           OneFlow on a CPU, else 1), through OneFlow's launcher or torchrun
 #   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   the same over several machines (run train.sh on
 #                           each, NODE_RANK 0..NNODES-1, MASTER_ADDR the address of node 0)
-# Extra arguments go to TrainUnetDataSet.py (see `bash train.sh --help`).
+# Extra arguments go to TrainUnetDataSet.py (biounet-train) (see `bash train.sh --help`).
 set -euo pipefail
 cd "$(dirname "$0")"
 source ./setup_env.sh
@@ -24,18 +24,18 @@ DATA_PATH=${DATA_PATH:-train_image}
 LABEL_PATH=${LABEL_PATH:-}
 if [ "${DATA_PATH%/}" = train_image ] && [ -z "$LABEL_PATH" ] && ! wants_help "$@"; then
     # Fills empty folders only; prints where the data is (synthetic_isbi when all were empty, offline).
-    DATA_ROOT=$("$PYTHON" fetch_data.py --need train_image train_label)
+    DATA_ROOT=$("$PYTHON" -m biounet.commands.fetch --need train_image train_label)
     DATA_PATH=$DATA_ROOT/train_image LABEL_PATH=$DATA_ROOT/train_label
 fi
 
 NNODES=${NNODES:-1}
 if [ -z "${NPROC_PER_NODE:-}" ] && ! wants_help "$@"; then
-    NPROC_PER_NODE=$("$PYTHON" -c 'import backend; print(backend.default_processes())' 2>/dev/null)
+    NPROC_PER_NODE=$("$PYTHON" -c 'from biounet.model import backend; print(backend.default_processes())' 2>/dev/null)
 fi
 LAUNCH=()
 if [ "${NPROC_PER_NODE:-1}" -gt 1 ] || [ "$NNODES" -gt 1 ]; then
     echo "train.sh: $NPROC_PER_NODE data-parallel process(es) on this machine, $NNODES machine(s) (NPROC_PER_NODE=1 for one)"
-    LAUNCH=(launch.py --nproc-per-node "$NPROC_PER_NODE" --nnodes "$NNODES" --node-rank "${NODE_RANK:-0}"
+    LAUNCH=(-m biounet.commands.launch --nproc-per-node "$NPROC_PER_NODE" --nnodes "$NNODES" --node-rank "${NODE_RANK:-0}"
             --master-addr "${MASTER_ADDR:-127.0.0.1}" --master-port "${MASTER_PORT:-29500}")
 fi
 

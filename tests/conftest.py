@@ -1,6 +1,7 @@
 """Shared fixtures: small synthetic EM-like data written by the tests themselves."""
 import contextlib
 import importlib
+import importlib.util
 import io
 import os
 import subprocess
@@ -12,11 +13,11 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import backend  # noqa: E402
-from checkpoint import save_checkpoint  # noqa: E402
-from files import write_png  # noqa: E402
-from fetch_data import synthetic_em_slice  # noqa: E402
-from unet import UNet  # noqa: E402
+from biounet.model import backend  # noqa: E402
+from biounet.model.checkpoint import save_checkpoint  # noqa: E402
+from biounet.core.files import write_png  # noqa: E402
+from biounet.data.fetch import synthetic_em_slice  # noqa: E402
+from biounet.model.unet import UNet  # noqa: E402
 
 
 def write_dataset(folder, n_train=4, n_test=2, size=64, seed=0):
@@ -37,11 +38,13 @@ def dataset(tmp_path):
 
 
 def run_script(script, *args, cwd, env=None, check=True):
-    """`python SCRIPT ARGS` in `cwd`; returns a CompletedProcess. It runs inside this process, through
-    the script's main(argv), which spares the interpreter's and the framework's start-up (seconds
-    each on PyTorch); with `env` (variables to add) it runs as a real process."""
+    """`python SCRIPT ARGS` (a file of the project, e.g. TrainUnetDataSet.py or benchmarks/bench.py) or
+    a console script (`biounet-evaluate ARGS`) in `cwd`; returns a CompletedProcess. It runs inside
+    this process, through the program's main(argv), which spares the interpreter's and the framework's
+    start-up (seconds each on PyTorch); with `env` (variables to add) it runs as a real process."""
     if env is not None:
-        result = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=cwd,
+        command = [os.path.join(ROOT, script)] if script.endswith(".py") else ["-m", command_module(script)]
+        result = subprocess.run([sys.executable, *command, *map(str, args)], cwd=cwd,
                                 env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
     else:
         result = _run_in_process(script, [str(a) for a in args], cwd)
@@ -50,8 +53,22 @@ def run_script(script, *args, cwd, env=None, check=True):
     return result
 
 
+def command_module(name):
+    """The module of a console script: biounet-evaluate -> biounet.commands.evaluate."""
+    return "biounet.commands." + name[len("biounet-"):]
+
+
+def _main_of(script):
+    if not script.endswith(".py"):
+        return importlib.import_module(command_module(script)).main
+    spec = importlib.util.spec_from_file_location(os.path.basename(script)[:-3], os.path.join(ROOT, script))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
 def _run_in_process(script, args, cwd):
-    main = importlib.import_module(script[:-len(".py")]).main
+    main = _main_of(script)
     out, err = io.StringIO(), io.StringIO()
     here = os.getcwd()
     os.chdir(cwd)

@@ -1,7 +1,7 @@
 """Code both sides of the parity tests run, each on its own framework."""
 import numpy as np
 
-import backend
+from biounet.model import backend
 
 
 def trained_a_little(model, seed, steps=3):

@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from augment import DEFAULT_PROBABILITIES, augment
+from biounet.data.augment import DEFAULT_PROBABILITIES, augment
 from conftest import run_script
-from metrics import cells
-from weightmap import class_balance, weight_map
+from biounet.data.labels import cells
+from biounet.data.weightmap import class_balance, weight_map
 
 GEOMETRIC = dict(flip=1.0, affine=1.0, elastic=1.0)
 
@@ -60,7 +60,7 @@ def test_normalized_values_outside_0_to_1_are_kept_as_prediction_sees_them():
 
 
 def test_inspect_data_says_what_was_found_and_draws_augmented_samples_and_the_weight_map(tmp_path, dataset):
-    out = run_script("inspect_data.py", f"{dataset}/train_image", "--label-path", f"{dataset}/train_label",
+    out = run_script("dataloader.py", f"{dataset}/train_image", "--label-path", f"{dataset}/train_label",
                      "--augmented", tmp_path / "aug.png", "--samples", 5, "--weight-map", tmp_path / "w.png",
                      cwd=tmp_path).stdout
     assert f"{dataset}/train_image: pairs, 4 images (4 labelled)\nsizes: 64x64 uint8 (4)\nlabel values: 0, 255\n" in out

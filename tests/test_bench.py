@@ -1,12 +1,12 @@
 """bench.py's quick mode: the benchmark itself runs and prints its table (its figures are not checked)."""
 import os
 
-import backend
+from biounet.model import backend
 from conftest import run_script
 
 
 def test_the_quick_benchmark_prints_a_row_per_mode_the_limit_and_the_figures_per_row(tmp_path):
-    out = run_script("bench.py", "--quick", "--backends", backend.NAME, cwd=tmp_path).stdout
+    out = run_script("benchmarks/bench.py", "--quick", "--backends", backend.NAME, cwd=tmp_path).stdout
     assert out.startswith("limit: float32 matrix product on ")
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| 64 |")]
     cores = len(os.sched_getaffinity(0))

@@ -10,10 +10,10 @@ import sys
 import numpy as np
 import pytest
 
-import backend
-from checkpoint import CheckpointError, build_model, load_checkpoint, read_oneflow_folder, save_checkpoint
+from biounet.model import backend
+from biounet.model.checkpoint import CheckpointError, build_model, load_checkpoint, read_oneflow_folder, save_checkpoint
 from conftest import ROOT
-from unet import UNet
+from biounet.model.unet import UNet
 
 ONEFLOW_PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
 
@@ -102,7 +102,7 @@ def test_a_checkpoint_that_does_not_fit_the_model_names_the_file_and_the_weight(
     path = str(tmp_path / "model.npz")
     save_checkpoint(path, UNet(base=4))
     meta, weights, arrays = load_checkpoint(path)
-    from checkpoint import load_weights
+    from biounet.model.checkpoint import load_weights
     with pytest.raises(CheckpointError, match=r"model\.npz: does not fit the model: .*inc\.double_conv\.0\.weight: "
                                               r"\(4, 1, 3, 3\) in the file, \(8, 1, 3, 3\) in the model"):
         load_weights(UNet(base=8), weights, path)
@@ -134,7 +134,7 @@ WRITE_ORIGINAL_FORMAT = """
 import sys
 import numpy as np
 import oneflow as flow
-from unet import UNet
+from biounet.model.unet import UNet
 from parity_helpers import outputs, trained_a_little
 folder, x = sys.argv[1], np.load(sys.argv[2])
 model = trained_a_little(UNet(n_channels=1, n_classes=1, bilinear=False, base=4), seed=0)
@@ -178,8 +178,8 @@ def test_a_crafted_oneflow_checkpoint_cannot_run_code(tmp_path):
 
 def test_checkpoints_are_written_off_the_steps_path_from_a_copy_of_the_weights(tmp_path, monkeypatch):
     import threading
-    import checkpoint
-    from checkpoint import RunFolder
+    from biounet.model import checkpoint
+    from biounet.model.checkpoint import RunFolder
     started, release = threading.Event(), threading.Event()
     write = checkpoint.write_checkpoint
 
@@ -203,8 +203,8 @@ def test_checkpoints_are_written_off_the_steps_path_from_a_copy_of_the_weights(t
 
 
 def test_a_background_write_that_fails_stops_the_run_at_the_next_save_in_one_line(tmp_path, monkeypatch):
-    import checkpoint
-    from checkpoint import RunFolder
+    from biounet.model import checkpoint
+    from biounet.model.checkpoint import RunFolder
 
     def full_disk(path, arrays):
         raise OSError(f"{path}: could not be written (No space left on device); it is as it was before")

@@ -3,9 +3,9 @@ import os
 
 import pytest
 
-from config import ConfigError, DataFacts, describe, settle
+from biounet.training.config import ConfigError, DataFacts, describe, settle
 from conftest import train_small
-from TrainUnetDataSet import parse_args
+from biounet.training.flags import parse_args
 
 ISBI = DataFacts("pairs", 1, [(512, 512)], ("0", 512), False, None, True)
 MIXED = DataFacts("dsb2018", 3, [(256, 256), (256, 320), (520, 696)], ("a", 256), True, None, True)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import run_script
-from evaluate import score_folder
-from metrics import dice, pixel_accuracy
+from biounet.evaluation.scores import score_folder
+from biounet.evaluation.metrics import dice, pixel_accuracy
 
 
 def test_dice_and_accuracy_of_hand_made_masks():
@@ -33,7 +33,7 @@ def test_evaluate_scores_each_prediction_against_the_label_of_the_same_name(tmp_
     assert scores["images"]["a.png"]["pixel_error"] == 0.0 and scores["images"]["a.png"]["v_rand"] == 1.0
     assert scores["images"]["b.png"]["pixel_error"] == pytest.approx(64 / 256)
     assert scores["mean"]["pixel_error"] == pytest.approx(32 / 256)
-    out = run_script("evaluate.py", "pred", "label", "--json", "scores.json", cwd=tmp_path).stdout
+    out = run_script("biounet-evaluate", "pred", "label", "--json", "scores.json", cwd=tmp_path).stdout
     assert out.splitlines()[0].split() == ["image", "pixel_error", "dice", "iou", "mean_iou", "v_rand", "v_info",
                                            "adapted_rand_error", "vi"]
     assert out.splitlines()[-1].startswith("mean")

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import tifffile
 
-import backend
-from checkpoint import build_model
+from biounet.model import backend
+from biounet.model.checkpoint import build_model
 from conftest import run_script, tiny_checkpoint
-from dataloader import normalize
-from inference import predict_probability
+from biounet.data.loader import normalize
+from biounet.prediction.inference import predict_probability
 
 ON_TORCH = backend.NAME == "torch"
 needs_torch = pytest.mark.skipif(not ON_TORCH, reason="export runs on PyTorch: checked in the suite's PyTorch run")
@@ -30,7 +30,7 @@ def two_channel_sample(path, shape=(64, 80)):
 @pytest.mark.skipif(ON_TORCH, reason="the refusal is OneFlow's; PyTorch exports (tests below)")
 def test_export_on_oneflow_says_to_use_pytorch(tmp_path):
     checkpoint = tiny_checkpoint(tmp_path / "tiny.npz")
-    result = run_script("export.py", checkpoint, "--onnx", tmp_path / "m.onnx", cwd=tmp_path, check=False)
+    result = run_script("biounet-export", checkpoint, "--onnx", tmp_path / "m.onnx", cwd=tmp_path, check=False)
     assert result.returncode == 1
     assert result.stderr.strip() == f"error: {checkpoint}: export runs on PyTorch (UNET_BACKEND=torch; bash export.sh sets it)"
     assert not os.path.exists(tmp_path / "m.onnx")
@@ -42,7 +42,7 @@ def test_onnx_export_predicts_as_the_project_does_at_any_size(tmp_path):
     checkpoint = tiny_checkpoint(tmp_path / "tiny.npz", n_channels=2, n_classes=1,
                                  data=dict(normalize="percentile", percentiles=[1.0, 99.8]))
     raw = two_channel_sample(tmp_path / "sample.tif")
-    out = run_script("export.py", checkpoint, "--onnx", tmp_path / "m.onnx", "--sample", tmp_path / "sample.tif",
+    out = run_script("biounet-export", checkpoint, "--onnx", tmp_path / "m.onnx", "--sample", tmp_path / "sample.tif",
                      cwd=tmp_path).stdout
     assert "within" in out
     model, _ = build_model(checkpoint, "cpu")
@@ -65,7 +65,7 @@ def test_bioimageio_package_validates_runs_and_describes_the_preprocessing(tmp_p
     checkpoint = tiny_checkpoint(tmp_path / "three.npz", n_channels=2, n_classes=3,
                                  data=dict(instances=True, normalize="percentile", percentiles=[2.0, 99.5]))
     raw = two_channel_sample(tmp_path / "sample.tif")
-    run_script("export.py", checkpoint, "--bioimageio", tmp_path / "pkg", "--sample", tmp_path / "sample.tif",
+    run_script("biounet-export", checkpoint, "--bioimageio", tmp_path / "pkg", "--sample", tmp_path / "sample.tif",
                "--name", "nuclei", "--author", "Ada", cwd=tmp_path)
     assert sorted(os.listdir(tmp_path / "pkg")) == ["README.md", "cover.png", "model.onnx", "model.pt", "rdf.yaml",
                                                    "sample_input.tif", "sample_output.tif", "test_input.npy",
@@ -95,7 +95,7 @@ def test_bioimageio_export_keeps_a_folder_that_holds_files(tmp_path):
     checkpoint = tiny_checkpoint(tmp_path / "tiny.npz")
     os.makedirs(tmp_path / "pkg")
     (tmp_path / "pkg" / "mine.txt").write_text("keep")
-    result = run_script("export.py", checkpoint, "--bioimageio", tmp_path / "pkg", cwd=tmp_path, check=False)
+    result = run_script("biounet-export", checkpoint, "--bioimageio", tmp_path / "pkg", cwd=tmp_path, check=False)
     assert result.returncode == 1
     assert result.stderr.strip() == f"error: {tmp_path}/pkg: folder exists and is not empty; give a new one"
     assert os.listdir(tmp_path / "pkg") == ["mine.txt"]
@@ -103,7 +103,7 @@ def test_bioimageio_export_keeps_a_folder_that_holds_files(tmp_path):
 
 def test_checkpoints_record_what_export_needs(tmp_path):
     """The normalization export describes comes from the checkpoint (range for checkpoints from before)."""
-    from checkpoint import input_normalization, load_checkpoint
+    from biounet.model.checkpoint import input_normalization, load_checkpoint
     old = tiny_checkpoint(tmp_path / "old.npz")
     new = tiny_checkpoint(tmp_path / "new.npz", data=dict(normalize="zscore", percentiles=[1.0, 99.8]))
     assert input_normalization(load_checkpoint(old)[0]) == ("range", (1.0, 99.8))

@@ -10,14 +10,14 @@ import roifile
 import tifffile
 from PIL import Image
 
-from checkpoint import load_checkpoint
+from biounet.model.checkpoint import load_checkpoint
 from conftest import run_script, write_dataset
-from dataloader import SegmentationDataset, read_label
-from files import DataError, write_png
-from datasets import detect_format, find_samples, load_dataset
-from visualize import voc_palette
-from evaluate import score_folder
-from metrics import confusion_matrix, confusion_scores
+from biounet.data.loader import SegmentationDataset, read_label
+from biounet.core.files import DataError, write_png
+from biounet.data.datasets import detect_format, find_samples, load_dataset
+from biounet.core.visualize import voc_palette
+from biounet.evaluation.scores import score_folder
+from biounet.evaluation.metrics import confusion_matrix, confusion_scores
 
 TINY = ["--base", 4, "--crop", 32, "--epochs", 1, "--progress", ""]
 
@@ -199,7 +199,7 @@ def test_labelme_annotations_become_a_voc_dataset_with_class_index_palette_label
                                  dict(label="dog", shape_type="rectangle", points=[[40, 30], [60, 44]]),
                                  dict(label="__ignore__", shape_type="point", points=[[2, 40]])])
     labelme_json(str(src), "b", [dict(label="dog", shape_type="circle", points=[[30, 24], [30, 34]])], embed=True)
-    out = run_script("labelme2voc.py", src, tmp_path / "voc", "--val-fraction", 0.5, cwd=tmp_path).stdout
+    out = run_script("biounet-labelme2voc", src, tmp_path / "voc", "--val-fraction", 0.5, cwd=tmp_path).stdout
     assert "3 classes: 0 background, 1 cat, 2 dog" in out
     label = read_label(str(tmp_path / "voc" / "SegmentationClass" / "a.png"), classes=3)
     assert label[15, 15] == 1 and label[37, 50] == 2 and label[40, 2] == 255 and label[45, 30] == 0
@@ -212,7 +212,7 @@ def test_labelme_shapes_with_unknown_labels_stop_the_conversion(tmp_path):
     src = tmp_path / "labelme"
     src.mkdir()
     labelme_json(str(src), "a", [dict(label="cow", shape_type="polygon", points=[[5, 5], [25, 5], [25, 25]])])
-    result = run_script("labelme2voc.py", src, tmp_path / "voc", "--labels", "background,cat", cwd=tmp_path, check=False)
+    result = run_script("biounet-labelme2voc", src, tmp_path / "voc", "--labels", "background,cat", cwd=tmp_path, check=False)
     assert result.returncode != 0 and "a.json: label 'cow' is not one of the classes" in result.stderr.strip().splitlines()[-1]
 
 
@@ -232,7 +232,7 @@ def test_mean_iou_and_accuracy_follow_the_confusion_matrix():
 
 
 def test_a_class_absent_from_truth_and_prediction_has_no_iou_and_is_null_in_json(tmp_path):
-    from evaluate import score_multiclass, write_json
+    from biounet.evaluation.scores import score_multiclass, write_json
     truth = np.array([[0, 0, 1, 1]])
     scores = score_multiclass([("a.png", truth.copy(), truth)], classes=3)
     assert np.isnan(scores["mean"]["iou_2"]) and scores["mean"]["mean_iou"] == 1.0
@@ -241,8 +241,8 @@ def test_a_class_absent_from_truth_and_prediction_has_no_iou_and_is_null_in_json
 
 
 def test_auto_class_weights_are_median_frequency_over_frequency_ignoring_255():
-    from config import data_facts, settle
-    from TrainUnetDataSet import parse_args
+    from biounet.training.config import data_facts, settle
+    from biounet.training.flags import parse_args
     labels = [np.array([([0] * 6 + [1] * 3 + [2] * 1 + [255] * 5) * 3] * 32, np.uint8)]
     data = SegmentationDataset([np.zeros(labels[0].shape, np.float32)], labels, classes=3)
     facts = data_facts("voc", data, None)
@@ -253,8 +253,8 @@ def test_auto_class_weights_are_median_frequency_over_frequency_ignoring_255():
 
 
 def test_cross_entropy_leaves_ignored_pixels_out():
-    from backend import to_tensor
-    from losses import multiclass_loss
+    from biounet.model.backend import to_tensor
+    from biounet.model.losses import multiclass_loss
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(1, 3, 4, 4)).astype(np.float32)
     target = rng.integers(0, 3, (1, 4, 4))
@@ -312,7 +312,7 @@ def test_voc_trains_several_classes_and_predicts_class_indices_and_colours(tmp_p
     assert pred.shape == (64, 64) and set(np.unique(pred)) <= {0, 1, 2}
     colour = cv2.imread(str(tmp_path / "color" / "2007_000004.png"))
     np.testing.assert_array_equal(colour[pred == 1][:1], voc_palette()[[1]][:, ::-1])
-    scores = run_script("evaluate.py", "pred", root, "--classes", 3, cwd=tmp_path).stdout
+    scores = run_script("biounet-evaluate", "pred", root, "--classes", 3, cwd=tmp_path).stdout
     assert "mean_iou" in scores
 
 
@@ -351,9 +351,9 @@ def test_tiff_volumes_train_and_predict_a_stack_or_on_request_one_png_per_page(t
     objects = tifffile.imread(tmp_path / "objects" / "train-volume.tif")
     assert objects.dtype == np.uint16 and np.array_equal(
         objects[3], cv2.imread(str(tmp_path / "objects_slices" / "train-volume_03.png"), cv2.IMREAD_UNCHANGED))
-    stack_scores = run_script("evaluate.py", "pred", volume, cwd=tmp_path).stdout
+    stack_scores = run_script("biounet-evaluate", "pred", volume, cwd=tmp_path).stdout
     assert "train-volume_03.png" in stack_scores
-    assert stack_scores == run_script("evaluate.py", "slices", volume, cwd=tmp_path).stdout
+    assert stack_scores == run_script("biounet-evaluate", "slices", volume, cwd=tmp_path).stdout
     rois = roifile.roiread(tmp_path / "objects" / "train-volume_RoiSet.zip")
     assert len(rois) == sum(int(page.max()) for page in objects)
     assert sorted({roi.position for roi in rois}) == [i + 1 for i in range(4) if objects[i].max()]

@@ -12,12 +12,13 @@ import roifile
 from skimage.draw import polygon2mask
 from skimage.morphology import disk
 
-import backend
-from checkpoint import load_checkpoint
+from biounet.model import backend
+from biounet.model.checkpoint import load_checkpoint
 from conftest import run_script, tiny_checkpoint, train_small
-from instances import (DISTANCE_LEVELS, connected_objects, measure, object_class_names, object_classes, object_method,
+from biounet.data.labels import connected_objects
+from biounet.evaluation.instances import (DISTANCE_LEVELS, measure, object_class_names, object_classes, object_method,
                        object_scores, roi_set, split_by_interior, split_objects)
-from visualize import outline_objects
+from biounet.core.visualize import outline_objects
 
 
 def two_touching_disks():
@@ -90,7 +91,7 @@ def test_evaluate_scores_label_images_against_dsb_masks_per_object(tmp_path):
     cv2.imwrite(str(tmp_path / "dsb" / "a" / "images" / "a.png"), np.zeros((40, 40), np.uint8))
     for number in (1, 2):
         cv2.imwrite(str(tmp_path / "dsb" / "a" / "masks" / f"m{number}.png"), np.where(truth == number, 255, 0).astype(np.uint8))
-    result = run_script("evaluate.py", "--instances", tmp_path / "pred", tmp_path / "dsb", "--json",
+    result = run_script("biounet-evaluate", "--instances", tmp_path / "pred", tmp_path / "dsb", "--json",
                         tmp_path / "scores.json", cwd=tmp_path)
     assert "map_05_095" in result.stdout.splitlines()[0]
     mean = json.load(open(tmp_path / "scores.json"))["mean"]

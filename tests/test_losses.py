@@ -4,8 +4,8 @@ import argparse
 import numpy as np
 import pytest
 
-from backend import to_tensor
-from losses import binary_loss, learning_rate, multiclass_loss
+from biounet.model.backend import to_tensor
+from biounet.model.losses import binary_loss, learning_rate, multiclass_loss
 
 rng = np.random.default_rng(0)
 LOGITS = rng.normal(size=(2, 1, 5, 6)).astype(np.float32)

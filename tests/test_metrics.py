@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 from skimage.metrics import adapted_rand_error, variation_of_information
 
-from metrics import (cells, class_scores, isbi_scores, pixel_scores, rand_and_info_scores, skimage_scores,
+from biounet.data.labels import cells
+from biounet.evaluation.metrics import (class_scores, isbi_scores, pixel_scores, rand_and_info_scores, skimage_scores,
                      thinned_segments)
 
 

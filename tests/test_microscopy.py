@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import tifffile
 
-from checkpoint import build_model, update_meta
+from biounet.model.checkpoint import build_model, update_meta
 from conftest import run_script, tiny_checkpoint, write_dataset
-from dataloader import intensity_levels, normalize, read_image, read_raw_image
-from fetch_data import synthetic_em_slice
-from inference import predict_sample
-from datasets import detect_format, find_samples, load_dataset, read_tiff_stack
-from files import DataError
+from biounet.data.loader import intensity_levels, normalize, read_image, read_raw_image
+from biounet.data.fetch import synthetic_em_slice
+from biounet.prediction.inference import predict_sample
+from biounet.data.datasets import detect_format, find_samples, load_dataset, read_tiff_stack
+from biounet.core.files import DataError
 
 
 def twelve_bit_image(seed=0, shape=(64, 64)):
@@ -228,7 +228,7 @@ def test_nnunet_raw_datasets_stack_a_case_s_channel_files_in_order(tmp_path):
     data = load_dataset(samples)
     assert data.channels == 2 and data.normalization[0] == "percentile" and data.labels[1].sum() == 22 * 24
     assert [s.name for s in find_samples(root)] == ["case_000", "case_001"]  # imagesTs, for prediction
-    out = run_script("inspect_data.py", root, "--split", "train", cwd=tmp_path).stdout
+    out = run_script("dataloader.py", root, "--split", "train", cwd=tmp_path).stdout
     assert "nnunet, 3 images (3 labelled)\nsizes: 48x48 uint16 x 2 channels (3)\n" in out
     assert "dataset.json: channels 0 DAPI, 1 inverse; labels background = 0, nucleus = 1\nlabel values: 0, 1" in out
     os.remove(f"{root}/imagesTr/case_002_0001.png")

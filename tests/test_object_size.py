@@ -7,12 +7,13 @@ import cv2
 import numpy as np
 import pytest
 
-import backend
-from checkpoint import load_checkpoint
+from biounet.model import backend
+from biounet.model.checkpoint import load_checkpoint
 from conftest import run_script
-from dataloader import SegmentationDataset, resize
-from inference import predict_at_object_size
-from instances import STANDARD_DIAMETER, connected_objects, estimate_diameter, in_diameters, median_diameter
+from biounet.data.loader import SegmentationDataset, resize
+from biounet.prediction.inference import predict_at_object_size
+from biounet.data.labels import connected_objects
+from biounet.evaluation.instances import STANDARD_DIAMETER, estimate_diameter, in_diameters, median_diameter
 
 
 def discs(shape, radius, spacing):
@@ -74,7 +75,8 @@ def test_prediction_sees_the_image_at_the_trained_object_size_and_answers_at_the
 
 
 def test_training_rescales_each_image_so_that_its_objects_have_the_standard_diameter():
-    from TrainUnetDataSet import at_object_size, parse_args
+    from biounet.training.flags import parse_args
+    from biounet.training.train import at_object_size
     small, large = discs((60, 80), 6, 30), discs((200, 160), 24, 80)  # objects 12 and 48 pixels wide
     data = SegmentationDataset([(o > 0).astype(np.float32) for o in (small, large)],
                                [(o > 0).astype(np.uint8) for o in (small, large)], instances=[small, large])
@@ -98,7 +100,8 @@ def membranes(shape, spacing):
 
 
 def test_for_membranes_the_diameter_is_the_cells_and_images_are_brought_to_the_training_median():
-    from TrainUnetDataSet import at_object_size, parse_args
+    from biounet.training.flags import parse_args
+    from biounet.training.train import at_object_size
     fine, mid, coarse = membranes((120, 120), 20), membranes((120, 120), 30), membranes((120, 120), 40)
     data = SegmentationDataset([label.astype(np.float32) for label in (fine, mid, coarse)], [fine, mid, coarse])
     train, _, size = at_object_size(parse_args(["--object-size", "auto"]), data, None)

@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pytest
 
-import backend
-from checkpoint import load_checkpoint
+from biounet.model import backend
+from biounet.model.checkpoint import load_checkpoint
 from conftest import ROOT, train_small, write_dataset
 
 # SGD: Adam turns the float rounding of a summed gradient into whole steps where gradients are ~0.
@@ -26,8 +26,8 @@ def free_port():
 
 
 def launcher(nproc, nnodes=1, node_rank=0, port=None):
-    """launch.py's arguments: this backend's launcher (OneFlow's, or torchrun) with these processes."""
-    return [os.path.join(ROOT, "launch.py"), "--nproc-per-node", nproc, "--nnodes", nnodes, "--node-rank", node_rank,
+    """The launch command's arguments: this backend's launcher (OneFlow's, or torchrun) with these processes."""
+    return ["-m", "biounet.commands.launch", "--nproc-per-node", nproc, "--nnodes", nnodes, "--node-rank", node_rank,
             "--master-port", port or free_port()]
 
 

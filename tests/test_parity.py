@@ -9,10 +9,10 @@ import subprocess
 import numpy as np
 import pytest
 
-import backend
-from checkpoint import build_model, save_checkpoint
+from biounet.model import backend
+from biounet.model.checkpoint import build_model, save_checkpoint
 from conftest import ROOT
-from unet import UNet
+from biounet.model.unet import UNet
 
 OTHER = "torch" if backend.NAME == "oneflow" else "oneflow"
 OTHER_PYTHON = os.path.join(ROOT, ".venv-torch" if OTHER == "torch" else ".venv", "bin", "python")
@@ -20,9 +20,9 @@ OTHER_PYTHON = os.path.join(ROOT, ".venv-torch" if OTHER == "torch" else ".venv"
 OTHER_SIDE = """
 import sys
 import numpy as np
-import backend
-from checkpoint import build_model, save_checkpoint
-from unet import UNet
+from biounet.model import backend
+from biounet.model.checkpoint import build_model, save_checkpoint
+from biounet.model.unet import UNet
 from parity_helpers import outputs, trained_a_little
 ours, x, out = sys.argv[1], np.load(sys.argv[2]), sys.argv[3]
 np.save(out + "/theirs_on_our_checkpoint.npy", outputs(build_model(ours, "cpu")[0], x))

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from conftest import ROOT, run_script
-from curves import read_log
+from biounet.core.curves import read_log
 
 
 def write_json_log(path, *records):

@@ -6,7 +6,7 @@ import os
 import cv2
 import numpy as np
 
-import backend
+from biounet.model import backend
 from conftest import run_script, tiny_checkpoint, train_small
 
 BF16_ON_CPU = backend.NAME == "torch"

@@ -6,11 +6,11 @@ import cv2
 import numpy as np
 import pytest
 
-import backend
-import inference
+from biounet.model import backend
+from biounet.prediction import inference
 from conftest import run_script, tiny_checkpoint
-from inference import predict_probability
-from unet import UNet
+from biounet.prediction.inference import predict_probability
+from biounet.model.unet import UNet
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,7 @@ def test_images_predicted_by_several_processes_are_those_of_one_process(dataset,
 
 def predict_one_killing_its_worker_once(index):
     """predict_unet_test's task, except that the first try of image 1 kills its worker (kill -9)."""
-    import predict_unet_test
+    from biounet.prediction import predict as predict_unet_test
     if index == 1 and not os.path.exists(os.environ["KILL_MARKER"]):
         open(os.environ["KILL_MARKER"], "w").close()
         os.kill(os.getpid(), signal.SIGKILL)
@@ -137,7 +137,7 @@ def predict_one_killing_its_worker_once(index):
                                                    "run (keeps the suite within its time; the loader's are on both)")
 def test_a_prediction_worker_killed_midway_is_replaced_and_every_mask_is_written_as_by_one_process(
         dataset, tmp_path, monkeypatch):
-    import predict_unet_test
+    from biounet.prediction import predict as predict_unet_test
     checkpoint = tiny_checkpoint(tmp_path / "tiny.npz")
     cv2.imwrite(f"{dataset}/test_image/2.png", np.random.default_rng(1).integers(0, 255, (40, 72)).astype(np.uint8))
     run_script("predict_unet_test.py", "--checkpoint", checkpoint, "--test-data-path", f"{dataset}/test_image",

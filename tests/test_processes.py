@@ -4,7 +4,7 @@ import signal
 
 import pytest
 
-from processes import WatchedPool, WorkersDied, how_it_ended
+from biounet.core.processes import WatchedPool, WorkersDied, how_it_ended
 
 
 def square_dying_once(number, marker):

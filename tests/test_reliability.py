@@ -15,15 +15,16 @@ import time
 import numpy as np
 import pytest
 
-import backend
-import dataloader
-import predict_unet_test
-import TrainUnetDataSet
-from checkpoint import CheckpointError, build_model, load_checkpoint, save_checkpoint
+from biounet.model import backend
+from biounet.data import loader as dataloader
+from biounet.prediction import predict as predict_unet_test
+from biounet.commands import predict as predict_command
+from biounet.training import flags as training_flags
+from biounet.model.checkpoint import CheckpointError, build_model, load_checkpoint, save_checkpoint
 from conftest import ROOT, train_small, write_dataset
-from files import atomic_write
-from inference import predict_sample
-from unet import UNet
+from biounet.core.files import atomic_write
+from biounet.prediction.inference import predict_sample
+from biounet.model.unet import UNet
 
 
 def last_line(result):
@@ -50,7 +51,7 @@ def last_line(result):
 ])
 def test_a_training_flag_out_of_range_stops_at_parse_time_with_one_line(flags, message, capsys):
     with pytest.raises(SystemExit) as stopped:
-        TrainUnetDataSet.parse_args(flags)
+        training_flags.parse_args(flags)
     assert stopped.value.code == 2
     assert capsys.readouterr().err == f"error: {message} (see --help)\n"
 
@@ -62,7 +63,7 @@ def test_a_training_flag_out_of_range_stops_at_parse_time_with_one_line(flags, m
 ])
 def test_a_prediction_flag_out_of_range_stops_at_parse_time_with_one_line(flags, message, capsys):
     with pytest.raises(SystemExit):
-        predict_unet_test.parse_args(flags)
+        predict_command.parse_args(flags)
     assert capsys.readouterr().err == f"error: {message} (see --help)\n"
 
 
@@ -85,7 +86,7 @@ def test_paths_a_user_gives_are_checked_for_what_they_must_be_when_parsed(script
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "out").mkdir()
     with pytest.raises(SystemExit) as stopped:
-        (predict_unet_test if script == "predict" else TrainUnetDataSet).parse_args(flags)
+        (predict_command if script == "predict" else training_flags).parse_args(flags)
     assert stopped.value.code == 2
     assert capsys.readouterr().err == f"error: {message.format(here=tmp_path)} (see --help)\n"
     assert (tmp_path / "notes.txt").read_text() == "mine" and os.listdir(tmp_path / "out") == []

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-import backend
+from biounet.model import backend
 from conftest import ROOT, tiny_checkpoint, write_dataset
 
 SLOW_CPU_NOTE = "note: OneFlow 0.9 convolves at 6-25 GFLOP/s on one CPU core, PyTorch at 77-190 on two here (BENCHMARKS.md): "
@@ -58,8 +58,10 @@ def project_copy(folder):
     """The project's scripts in `folder`, sharing this checkout's environments."""
     os.makedirs(folder)
     for name in os.listdir(ROOT):
-        if name.endswith((".py", ".sh", ".txt")) and os.path.isfile(os.path.join(ROOT, name)):
+        if name.endswith((".py", ".sh", ".txt", ".toml")) and os.path.isfile(os.path.join(ROOT, name)):
             shutil.copy(os.path.join(ROOT, name), folder)
+    shutil.copytree(os.path.join(ROOT, "biounet"), os.path.join(folder, "biounet"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
     for venv in (".venv", ".venv-torch"):
         if os.path.isdir(os.path.join(ROOT, venv)):
             os.symlink(os.path.join(ROOT, venv), os.path.join(folder, venv))

@@ -8,13 +8,13 @@ import cv2
 import numpy as np
 import pytest
 
-import backend
-from checkpoint import build_model, load_checkpoint, load_weights
+from biounet.model import backend
+from biounet.model.checkpoint import build_model, load_checkpoint, load_weights
 from conftest import ROOT, run_script, train_small, write_dataset
-from dataloader import read_image, read_label
-from metrics import dice
-from inference import predict_probability
-from unet import UNet
+from biounet.data.loader import read_image, read_label
+from biounet.evaluation.metrics import dice
+from biounet.prediction.inference import predict_probability
+from biounet.model.unet import UNet
 
 
 @pytest.mark.learning
@@ -211,7 +211,7 @@ def test_without_calibration_the_checkpoint_keeps_the_plain_decision(dataset, tm
 def test_loader_workers_start_after_opencv_has_used_its_threads_in_the_training_process():
     code = """if True:
         import cv2, numpy as np
-        from dataloader import BatchLoader
+        from biounet.data.loader import BatchLoader
         image = np.zeros((2048, 2048), np.float32)
         for _ in range(3):  # OpenCV's thread pool runs, as augmentation's warps make it do
             cv2.remap(image, image, image, cv2.INTER_LINEAR)
@@ -226,7 +226,7 @@ def test_loader_workers_start_after_opencv_has_used_its_threads_in_the_training_
 
 
 def test_an_epoch_of_steps_per_epoch_draws_the_pairs_pass_after_pass_in_new_orders():
-    from TrainUnetDataSet import epoch_plan
+    from biounet.training.train import epoch_plan
     order, first_step, losses = epoch_plan(None, np.random.default_rng(0), 3, 10)
     assert len(order) == 10 and first_step == 0 and losses == []
     assert all(sorted(order[i:i + 3]) == [0, 1, 2] for i in (0, 3, 6))
@@ -270,10 +270,10 @@ def test_a_time_budget_and_epochs_together_are_refused_in_one_line(dataset, tmp_
 
 
 def test_validation_scores_are_the_same_when_images_of_one_size_share_a_forward_pass():
-    import TrainUnetDataSet
-    from config import data_facts, settle
-    from dataloader import SegmentationDataset
-    from inference import validate
+    from biounet.training.flags import parse_args
+    from biounet.training.config import data_facts, settle
+    from biounet.data.loader import SegmentationDataset
+    from biounet.prediction.inference import validate
     rng = np.random.default_rng(0)
     shapes = [(48, 48), (48, 48), (48, 48), (40, 56), (48, 48)]  # batches: 3, then 1, then 1
     images = [rng.random(shape).astype(np.float32) for shape in shapes]
@@ -283,7 +283,7 @@ def test_validation_scores_are_the_same_when_images_of_one_size_share_a_forward_
     model = UNet(base=4, norm="instance")
     scores = []
     for batch in [1, 3]:
-        flags = TrainUnetDataSet.parse_args(["--batch-size", str(batch), "--dice-weight", "0.5"])
+        flags = parse_args(["--batch-size", str(batch), "--dice-weight", "0.5"])
         config = settle(flags, data_facts("isbi", dataset, dataset), "cpu", backend.NAME)
         scores.append(validate(model, dataset, None, config, None, "cpu"))
     assert scores[0].keys() == scores[1].keys() and "val_v_rand" in scores[0]

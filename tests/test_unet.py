@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-import backend
-from backend import nn
-from unet import UNet, valid_input_size
+from biounet.model import backend
+from biounet.model.backend import nn
+from biounet.model.unet import UNet, valid_input_size
 
 
 @pytest.mark.parametrize("bilinear,norm", [(False, "batch"), (True, "batch"), (False, "instance")])

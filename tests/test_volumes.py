@@ -16,12 +16,12 @@ import tifffile
 import zarr
 from skimage.draw import disk
 
-import backend
-import volumes
-from checkpoint import build_model, load_checkpoint, network_input
+from biounet.model import backend
+from biounet.prediction import stores, volumes
+from biounet.model.checkpoint import build_model, load_checkpoint, network_input
 from conftest import ROOT, run_script, tiny_checkpoint, train_small
-from inference import predict_sample
-from instances import objects_of, overlaps
+from biounet.prediction.inference import predict_sample
+from biounet.evaluation.instances import objects_of, overlaps
 
 
 stores_not_framework = pytest.mark.skipif(backend.NAME != "oneflow", reason="processes and stores, not the framework: "
@@ -39,7 +39,7 @@ def write_ome_zarr(path, array, axes="zyx", chunks=None):
     group = zarr.open_group(str(path), mode="w")
     group.create_dataset("0", data=array, chunks=chunks or (1,) * (array.ndim - 2) + (64, 64),
                          dimension_separator="/")
-    group.attrs.update(volumes.ngff_attributes("input", axes, [1.0] * len(axes)))
+    group.attrs.update(stores.ngff_attributes("input", axes, [1.0] * len(axes)))
     return str(path)
 
 
@@ -128,9 +128,9 @@ def test_downsampled_levels_hold_every_other_pixel_of_the_level_before_for_viewe
 
 
 def test_by_default_levels_are_added_until_a_slice_fits_in_one_block():
-    assert volumes.pyramid_levels((512, 512), 1024) == 0
-    assert volumes.pyramid_levels((1025, 10), 1024) == 1
-    assert volumes.pyramid_levels((50000, 30000), 1024) == 6
+    assert stores.pyramid_levels((512, 512), 1024) == 0
+    assert stores.pyramid_levels((1025, 10), 1024) == 1
+    assert stores.pyramid_levels((50000, 30000), 1024) == 6
 
 
 def test_a_tiff_volume_is_read_page_by_page_and_gives_the_masks_of_its_stacks(tmp_path, batch_norm_net):
@@ -422,7 +422,7 @@ def test_training_on_an_ome_zarr_volume_equals_training_on_its_slices_as_files(d
 
 @stores_not_framework
 def test_a_store_is_read_window_by_window_never_whole(tmp_path, monkeypatch):
-    import datasets
+    from biounet.data import datasets
     images, labels = smooth_volume((2, 150, 130)), np.zeros((2, 150, 130), np.uint8)
     labels[:, 40:110, 30:100] = 255
     store = write_labelled_store(tmp_path / "big.ome.zarr", images, labels)
@@ -438,7 +438,7 @@ def test_a_store_is_read_window_by_window_never_whole(tmp_path, monkeypatch):
 
 
 def test_lazy_arrays_keep_no_more_than_their_budget():
-    from dataloader import LazyArrays, lazy_map
+    from biounet.data.loader import LazyArrays, lazy_map
     computed = []
     arrays = LazyArrays(lambda i: computed.append(i) or np.full((10, 10), i, np.float32), 8, budget=1000)
     doubled = lazy_map(lambda a: 2 * a, arrays)

@@ -1,0 +1,1 @@
+"""The model out as ONNX and bioimage.io packages. Imports the layers below."""

@@ -1,0 +1,1 @@
+"""Prediction of images, datasets and volumes larger than memory (blockwise, Dask). Imports the layers below."""

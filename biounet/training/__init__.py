@@ -1,0 +1,1 @@
+"""The settled configuration and the training loop. Imports the layers below."""

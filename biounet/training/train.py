@@ -1,0 +1,465 @@
+"""The training loop: the run the settled configuration describes, its checkpoints, validation,
+resume and stop (one process of a data-parallel run, or the only one).
+"""
+import math
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from biounet.model import backend
+from biounet.model.backend import flow
+from biounet.model.meta import TrainingData
+from biounet.model.checkpoint import (CheckpointError, input_normalization, load_checkpoint, load_weights, model_weights, restore_optimizer,
+                        update_meta)
+from biounet.training.config import (OBJECT_SCORES, ONE_CLASS_SCORES, Config, ConfigError, as_dict, data_facts, describe, settle)
+from biounet.core.curves import plot_curves, read_log
+from biounet.data.loader import (BatchLoader, SegmentationDataset, Sampler, intensity_levels, lazy_map, pick,
+                        resize)
+from biounet.data.datasets import detect_format, find_samples, labels_beside, load_dataset, load_store, voc_split_exists
+from biounet.prediction.inference import best_threshold, scores_v_rand, threshold_errors, validate
+from biounet.data.labels import connected_objects
+from biounet.evaluation.instances import (STANDARD_DIAMETER, median_diameter, object_class_names, object_classes,
+                       size_scale)
+from biounet.core.log import append_json, json_log_path
+from biounet.model.losses import learning_rate, segmentation_loss
+from biounet.core.processes import WorkersDied
+from biounet.model.unet import MIN_SIDE, UNet, mirror_for_valid
+from biounet.data.weightmap import weight_map
+
+
+def read_data(flags, rng):
+    """(layout, training set, validation set or None) as the flags point to them: read and checked,
+    the validation set held out of the training pairs (--val-fraction) unless given or listed (VOC)."""
+    fmt = detect_format(flags.data_path) if flags.data_format == "auto" else flags.data_format
+    label_path = flags.label_path or ("train_label" if fmt == "pairs" and not labels_beside(flags.data_path) else None)
+    voc_val = fmt == "voc" and voc_split_exists(flags.data_path, "val") and not flags.val_image_path
+
+    def read(path, labels, data_format, split, channels=None, normalization=(flags.normalize, flags.percentiles)):
+        if (detect_format(path) if data_format == "auto" else data_format) == "zarr":
+            return load_store(path, labels, flags.classes, flags.ignore_index, flags.img_size, channels,
+                              flags.instance_labels, normalization)
+        return load_dataset(find_samples(path, data_format, labels, split), flags.classes, flags.ignore_index,
+                            flags.img_size, channels, flags.instance_labels, normalization)
+
+    data = read(flags.data_path, label_path, fmt, "train")
+    if flags.val_image_path or voc_val:
+        val_format = flags.data_format if flags.val_image_path else fmt
+        val = read(flags.val_image_path or flags.data_path, flags.val_label_path or label_path, val_format, "val",
+                   data.channels, data.normalization)
+        return fmt, data, val
+    n_val = min(len(data) - 1, max(1, round(len(data) * flags.val_fraction))) if flags.val_fraction > 0 else 0
+    order = rng.permutation(len(data))
+    return fmt, data.subset(sorted(order[n_val:])), data.subset(sorted(order[:n_val])) if n_val else None
+
+
+def at_object_size(flags, train_set, val_set):
+    """(training set, validation set, the objects' diameter in them or 0): with --object-size, every
+    image rescaled so that its objects' median diameter is the same, STANDARD_DIAMETER pixels for
+    numbered objects, for other labels (cells between membranes) the training images' median.
+    auto measures each image's objects: the numbered ones, else its labels' 4-connected regions;
+    an image without any takes the training images' median. Unset: auto for numbered objects only."""
+    wanted, numbered = flags.object_size, train_set.instances is not None
+    if wanted == "off" or (wanted is None and (not numbered or flags.classes > 1 or flags.img_size)):
+        return train_set, val_set, 0
+    if flags.img_size:
+        raise ConfigError("--img-size resizes every image to one square; --object-size rescales each image for its "
+                          "objects: choose one")
+
+    def measured(dataset):  # per image, or None where it has no objects
+        if wanted not in (None, "auto"):
+            return [wanted] * len(dataset)
+        return [median_diameter(objects) for objects in numbered_objects(dataset)]
+    train_diameters = measured(train_set)
+    typical = float(np.median([d for d in train_diameters if d] or [STANDARD_DIAMETER]))
+    standard = STANDARD_DIAMETER if numbered else round(typical)
+    found = [d or typical for d in train_diameters]
+    print(f"object size: objects {min(found):.0f}-{max(found):.0f} pixels wide (median {typical:.0f}), each image "
+          f"rescaled to {standard} (--no-object-size: each at its own scale)")
+    return (rescaled(train_set, found, standard),
+            val_set and rescaled(val_set, [d or typical for d in measured(val_set)], standard), standard)
+
+
+def rescaled(dataset, diameters, standard):
+    """The dataset with each image, label and numbered objects resized so its objects are `standard` pixels wide."""
+    shapes = [tuple(max(MIN_SIDE, round(side * size_scale(d, standard))) for side in shape[:2]) + tuple(shape[2:])
+              for shape, d in zip(dataset.shapes, diameters)]
+
+    def resized(arrays, nearest=False):
+        return None if arrays is None else lazy_map(lambda a, shape: resize(a, shape[:2], nearest), arrays, shapes)
+    return SegmentationDataset(resized(dataset.images), resized(dataset.labels, True), dataset.classes, dataset.names,
+                               resized(dataset.instances, True), dataset.normalization, dataset.input_types, shapes)
+
+
+def numbered_objects(dataset):
+    """A dataset's numbered objects, or where it numbers none its labels' 4-connected regions (cells)."""
+    return dataset.instances or lazy_map(lambda label: connected_objects(label, connectivity=1), dataset.labels)
+
+
+def for_objects(dataset, target):
+    """The dataset with the targets of a network for objects (instances.object_classes) as labels,
+    from its numbered_objects."""
+    numbered = numbered_objects(dataset)
+    targets = lazy_map(lambda objects: object_classes(objects, target), numbered)
+    return SegmentationDataset(dataset.images, targets, len(object_class_names(target)),
+                               dataset.names, numbered, dataset.normalization, dataset.input_types, dataset.shapes)
+
+
+def pixel_weights(dataset, config):
+    """The U-Net paper's weight map of each label (weightmap.py) when the config asks for it, else None."""
+    if dataset is None or not config.weight_map:
+        return None
+    numbered = dataset.instances or [None] * len(dataset)
+    return lazy_map(lambda label, n: weight_map(label, config.w0, config.sigma, n), dataset.labels, numbered)
+
+
+def training_sampler(dataset, weights, config):
+    """What the training steps draw from: random crops, augmented, with their pixel weights; for the
+    unpadded net, of the images with borders mirrored as prediction mirrors them."""
+    if config.padding == "valid":
+        mirror = lambda arrays: None if arrays is None else lazy_map(mirror_for_valid, arrays)  # noqa: E731
+        dataset = SegmentationDataset(mirror(dataset.images), mirror(dataset.labels), dataset.classes, dataset.names,
+                                      normalization=dataset.normalization)
+        weights = mirror(weights)
+    return Sampler(dataset, config.crop, config.augment, weights)
+
+
+def validate_share(model, val_set, weights, config, class_weights, rank, processes):
+    """inference.validate, the images shared over the processes with one class (its scores are means
+    over images, so the shares' sums give the same result); with several classes every process
+    validates all images (mean IoU comes from one confusion matrix)."""
+    if processes == 1 or config.classes > 1:
+        return validate(model, val_set, weights, config, class_weights, config.device)
+    mine = list(range(rank, len(val_set), processes))
+    scores = validate(model, val_set.subset(mine), pick(weights, mine),
+                      config, class_weights, config.device) if mine else {}
+    names = [name for name in ONE_CLASS_SCORES if name != "val_v_rand" or scores_v_rand(config, val_set)]
+    names += OBJECT_SCORES if val_set.instances is not None else ()
+    sums = backend.all_sum([scores.get(name, 0.0) * len(mine) for name in names], config.device, processes)
+    return {name: total / len(val_set) for name, total in zip(names, sums)}
+
+
+def improves(value, best, metric):
+    if best is None:
+        return True
+    return value < best if metric.endswith(("loss", "error")) else value > best
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a diverged loss, nothing left to do); the message says why."""
+
+
+class StopRequest:
+    """The first SIGINT or SIGTERM asks training to stop after the current step, with last.npz written;
+    a second one stops at once (the checkpoints on disk stay whole: they are written atomically)."""
+
+    def __init__(self):
+        self.signal = None
+        self.handlers = {number: signal.signal(number, self._request) for number in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore(self):
+        for number, handler in self.handlers.items():
+            signal.signal(number, handler)
+
+    def _request(self, number, frame):
+        self.signal = number
+        signal.signal(number, signal.default_int_handler if number == signal.SIGINT else signal.SIG_DFL)
+
+    def stop(self, where):
+        number = self.signal or signal.SIGTERM  # a data-parallel process may stop for another's signal
+        print(f"stopped by {signal.Signals(number).name} {where}; continue with --resume")
+        sys.exit(128 + number)
+
+
+def check_loss(loss, first_loss, epoch, step, lr):
+    """Stop on a loss that is not finite or has grown a thousandfold: the weights would be garbage."""
+    if math.isfinite(loss) and (first_loss is None or loss <= 1000 * max(first_loss, 1e-3)):
+        return
+    start = "" if first_loss is None else f" (first step: {first_loss:.4g})"
+    raise TrainingError(f"training loss {loss:.4g} at epoch {epoch + 1}, step {step + 1}{start}: training "
+                        f"diverged; try a lower --lr than {lr:g}. Checkpoints of finished epochs are kept as they were")
+
+
+def resume(path, model, optimizer, rng, config):
+    """Load the run saved in `path` into model, optimizer and rng; returns (epochs done, best score,
+    epochs without a better one, the position inside a stopped epoch or None, seconds trained so far)."""
+    meta, weights, arrays = load_checkpoint(path)
+    if meta["model"] != model.config():
+        raise CheckpointError(f"{path}: model {meta['model']} differs from the flags' {model.config()}")
+    written = meta.get("config", meta.get("args"))
+    written_with = written.get("optimizer", "adam") if isinstance(written, dict) else None
+    if written_with != config.optimizer:
+        raise CheckpointError(f"{path}: written with --optimizer {written_with}; resume with the same")
+    trained_on = input_normalization(meta)
+    if trained_on != (config.normalize, config.percentiles):
+        raise CheckpointError(f"{path}: trained on images normalized by {trained_on[0]} {trained_on[1]}, these by "
+                              f"{config.normalize} {config.percentiles}: resume with the same --normalize")
+    target = TrainingData.of(meta).object_target
+    if config.instances and target != config.object_target:
+        raise CheckpointError(f"{path}: trained for --object-target {target}; resume with the same")
+    load_weights(model, weights, path)
+    restore_optimizer(optimizer, meta, arrays, path)
+    try:
+        epochs_done, best, stale = int(meta["epoch"]), meta["best"], int(meta.get("stale_epochs", 0))
+        partial = meta.get("partial")
+        rng.bit_generator.state = meta["rng"]
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: holds no usable training state to resume ({type(err).__name__})")
+    if epochs_done >= config.epochs and not partial and not config.time_budget:
+        raise TrainingError(f"{path} has trained {epochs_done} epochs already: ask for more with --epochs")
+    seconds = float(meta.get("trained_seconds", 0.0))
+    if config.time_budget and not partial and config.time_budget * 60 - seconds < seconds / max(1, epochs_done):
+        raise TrainingError(f"{path} has trained {seconds / 60:.1f} minutes of --time-budget {config.time_budget:g}, "
+                            f"and an epoch does not fit in what is left: give a larger budget to train on")
+    print(f"resumed from {path} after epoch {epochs_done}" + (f", step {partial['step']}" if partial else ""))
+    return epochs_done, best, stale, partial, seconds
+
+
+def calibrate(model, checkpoints, train_set, config, rank, processes):
+    """Record in each checkpoint (path, its weights) the output shift that puts probability 0.5 on
+    the threshold with the best pixel accuracy on the training images. Weighted losses (--weight-map)
+    bias the network towards membranes; this moves its decision back (V_rand's sweep is unaffected).
+    Every process sweeps its share of the images (the shares' sums are the sweep of all); rank 0 writes."""
+    mine = train_set.subset(range(rank, len(train_set), processes))
+    for path, weights in checkpoints:
+        load_weights(model, weights, path)
+        model.eval()
+        errors = backend.all_sum(threshold_errors(model, mine, config.device).tolist(), config.device, processes)
+        threshold, error, error_at_half = best_threshold(np.array(errors) / len(train_set))
+        if rank == 0:
+            update_meta(path, output_shift=float(np.log(threshold / (1 - threshold))), calibrated_threshold=threshold)
+        print(f"calibrated {path}: cell threshold {threshold:.2f} on the training images "
+              f"(pixel error there {error:.4f}, {error_at_half:.4f} at 0.5)")
+
+
+def report_epoch(epoch, scores, lr, seconds, improved, config):
+    """The epoch's line in the log, its JSON line beside it, and progress.png redrawn. Run by the
+    checkpoint folder's writer thread after the epoch's checkpoints are written: off the steps' path,
+    and a line in the log means its epoch is on disk."""
+    print(f"epoch {epoch + 1}/{config.epochs} " + " ".join(f"{k} {v:.4f}" for k, v in scores.items())
+          + f" time {seconds:.1f}s" + (" *best" if improved else ""))
+    append_json(json_log_path(config.log), dict(epoch=epoch + 1, epochs=config.epochs, **scores, lr=lr,
+                                                time=round(seconds, 2), best=improved))
+    if not config.progress:
+        return
+    try:
+        plot_curves(read_log(json_log_path(config.log)), config.progress)
+    except (OSError, ValueError) as err:  # a picture must not stop training
+        print(f"warning: {config.progress} not drawn ({err})", file=sys.stderr)
+
+
+def prepare(flags, processes):
+    """(config, rng, training set, validation set or None): the data read, the configuration settled
+    from the flags, the data and the number of processes, printed, and logged as the run's first JSON line."""
+    device = backend.resolve_device(flags.device)
+    backend.seed_everything(flags.seed)
+    rng = np.random.default_rng(flags.seed)
+    data_format, train_set, val_set = read_data(flags, rng)
+    train_set, val_set, object_size = at_object_size(flags, train_set, val_set)
+    config = settle(flags, data_facts(data_format, train_set, val_set, object_size), device, backend.NAME, processes)
+    if config.instances:
+        train_set, val_set = (for_objects(train_set, config.object_target),
+                              val_set and for_objects(val_set, config.object_target))
+    print(describe(config))
+    if note := backend.cpu_speed_note(device, "bash train.sh", "trains 5-7x faster"):
+        print(note)
+    print(f"data: {len(train_set)} training pairs from {config.data_path} ({data_format}, "
+          f"{config.channels} channel{'s' if config.channels > 1 else ''}, {config.classes} "
+          f"class{'es' if config.classes > 1 else ''}, normalized by {config.normalize})"
+          f", {len(val_set) if val_set else 0} for validation")
+    if processes > 1:
+        print(f"data parallel: {processes} processes, each {config.batch_size // processes} of the "
+              f"{config.batch_size} images of a step, learning rate {config.lr:g} for the whole step")
+    if flags.log:
+        append_json(json_log_path(config.log), dict(event="resumed" if config.resume else "run", command=sys.argv,
+                                                    time=time.strftime("%Y-%m-%d %H:%M:%S"), config=as_dict(config)))
+    return config, rng, train_set, val_set
+
+
+def build_network(config):
+    """The U-Net and its optimizer as the configuration describes them."""
+    model = UNet(n_channels=config.channels, n_classes=config.outputs, bilinear=config.bilinear, base=config.base,
+                 norm=config.norm, padding=config.padding, dropout=config.dropout).to(config.device)
+    if config.optimizer == "sgd":
+        return model, flow.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+    return model, flow.optim.Adam(model.parameters(), lr=config.lr)
+
+
+def checkpoint_writer(folder, model, optimizer, rng, config, train_set, rank):
+    """save(path, epoch, best, stale, with_optimizer=True, **more): the checkpoint of the run so far,
+    written by rank 0 alone, with what --resume and prediction need to know of the run (a network
+    trained on images divided by their type's range also keeps their types and intensity levels, so
+    that prediction can map images of other types onto them: checkpoint.network_input)."""
+    levels = dict(input_types=tuple(train_set.input_types),
+                  input_levels=tuple(map(tuple, intensity_levels(train_set.images, config.percentiles))))
+    data = TrainingData(format=config.data_format, img_size=config.img_size, ignore_index=config.ignore_index,
+                        instance_labels=config.instance_labels, instances=config.instances,
+                        object_size=config.object_size, object_target=config.object_target, normalize=config.normalize,
+                        percentiles=tuple(config.percentiles), **(levels if config.normalize == "range" else {}))
+    run = dict(best_metric=config.best_metric, input_scale=1.0, config=as_dict(config), data=data.as_meta())
+
+    def save(path, epoch, best, stale, with_optimizer=True, **more):
+        if rank == 0:
+            folder.save(path, model, optimizer if with_optimizer else None, **{
+                **run, "epoch": epoch, "best": best, "stale_epochs": stale, "rng": rng.bit_generator.state, **more})
+    return save
+
+
+def planned_epochs(config, epochs_done, epochs_run, seconds, rank, processes, seconds_before=0.0):
+    """The Config with as many epochs as fit --time-budget: those done, and as many more as the time
+    left holds at the mean time of the `epochs_run` epochs this run took `seconds` for (after
+    `seconds_before` of the run it resumed; all processes take rank 0's plan). The cosine schedule follows the plan."""
+    left = config.time_budget * 60 - seconds_before - seconds
+    more = max(0, int(left // (seconds / epochs_run))) if rank == 0 else 0
+    more = int(backend.all_sum([float(more)], config.device, processes)[0])
+    return Config(**{**vars(config), "epochs": epochs_done + more})
+
+
+def set_learning_rate(optimizer, epoch, config):
+    lr = learning_rate(epoch, config)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def epoch_plan(partial, rng, pairs, draws=0):
+    """(order of the pairs, first step, losses so far) of an epoch: a new permutation (with `draws`,
+    as many permutations one after the other as give that many pairs), or for an epoch stopped midway
+    (`partial`, from --resume) the same order from the next step on."""
+    if partial:
+        return np.array(partial["order"]), partial["step"], partial["losses"]
+    if not draws:
+        return rng.permutation(pairs), 0, []
+    return np.concatenate([rng.permutation(pairs) for _ in range(-(-draws // pairs))])[:draws], 0, []
+
+
+def step_batches(order, first_step, steps, epoch, config, rank, processes):
+    """(this process's pairs, seed) of each step from `first_step`: the seed of a pair's crop and
+    augmentation is (seed, epoch), and the step too where an epoch may draw a pair twice (--steps-per-epoch)."""
+    for step in range(first_step, steps):
+        indices = order[step * config.batch_size:(step + 1) * config.batch_size][rank::processes]
+        yield indices, (config.seed, epoch) + ((step,) if config.steps_per_epoch else ())
+
+
+def step_loss(net, batch, config, class_weights, stop, processes):
+    """(loss tensor of this process's share of a batch, the step's mean loss over the processes,
+    whether any process was asked to stop): one exchange per step, so every process agrees."""
+    images, labels, weights = batch
+    with backend.autocast(config.device, config.amp):
+        logits = net(backend.to_tensor(images, config.device))
+    loss = segmentation_loss(logits.float(), labels, weights, config, class_weights, config.device)
+    loss_sum, stops = backend.all_sum([loss.item(), float(bool(stop.signal))], config.device, processes)
+    return loss, loss_sum / processes, stops > 0
+
+
+def apply_gradients(optimizer, scaler, loss):
+    optimizer.zero_grad()
+    if scaler:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+
+
+def train(flags, folder, stop, rank=0, processes=1):
+    """The run the flags ask for, into the RunFolder `folder`; `stop` (a StopRequest) ends it early.
+    In a data-parallel run every process trains on its share of each step and validates alike (so
+    all take the same decisions); only rank 0 (holding `folder`) writes checkpoints and logs."""
+    config, rng, train_set, val_set = prepare(flags, processes)
+    device = config.device
+    last, best_path = (os.path.join(config.checkpoint_dir, name) for name in ("last.npz", "best.npz"))
+    sampler = training_sampler(train_set, pixel_weights(train_set, config), config)
+    val_weights = pixel_weights(val_set, config)
+    class_weights = None if config.class_weights is None else backend.to_tensor(config.class_weights, device)
+    model, optimizer = build_network(config)
+    net = backend.data_parallel(model, device) if processes > 1 else model
+    scaler = backend.grad_scaler(config.amp)
+    save = checkpoint_writer(folder, model, optimizer, rng, config, train_set, rank)
+    calibrating = config.calibrate and config.outputs == 1  # then every process keeps best.npz's weights
+    start_epoch, best, stale, partial, best_weights, seconds_before = 0, None, 0, None, None, 0.0
+    if config.resume:
+        start_epoch, best, stale, partial, seconds_before = resume(last, model, optimizer, rng, config)
+        if config.time_budget:  # what is left of the budget, planned as the run goes on
+            config = Config(**{**vars(config), "epochs": start_epoch + 1})
+        if calibrating and os.path.exists(best_path):
+            best_weights = load_checkpoint(best_path)[1]
+    first_loss = None
+    loader = BatchLoader(sampler, config.loader_workers)
+    try:
+        epoch, run_start = start_epoch, time.perf_counter()
+        while epoch < config.epochs:  # --time-budget plans config.epochs as it goes
+            begin = time.perf_counter()
+            lr = set_learning_rate(optimizer, epoch, config)
+            model.train()
+            order, first_step, losses = epoch_plan(partial, rng, len(sampler), config.steps_per_epoch * config.batch_size)
+            partial = None
+            # Alone, the last step takes what is left; data parallel, every process needs its equal share.
+            steps = math.ceil(len(order) / config.batch_size) if processes == 1 else len(order) // config.batch_size
+            batches = loader.batches(step_batches(order, first_step, steps, epoch, config, rank, processes))
+            done = first_step
+
+            def save_midway():
+                save(last, epoch, best, stale, partial=dict(step=done, order=order.tolist(), losses=losses),
+                     trained_seconds=seconds_before + time.perf_counter() - run_start)
+                if folder is not None:
+                    folder.flush()
+                return f"in epoch {epoch + 1}, after step {done} of {steps}: {last} holds that state"
+            try:
+                for step, batch in zip(tqdm(range(first_step, steps), total=steps, initial=first_step, leave=False,
+                                            desc=f"epoch {epoch + 1}/{config.epochs}", file=sys.stderr,
+                                            disable=rank > 0), batches):
+                    loss, value, stop_now = step_loss(net, batch, config, class_weights, stop, processes)
+                    # before the step: a NaN never reaches the weights
+                    check_loss(value, first_loss, epoch, step, config.lr)
+                    first_loss = value if first_loss is None else first_loss
+                    apply_gradients(optimizer, scaler, loss)
+                    losses.append(value)
+                    done = step + 1
+                    if stop_now and done < steps:
+                        stop.stop(save_midway())
+            except WorkersDied as err:
+                if done == first_step:
+                    raise TrainingError(f"{err}; stopped before a step of epoch {epoch + 1}: checkpoints kept as "
+                                        f"they were")
+                raise TrainingError(f"{err}; stopped {save_midway()}; continue with --resume")
+            scores = dict(train_loss=float(np.mean(losses)))
+            if val_set is not None and ((epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs):
+                scores.update(validate_share(model, val_set, val_weights, config, class_weights, rank, processes))
+            improved = config.best_metric in scores and improves(scores[config.best_metric], best, config.best_metric)
+            if config.best_metric in scores:  # a validated epoch (or no validation set at all)
+                best, stale = (scores[config.best_metric], 0) if improved else (best, stale + 1)
+            seconds = time.perf_counter() - begin
+            run_seconds = time.perf_counter() - run_start
+            if config.time_budget:
+                config = planned_epochs(config, epoch + 1, epoch + 1 - start_epoch, run_seconds, rank, processes,
+                                        seconds_before)
+            save(last, epoch + 1, best, stale, scores=scores, config=as_dict(config),
+                 trained_seconds=seconds_before + run_seconds)
+            if improved:
+                best_weights = model_weights(model) if calibrating else None
+                save(best_path, epoch + 1, best, stale, with_optimizer=False, scores=scores, config=as_dict(config))
+            if rank == 0:
+                folder.in_background(report_epoch, epoch, scores, lr, seconds, improved, config)
+            stop_now = backend.all_sum([float(bool(stop.signal))], device, processes)[0] > 0
+            if stop_now and epoch + 1 < config.epochs:
+                if folder is not None:
+                    folder.flush()  # the epoch's line before the stop's
+                stop.stop(f"after epoch {epoch + 1}: {last} holds it")
+            if config.patience and stale >= config.patience:
+                print(f"early stop: {config.best_metric} has not improved for {stale} epochs")
+                break
+            epoch += 1
+    finally:
+        loader.close()
+    if folder is not None:
+        folder.flush()  # a write's error stops the run here, in a line; calibration rewrites the files
+    if calibrating:
+        checkpoints = ([(best_path, best_weights)] if best_weights else []) + [(last, model_weights(model))]
+        calibrate(model, checkpoints, train_set, config, rank, processes)
+    print(f"checkpoints: {best_path} (best {config.best_metric} {best:.4f}), {last}")
+    backend.wait_for_all(device, processes)
