@@ -124,25 +124,25 @@ def test_images_predicted_by_several_processes_are_those_of_one_process(dataset,
             assert (tmp_path / f"{folder}1" / name).read_bytes() == (tmp_path / f"{folder}3" / name).read_bytes()
 
 
-def predict_one_killing_its_worker_once(index):
-    """predict_unet_test's task, except that the first try of image 1 kills its worker (kill -9)."""
-    from biounet.prediction import predict as predict_unet_test
+def predict_one_killing_its_worker_once(job, index):
+    """The prediction workers' task, except that the first try of image 1 kills its worker (kill -9)."""
+    from biounet.prediction import predict
     if index == 1 and not os.path.exists(os.environ["KILL_MARKER"]):
         open(os.environ["KILL_MARKER"], "w").close()
         os.kill(os.getpid(), signal.SIGKILL)
-    return predict_unet_test._predict_one(index)
+    return predict._predict_one(job, index)
 
 
 @pytest.mark.skipif(backend.NAME != "oneflow", reason="processes, not the framework: checked in the suite's OneFlow "
                                                    "run (keeps the suite within its time; the loader's are on both)")
 def test_a_prediction_worker_killed_midway_is_replaced_and_every_mask_is_written_as_by_one_process(
         dataset, tmp_path, monkeypatch):
-    from biounet.prediction import predict as predict_unet_test
+    from biounet.prediction import predict
     checkpoint = tiny_checkpoint(tmp_path / "tiny.npz")
     cv2.imwrite(f"{dataset}/test_image/2.png", np.random.default_rng(1).integers(0, 255, (40, 72)).astype(np.uint8))
     run_script("predict_unet_test.py", "--checkpoint", checkpoint, "--test-data-path", f"{dataset}/test_image",
                "--save-res-path", tmp_path / "undisturbed", "--workers", 1, cwd=tmp_path)
-    monkeypatch.setattr(predict_unet_test, "_predict_one", predict_one_killing_its_worker_once)
+    monkeypatch.setattr(predict, "_predict_one", predict_one_killing_its_worker_once)
     monkeypatch.setenv("KILL_MARKER", str(tmp_path / "killed"))
     result = run_script("predict_unet_test.py", "--checkpoint", checkpoint, "--test-data-path",
                         f"{dataset}/test_image", "--save-res-path", tmp_path / "disturbed", "--workers", 2, cwd=tmp_path)

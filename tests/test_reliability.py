@@ -17,7 +17,7 @@ import pytest
 
 from biounet.model import backend
 from biounet.data import loader as dataloader
-from biounet.prediction import predict as predict_unet_test
+from biounet.prediction.predict import predict_dataset
 from biounet.commands import predict as predict_command
 from biounet.training import flags as training_flags
 from biounet.model.checkpoint import CheckpointError, build_model, load_checkpoint, save_checkpoint
@@ -272,8 +272,8 @@ def test_paths_with_spaces_and_unicode_train_and_predict(tmp_path):
     out = tmp_path / "out put ✓"
     os.makedirs(out)
     train_small(data, out, "--epochs", 1)
-    written, _ = predict_unet_test.predict_dataset(str(out / "checkpoints" / "best.npz"), f"{data}/test_image",
-                                                   dict(masks=str(out / "masks é")))
+    written, _ = predict_dataset(str(out / "checkpoints" / "best.npz"), f"{data}/test_image",
+                                 dict(masks=str(out / "masks é")))
     assert [os.path.basename(path) for path in written] == ["0.png"] and os.path.exists(written[0])
 
 

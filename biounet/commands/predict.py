@@ -29,7 +29,9 @@ from biounet.core.files import is_zarr, DataError
 from biounet.evaluation.instances import METHODS
 from biounet.core.processes import WorkersDied
 from biounet.model.unet import MIN_SIDE
-from biounet.prediction.predict import (predict_blockwise, predict_dataset)
+from biounet.data.fetch import fetch_pretrained
+from biounet.prediction.predict import predict_dataset
+from biounet.prediction.segment import PredictionSettings
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
@@ -115,16 +117,38 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def prediction_settings(args, device):
+    """The PredictionSettings the flags ask for."""
+    return PredictionSettings(threshold=args.threshold, device=device, tile=args.tile, overlap=args.overlap,
+                              tta=args.tta, amp=args.amp, batch=args.batch or (8 if device.startswith("cuda") else 1),
+                              object_size=args.object_size, objects=args.objects, min_size=args.min_size,
+                              min_distance=args.min_distance)
+
+
+def predict_blockwise(args, outputs, settings):
+    """A volume or slide block by block (volumes.py); returns the output stores' paths."""
+    if args.label_path:
+        sys.exit(f"error: --label-path: a volume predicted block by block ({args.test_data_path}) is not scored here; "
+                 f"predict a TIFF volume without --blockwise to score its stacks")
+    if args.overlay_path:
+        print(f"note: no overlays for a volume predicted block by block (--overlay-path {args.overlay_path})")
+    if args.compile:
+        print("note: --compile is for images and stacks; blocks of a volume (edge blocks of other shapes) run eager")
+    return volumes.predict_volume(args.test_data_path, args.checkpoint, outputs, settings=settings, block=args.block,
+                                  halo=args.halo, workers=args.workers, scheduler=args.scheduler,
+                                  overwrite=args.overwrite, levels=args.levels)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.tile and not 0 <= args.overlap < args.tile:
         sys.exit(f"error: --overlap must be at least 0 and smaller than --tile ({args.tile})")
+    if args.halo % volumes.ALIGN:
+        sys.exit(f"error: --halo must be a multiple of {volumes.ALIGN} (the network's pooling grid), not {args.halo}")
     outputs = dict(masks=args.save_res_path, colors=args.color_path, prob=args.prob_path if args.save_prob else None,
-                   prob_bits=args.prob_bits, overlay=args.overlay_path, instances=args.instance_path, slices=args.slices,
-                   objects=args.objects, min_size=args.min_size, min_distance=args.min_distance)
+                   prob_bits=args.prob_bits, overlay=args.overlay_path, instances=args.instance_path, slices=args.slices)
     try:
         if args.pretrained:
-            from biounet.data.fetch import fetch_pretrained
             args.checkpoint = fetch_pretrained()
         device = backend.resolve_device(args.device)
         if problem := backend.precision_problem(args.amp, device):
@@ -132,14 +156,13 @@ def main(argv=None):
         print(f"predicting with {args.checkpoint} on {backend.NAME}/{device}")
         if note := backend.cpu_speed_note(device, "bash test.sh", "predicts about 4.5x faster"):
             print(note)
+        settings = prediction_settings(args, device)
         if blockwise := is_zarr(args.test_data_path) or args.blockwise:
-            written, scores = predict_blockwise(args, outputs, device), None
+            written, scores = predict_blockwise(args, outputs, settings), None
         else:
-            written, scores = predict_dataset(args.checkpoint, args.test_data_path, outputs, args.data_format,
-                                              args.label_path, args.threshold, device, args.tile, args.overlap,
-                                              args.tta, args.split, args.workers, args.amp,
-                                              args.batch or (8 if device.startswith("cuda") else 1), args.compile,
-                                              args.object_size)
+            written, scores = predict_dataset(args.checkpoint, args.test_data_path, outputs, settings=settings,
+                                              data_format=args.data_format, label_path=args.label_path,
+                                              split=args.split, workers=args.workers, compiled=args.compile)
     except (DataError, CheckpointError, OSError, WorkersDied) as err:
         sys.exit(f"error: {err}")
     print(f"{len(written)} OME-Zarr stores written" if blockwise else f"{len(written)} masks written to {args.save_res_path}")

@@ -31,9 +31,10 @@ from biounet.model.checkpoint import CheckpointError, build_model, input_mapping
 from biounet.data.loader import match_channels
 from biounet.core.files import DataError, atomic_write
 from biounet.prediction.inference import predict_sample, probability_values
-from biounet.evaluation.instances import foreground, objects_of
+from biounet.evaluation.instances import foreground, in_diameters, objects_of
 from biounet.core.processes import WorkersDied
 from biounet.data.volumes import Volume, slice_sample, volume_name
+from biounet.prediction.segment import PredictionSettings, object_method_for
 from biounet.prediction.stores import (objects_dir, open_store, prepare_stores, progress_dir, pyramid_levels,
                                        read_json, write_file, write_region)
 
@@ -270,19 +271,24 @@ def slice_mappings(volume, meta):
     return [input_mapping(meta, slice_sample(volume, z), f"{volume.path} slice {z}") for z in range(volume.shape[0])]
 
 
-def predict_volume(path, checkpoint, outputs, threshold=0.5, device="cpu", tta=True, amp="off", block=1024,
-                   halo=HALO, workers=0, scheduler=None, overwrite=False, meta=None, levels=None):
-    """Predict the volume (or slide) at `path` block by block into OME-Zarr stores named after it in
-    the folders of `outputs` (masks, prob, instances as predict_unet_test.py names them), over
-    `workers` local processes (0: backend.default_workers) or the Dask cluster at `scheduler`.
-    `meta`: the checkpoint's, where the caller has loaded it; `levels`: downsampled levels (None: as
-    many as bring a slice within one block). Returns the stores' paths."""
+def predict_volume(path, checkpoint, outputs, *, settings=PredictionSettings(), block=1024, halo=HALO, workers=0,
+                   scheduler=None, overwrite=False, meta=None, levels=None):
+    """Predict the volume (or slide) at `path` block by block, as `settings` say, into OME-Zarr stores
+    named after it in the folders of `outputs` (masks, prob with prob_bits, instances), over `workers`
+    local processes (0: backend.default_workers) or the Dask cluster at `scheduler`. `meta`: the
+    checkpoint's, where the caller has loaded it; `levels`: downsampled levels (None: as many as
+    bring a slice within one block). Returns the stores' paths."""
     volume = Volume(path)
     meta = meta or build_model(checkpoint, "cpu")[1]  # a damaged checkpoint stops here, before any worker starts
     data = TrainingData.of(meta)
-    if data.img_size:
-        raise CheckpointError(f"{checkpoint}: trained on images resized to {data.img_size} pixels; blockwise "
-                              f"prediction needs a network trained at the images' own scale")
+    if data.img_size or data.object_size:
+        raise CheckpointError(f"{checkpoint}: trained on images " + (
+            f"resized to {data.img_size} pixels" if data.img_size else "rescaled for their objects' size "
+            "(--object-size)") + "; blocks are predicted at the volume's own scale: train with --no-object-size "
+            "and without --img-size for volumes")
+    if halo % ALIGN:
+        raise ValueError(f"--halo must be a multiple of {ALIGN} (the network's pooling grid), not {halo}")
+    diameter = settings.object_size if isinstance(settings.object_size, (int, float)) else None
     match_channels(np.zeros((2, 2, volume.channels), volume.dtype).squeeze(axis=2) if volume.channels == 1
                    else np.zeros((2, 2, volume.channels), volume.dtype), meta["model"]["n_channels"], path)
     classes = predicted_classes(meta)
@@ -293,13 +299,15 @@ def predict_volume(path, checkpoint, outputs, threshold=0.5, device="cpu", tta=T
     if outputs.get("instances") and classes == 1:
         stores["instances"] = os.path.join(outputs["instances"], name)
     # Absolute paths: a Dask cluster's workers may run in another folder than this process.
-    job = dict(volume=os.path.abspath(path), checkpoint=os.path.abspath(checkpoint), device=device, amp=amp, tta=tta,
-               threshold=threshold, block=block, halo=halo, shape=volume.shape,
+    job = dict(volume=os.path.abspath(path), checkpoint=os.path.abspath(checkpoint), device=settings.device,
+               amp=settings.amp, tta=settings.tta, threshold=settings.threshold, block=block, halo=halo, shape=volume.shape,
                levels=pyramid_levels(volume.shape[1:], block) if levels is None else levels, has_z=volume.has_z,
                stores={kind: os.path.abspath(store) for kind, store in stores.items()},
-               prob_bits=outputs.get("prob_bits", 16) if "prob" in stores else None, object_network=data.instances, gpus=backend.flow.cuda.device_count() if device.startswith("cuda") else 0,
-               objects=dict(method=outputs["objects"], min_size=outputs["min_size"],
-                            min_distance=outputs["min_distance"]) if "instances" in stores else None)
+               prob_bits=outputs.get("prob_bits", 16) if "prob" in stores else None, object_network=data.instances,
+               gpus=backend.flow.cuda.device_count() if settings.device.startswith("cuda") else 0,
+               objects=dict(zip(("method", "min_size", "min_distance"), (
+                   object_method_for(meta, settings.objects, checkpoint),
+                   *in_diameters(diameter, settings.min_size, settings.min_distance)))) if "instances" in stores else None)
     prepare_stores(job, volume, overwrite)
     keys = block_grid(volume.shape, block)
     todo = [k for k in keys if not os.path.exists(os.path.join(progress_dir(job, "done"), block_name(k)))]
