@@ -26,7 +26,7 @@ from biounet.core.files import DataError
 from biounet.core.log import Logger
 from biounet.core.processes import die_with_parent
 from biounet.training.flags import parse_args
-from biounet.training.train import (StopRequest, TrainingError, train)
+from biounet.training.train import StopRequest, Stopped, TrainingError, train
 
 def join_launched_run(processes):
     """A process of a data-parallel run: as many threads as its share of the cores (threads spinning
@@ -68,6 +68,9 @@ def train_and_log(flags, rank, processes):
         train(flags, folder, stop, rank, processes)
     except (DataError, ConfigError, CheckpointError, TrainingError, OSError) as err:
         logger.fail(f"error: {err}")
+    except Stopped as stopped:
+        print(stopped)
+        sys.exit(stopped.code)
     except KeyboardInterrupt:
         logger.fail("error: interrupted; the checkpoints of finished epochs are kept as they were")
     finally:

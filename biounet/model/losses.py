@@ -53,9 +53,11 @@ def median_frequency_weights(counts):
     return np.where(present, np.median(frequency[present]) / np.maximum(frequency, 1e-12), 0.0).astype(np.float32)
 
 
-def learning_rate(epoch, config):
-    """config.lr, or with the cosine schedule falling from it to lr/100 at the last epoch."""
-    if config.schedule == "constant" or config.epochs <= 1:
+def learning_rate(epoch, config, epochs=None):
+    """config.lr, or with the cosine schedule falling from it to lr/100 at the last of `epochs`
+    (those planned; default config.epochs)."""
+    epochs = config.epochs if epochs is None else epochs
+    if config.schedule == "constant" or epochs <= 1:
         return config.lr
-    progress = epoch / (config.epochs - 1)
+    progress = epoch / (epochs - 1)
     return config.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))

@@ -2,8 +2,11 @@
 resume and stop (one process of a data-parallel run, or the only one).
 """
 import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 import os
 import signal
+import threading
 import sys
 import time
 
@@ -152,26 +155,43 @@ class TrainingError(RuntimeError):
     """Training cannot go on (a diverged loss, nothing left to do); the message says why."""
 
 
-class StopRequest:
-    """The first SIGINT or SIGTERM asks training to stop after the current step, with last.npz written;
-    a second one stops at once (the checkpoints on disk stay whole: they are written atomically)."""
+class Stopped(Exception):
+    """Training stopped as asked, last.npz written; `code` is the exit status of a script (128 + the signal)."""
 
-    def __init__(self):
-        self.signal = None
-        self.handlers = {number: signal.signal(number, self._request) for number in (signal.SIGINT, signal.SIGTERM)}
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+class StopRequest:
+    """Asks training to stop after the current step, with last.npz written: the first SIGINT or
+    SIGTERM (handled while the run is the main thread's; a second one stops at once, and the
+    checkpoints on disk stay whole: they are written atomically), or `event` (a threading.Event)
+    set from another thread."""
+
+    def __init__(self, event=None):
+        self.event, self.received = event, None
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        self.handlers = {number: signal.signal(number, self._request)
+                         for number in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
+
+    @property
+    def requested(self):
+        return bool(self.received or (self.event is not None and self.event.is_set()))
 
     def restore(self):
         for number, handler in self.handlers.items():
             signal.signal(number, handler)
 
     def _request(self, number, frame):
-        self.signal = number
+        self.received = number
         signal.signal(number, signal.default_int_handler if number == signal.SIGINT else signal.SIG_DFL)
 
     def stop(self, where):
-        number = self.signal or signal.SIGTERM  # a data-parallel process may stop for another's signal
-        print(f"stopped by {signal.Signals(number).name} {where}; continue with --resume")
-        sys.exit(128 + number)
+        if self.received or not self.requested:  # a data-parallel process may stop for another's signal
+            number = self.received or signal.SIGTERM
+            raise Stopped(f"stopped by {signal.Signals(number).name} {where}; continue with --resume", 128 + number)
+        raise Stopped(f"stopped as asked {where}; continue with resume=True", 128 + signal.SIGINT)
 
 
 def check_loss(loss, first_loss, epoch, step, lr):
@@ -235,13 +255,13 @@ def calibrate(model, checkpoints, train_set, config, rank, processes):
               f"(pixel error there {error:.4f}, {error_at_half:.4f} at 0.5)")
 
 
-def report_epoch(epoch, scores, lr, seconds, improved, config):
+def report_epoch(epoch, scores, lr, seconds, improved, config, epochs):
     """The epoch's line in the log, its JSON line beside it, and progress.png redrawn. Run by the
     checkpoint folder's writer thread after the epoch's checkpoints are written: off the steps' path,
     and a line in the log means its epoch is on disk."""
-    print(f"epoch {epoch + 1}/{config.epochs} " + " ".join(f"{k} {v:.4f}" for k, v in scores.items())
+    print(f"epoch {epoch + 1}/{epochs} " + " ".join(f"{k} {v:.4f}" for k, v in scores.items())
           + f" time {seconds:.1f}s" + (" *best" if improved else ""))
-    append_json(json_log_path(config.log), dict(epoch=epoch + 1, epochs=config.epochs, **scores, lr=lr,
+    append_json(json_log_path(config.log), dict(epoch=epoch + 1, epochs=epochs, **scores, lr=lr,
                                                 time=round(seconds, 2), best=improved))
     if not config.progress:
         return
@@ -309,17 +329,16 @@ def checkpoint_writer(folder, model, optimizer, rng, config, train_set, rank):
 
 
 def planned_epochs(config, epochs_done, epochs_run, seconds, rank, processes, seconds_before=0.0):
-    """The Config with as many epochs as fit --time-budget: those done, and as many more as the time
-    left holds at the mean time of the `epochs_run` epochs this run took `seconds` for (after
-    `seconds_before` of the run it resumed; all processes take rank 0's plan). The cosine schedule follows the plan."""
+    """How many epochs fit --time-budget: those done, and as many more as the time left holds at the
+    mean time of the `epochs_run` epochs this run took `seconds` for (after `seconds_before` of the
+    run it resumed; all processes take rank 0's plan). The cosine schedule follows the plan."""
     left = config.time_budget * 60 - seconds_before - seconds
     more = max(0, int(left // (seconds / epochs_run))) if rank == 0 else 0
-    more = int(backend.all_sum([float(more)], config.device, processes)[0])
-    return Config(**{**vars(config), "epochs": epochs_done + more})
+    return epochs_done + int(backend.all_sum([float(more)], config.device, processes)[0])
 
 
-def set_learning_rate(optimizer, epoch, config):
-    lr = learning_rate(epoch, config)
+def set_learning_rate(optimizer, epoch, config, epochs):
+    lr = learning_rate(epoch, config, epochs)
     for group in optimizer.param_groups:
         group["lr"] = lr
     return lr
@@ -351,7 +370,7 @@ def step_loss(net, batch, config, class_weights, stop, processes):
     with backend.autocast(config.device, config.amp):
         logits = net(backend.to_tensor(images, config.device))
     loss = segmentation_loss(logits.float(), labels, weights, config, class_weights, config.device)
-    loss_sum, stops = backend.all_sum([loss.item(), float(bool(stop.signal))], config.device, processes)
+    loss_sum, stops = backend.all_sum([loss.item(), float(stop.requested)], config.device, processes)
     return loss, loss_sum / processes, stops > 0
 
 
@@ -366,100 +385,184 @@ def apply_gradients(optimizer, scaler, loss):
         optimizer.step()
 
 
-def train(flags, folder, stop, rank=0, processes=1):
-    """The run the flags ask for, into the RunFolder `folder`; `stop` (a StopRequest) ends it early.
-    In a data-parallel run every process trains on its share of each step and validates alike (so
-    all take the same decisions); only rank 0 (holding `folder`) writes checkpoints and logs."""
+@dataclass
+class Run:
+    """A training run's state as its epochs go by: what the configuration built, and where it stands."""
+    config: Config
+    rng: np.random.Generator
+    train_set: SegmentationDataset
+    val_set: Optional[SegmentationDataset]
+    model: object
+    optimizer: object
+    net: object  # the model, or its data-parallel wrapper
+    save: Callable  # checkpoint_writer's
+    folder: object = None  # the RunFolder rank 0 writes into (None in the other processes)
+    val_weights: object = None  # the validation images' pixel weights, or None
+    class_weights: object = None  # the loss's class weights as a tensor, or None
+    rank: int = 0
+    processes: int = 1
+    epochs: int = 0  # planned: --epochs, or as many as --time-budget holds
+    epoch: int = 0  # epochs done
+    best: Optional[float] = None
+    stale: int = 0  # epochs without a better best_metric
+    partial: Optional[dict] = None  # where a stopped epoch stood (--resume)
+    best_weights: Optional[dict] = None  # best.npz's weights, kept for calibration
+    seconds_before: float = 0.0  # trained by the runs this one resumed
+    started: float = field(default_factory=time.perf_counter)
+    first_loss: Optional[float] = None
+
+    def paths(self):
+        return tuple(os.path.join(self.config.checkpoint_dir, name) for name in ("last.npz", "best.npz"))
+
+    def trained_seconds(self):
+        return self.seconds_before + time.perf_counter() - self.started
+
+
+def start_run(flags, folder, rank, processes):
+    """The Run the flags ask for: data read, configuration settled, network built, and with
+    --resume the state of checkpoint_dir/last.npz restored."""
     config, rng, train_set, val_set = prepare(flags, processes)
-    device = config.device
-    last, best_path = (os.path.join(config.checkpoint_dir, name) for name in ("last.npz", "best.npz"))
-    sampler = training_sampler(train_set, pixel_weights(train_set, config), config)
-    val_weights = pixel_weights(val_set, config)
-    class_weights = None if config.class_weights is None else backend.to_tensor(config.class_weights, device)
     model, optimizer = build_network(config)
-    net = backend.data_parallel(model, device) if processes > 1 else model
-    scaler = backend.grad_scaler(config.amp)
-    save = checkpoint_writer(folder, model, optimizer, rng, config, train_set, rank)
-    calibrating = config.calibrate and config.outputs == 1  # then every process keeps best.npz's weights
-    start_epoch, best, stale, partial, best_weights, seconds_before = 0, None, 0, None, None, 0.0
+    run = Run(config=config, rng=rng, train_set=train_set, val_set=val_set, model=model, optimizer=optimizer,
+              net=backend.data_parallel(model, config.device) if processes > 1 else model,
+              save=checkpoint_writer(folder, model, optimizer, rng, config, train_set, rank), folder=folder,
+              val_weights=pixel_weights(val_set, config), class_weights=class_weights(config), rank=rank,
+              processes=processes, epochs=config.epochs)
     if config.resume:
-        start_epoch, best, stale, partial, seconds_before = resume(last, model, optimizer, rng, config)
+        last, best_path = run.paths()
+        run.epoch, run.best, run.stale, run.partial, run.seconds_before = resume(last, model, optimizer, rng, config)
         if config.time_budget:  # what is left of the budget, planned as the run goes on
-            config = Config(**{**vars(config), "epochs": start_epoch + 1})
-        if calibrating and os.path.exists(best_path):
-            best_weights = load_checkpoint(best_path)[1]
-    first_loss = None
+            run.epochs = run.epoch + 1
+        if calibrating(config) and os.path.exists(best_path):
+            run.best_weights = load_checkpoint(best_path)[1]
+    return run
+
+
+def calibrating(config):
+    """Whether the run ends with calibrate (then every process keeps best.npz's weights)."""
+    return config.calibrate and config.outputs == 1
+
+
+def train(flags, folder, stop, rank=0, processes=1, progress=None):
+    """The run the flags ask for, into the RunFolder `folder`; `stop` (a StopRequest) ends it early,
+    `progress` (a callable, or None) is told of every step and epoch (progress_event). In a
+    data-parallel run every process trains on its share of each step and validates alike (so all
+    take the same decisions); only rank 0 (holding `folder`) writes checkpoints and logs.
+    Returns the last epoch's scores."""
+    run = start_run(flags, folder, rank, processes)
+    config, scores = run.config, {}
+    sampler = training_sampler(run.train_set, pixel_weights(run.train_set, config), config)
     loader = BatchLoader(sampler, config.loader_workers)
     try:
-        epoch, run_start = start_epoch, time.perf_counter()
-        while epoch < config.epochs:  # --time-budget plans config.epochs as it goes
+        start_epoch = run.epoch
+        while run.epoch < run.epochs:  # --time-budget plans the epochs as it goes
             begin = time.perf_counter()
-            lr = set_learning_rate(optimizer, epoch, config)
-            model.train()
-            order, first_step, losses = epoch_plan(partial, rng, len(sampler), config.steps_per_epoch * config.batch_size)
-            partial = None
-            # Alone, the last step takes what is left; data parallel, every process needs its equal share.
-            steps = math.ceil(len(order) / config.batch_size) if processes == 1 else len(order) // config.batch_size
-            batches = loader.batches(step_batches(order, first_step, steps, epoch, config, rank, processes))
-            done = first_step
-
-            def save_midway():
-                save(last, epoch, best, stale, partial=dict(step=done, order=order.tolist(), losses=losses),
-                     trained_seconds=seconds_before + time.perf_counter() - run_start)
-                if folder is not None:
-                    folder.flush()
-                return f"in epoch {epoch + 1}, after step {done} of {steps}: {last} holds that state"
-            try:
-                for step, batch in zip(tqdm(range(first_step, steps), total=steps, initial=first_step, leave=False,
-                                            desc=f"epoch {epoch + 1}/{config.epochs}", file=sys.stderr,
-                                            disable=rank > 0), batches):
-                    loss, value, stop_now = step_loss(net, batch, config, class_weights, stop, processes)
-                    # before the step: a NaN never reaches the weights
-                    check_loss(value, first_loss, epoch, step, config.lr)
-                    first_loss = value if first_loss is None else first_loss
-                    apply_gradients(optimizer, scaler, loss)
-                    losses.append(value)
-                    done = step + 1
-                    if stop_now and done < steps:
-                        stop.stop(save_midway())
-            except WorkersDied as err:
-                if done == first_step:
-                    raise TrainingError(f"{err}; stopped before a step of epoch {epoch + 1}: checkpoints kept as "
-                                        f"they were")
-                raise TrainingError(f"{err}; stopped {save_midway()}; continue with --resume")
+            lr = set_learning_rate(run.optimizer, run.epoch, config, run.epochs)
+            losses = train_epoch(run, loader, sampler, stop, progress)
             scores = dict(train_loss=float(np.mean(losses)))
-            if val_set is not None and ((epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs):
-                scores.update(validate_share(model, val_set, val_weights, config, class_weights, rank, processes))
-            improved = config.best_metric in scores and improves(scores[config.best_metric], best, config.best_metric)
-            if config.best_metric in scores:  # a validated epoch (or no validation set at all)
-                best, stale = (scores[config.best_metric], 0) if improved else (best, stale + 1)
-            seconds = time.perf_counter() - begin
-            run_seconds = time.perf_counter() - run_start
+            if run.val_set is not None and ((run.epoch + 1) % config.val_every == 0 or run.epoch + 1 == run.epochs):
+                scores.update(validate_share(run.model, run.val_set, run.val_weights, config, run.class_weights, rank,
+                                             processes))
             if config.time_budget:
-                config = planned_epochs(config, epoch + 1, epoch + 1 - start_epoch, run_seconds, rank, processes,
-                                        seconds_before)
-            save(last, epoch + 1, best, stale, scores=scores, config=as_dict(config),
-                 trained_seconds=seconds_before + run_seconds)
-            if improved:
-                best_weights = model_weights(model) if calibrating else None
-                save(best_path, epoch + 1, best, stale, with_optimizer=False, scores=scores, config=as_dict(config))
-            if rank == 0:
-                folder.in_background(report_epoch, epoch, scores, lr, seconds, improved, config)
-            stop_now = backend.all_sum([float(bool(stop.signal))], device, processes)[0] > 0
-            if stop_now and epoch + 1 < config.epochs:
-                if folder is not None:
-                    folder.flush()  # the epoch's line before the stop's
-                stop.stop(f"after epoch {epoch + 1}: {last} holds it")
-            if config.patience and stale >= config.patience:
-                print(f"early stop: {config.best_metric} has not improved for {stale} epochs")
+                run.epochs = planned_epochs(config, run.epoch + 1, run.epoch + 1 - start_epoch,
+                                            time.perf_counter() - run.started, rank, processes, run.seconds_before)
+            improved = end_epoch(run, scores, lr, time.perf_counter() - begin)
+            if progress:
+                progress(dict(kind="epoch", epoch=run.epoch + 1, epochs=run.epochs, scores=scores, lr=lr, best=improved))
+            run.epoch += 1
+            if stop_between_epochs(run, stop):
                 break
-            epoch += 1
     finally:
         loader.close()
-    if folder is not None:
-        folder.flush()  # a write's error stops the run here, in a line; calibration rewrites the files
-    if calibrating:
-        checkpoints = ([(best_path, best_weights)] if best_weights else []) + [(last, model_weights(model))]
-        calibrate(model, checkpoints, train_set, config, rank, processes)
-    print(f"checkpoints: {best_path} (best {config.best_metric} {best:.4f}), {last}")
-    backend.wait_for_all(device, processes)
+    finish(run)
+    return scores
+
+
+def class_weights(config):
+    return None if config.class_weights is None else backend.to_tensor(config.class_weights, config.device)
+
+
+def train_epoch(run, loader, sampler, stop, progress):
+    """One epoch's steps (from where a stopped one stood); returns the steps' losses. A stop
+    request, or workers dying for good, saves last.npz midway and ends the run."""
+    config, epoch = run.config, run.epoch
+    run.model.train()
+    order, first_step, losses = epoch_plan(run.partial, run.rng, len(sampler), config.steps_per_epoch * config.batch_size)
+    run.partial = None
+    # Alone, the last step takes what is left; data parallel, every process needs its equal share.
+    steps = math.ceil(len(order) / config.batch_size) if run.processes == 1 else len(order) // config.batch_size
+    batches = loader.batches(step_batches(order, first_step, steps, epoch, config, run.rank, run.processes))
+    scaler, done = backend.grad_scaler(config.amp), first_step
+
+    def save_midway():
+        last = run.paths()[0]
+        run.save(last, epoch, run.best, run.stale, partial=dict(step=done, order=order.tolist(), losses=losses),
+                 trained_seconds=run.trained_seconds())
+        if run.folder is not None:
+            run.folder.flush()
+        return f"in epoch {epoch + 1}, after step {done} of {steps}: {last} holds that state"
+    try:
+        for step, batch in zip(tqdm(range(first_step, steps), total=steps, initial=first_step, leave=False,
+                                    desc=f"epoch {epoch + 1}/{run.epochs}", file=sys.stderr,
+                                    disable=run.rank > 0), batches):
+            loss, value, stop_now = step_loss(run.net, batch, config, run.class_weights, stop, run.processes)
+            check_loss(value, run.first_loss, epoch, step, config.lr)  # before the step: a NaN never reaches the weights
+            run.first_loss = value if run.first_loss is None else run.first_loss
+            apply_gradients(run.optimizer, scaler, loss)
+            losses.append(value)
+            done = step + 1
+            if progress:
+                progress(dict(kind="step", epoch=epoch + 1, epochs=run.epochs, step=done, steps=steps, loss=value))
+            if stop_now and done < steps:
+                stop.stop(save_midway())
+    except WorkersDied as err:
+        if done == first_step:
+            raise TrainingError(f"{err}; stopped before a step of epoch {epoch + 1}: checkpoints kept as they were")
+        raise TrainingError(f"{err}; stopped {save_midway()}; continue with --resume")
+    return losses
+
+
+def end_epoch(run, scores, lr, seconds):
+    """Keep track of the best score, write last.npz (and best.npz when it improved), and report the
+    epoch in the background. Returns whether it improved."""
+    config = run.config
+    improved = config.best_metric in scores and improves(scores[config.best_metric], run.best, config.best_metric)
+    if config.best_metric in scores:  # a validated epoch (or no validation set at all)
+        run.best, run.stale = (scores[config.best_metric], 0) if improved else (run.best, run.stale + 1)
+    last, best_path = run.paths()
+    written_config = dict(as_dict(config), epochs=run.epochs)
+    run.save(last, run.epoch + 1, run.best, run.stale, scores=scores, config=written_config,
+             trained_seconds=run.trained_seconds())
+    if improved:
+        run.best_weights = model_weights(run.model) if calibrating(config) else None
+        run.save(best_path, run.epoch + 1, run.best, run.stale, with_optimizer=False, scores=scores,
+                 config=written_config)
+    if run.rank == 0:
+        run.folder.in_background(report_epoch, run.epoch, scores, lr, seconds, improved, config, run.epochs)
+    return improved
+
+
+def stop_between_epochs(run, stop):
+    """After an epoch: stop as asked (every process agrees), or early for --patience (returns True)."""
+    config = run.config
+    stop_now = backend.all_sum([float(stop.requested)], config.device, run.processes)[0] > 0
+    if stop_now and run.epoch < run.epochs:
+        if run.folder is not None:
+            run.folder.flush()  # the epoch's line before the stop's
+        stop.stop(f"after epoch {run.epoch}: {run.paths()[0]} holds it")
+    if config.patience and run.stale >= config.patience:
+        print(f"early stop: {config.best_metric} has not improved for {run.stale} epochs")
+        return True
+    return False
+
+
+def finish(run):
+    """The run's end: everything written, the checkpoints calibrated where asked, where they are said."""
+    last, best_path = run.paths()
+    if run.folder is not None:
+        run.folder.flush()  # a write's error stops the run here, in a line; calibration rewrites the files
+    if calibrating(run.config):
+        checkpoints = ([(best_path, run.best_weights)] if run.best_weights else []) + [(last, model_weights(run.model))]
+        calibrate(run.model, checkpoints, run.train_set, run.config, run.rank, run.processes)
+    print(f"checkpoints: {best_path} (best {run.config.best_metric} {run.best:.4f}), {last}")
+    backend.wait_for_all(run.config.device, run.processes)
