@@ -1,6 +1,7 @@
 """Volumes and slides larger than memory (volumes.py): read lazily, predicted block by block into
 OME-Zarr stores, equal to the whole slice predicted at once, objects whole across block borders,
 resumable, never written over; and trained from, window by window."""
+import contextlib
 import json
 import os
 import shutil
@@ -326,22 +327,24 @@ def test_an_output_store_whose_array_metadata_was_edited_is_not_resumed_into(tmp
     assert read_store(tmp_path / "masks" / "vol.ome.zarr").shape == (1, 64, 64)
 
 
-@pytest.fixture
-def dask_cluster(tmp_path):
-    """A real Dask cluster on 127.0.0.1: `dask scheduler` and two `dask worker` processes (as README starts them)."""
+@contextlib.contextmanager
+def started_cluster(folder, env=None):
+    """A real Dask cluster on 127.0.0.1: `dask scheduler` and two `dask worker` processes started in
+    `folder` (not the project's) as README starts them, with the environment's own Python."""
     from distributed import Client
     dask = os.path.join(os.path.dirname(sys.executable), "dask")
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    scheduler_file = tmp_path / "scheduler.json"
+    os.makedirs(folder, exist_ok=True)
+    scheduler_file = os.path.join(folder, "scheduler.json")
     processes = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-                                   "--scheduler-file", scheduler_file], env=env, stderr=subprocess.DEVNULL)]
+                                   "--scheduler-file", scheduler_file], env=env, cwd=folder, stderr=subprocess.DEVNULL)]
     try:
         deadline = time.time() + 60
-        while not scheduler_file.exists() and time.time() < deadline:
+        while not os.path.exists(scheduler_file) and time.time() < deadline:
             time.sleep(0.1)
-        address = json.loads(scheduler_file.read_text())["address"]
+        address = json.loads(open(scheduler_file).read())["address"]
         processes += [subprocess.Popen([dask, "worker", address, "--nthreads", "1", "--no-dashboard", "--name",
-                                        f"worker-{i}"], env=env, stderr=subprocess.DEVNULL) for i in range(2)]
+                                        f"worker-{i}"], env=env, cwd=folder, stderr=subprocess.DEVNULL)
+                      for i in range(2)]
         with Client(address) as client:
             client.wait_for_workers(2, timeout=60)
         yield address
@@ -351,13 +354,20 @@ def dask_cluster(tmp_path):
             process.wait(timeout=30)
 
 
+@pytest.fixture
+def dask_cluster(tmp_path):
+    with started_cluster(tmp_path / "elsewhere", env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}) \
+            as address:
+        yield address
+
+
 @stores_not_framework
 def test_a_dask_cluster_of_two_workers_gives_what_one_process_gives(tmp_path, batch_norm_net, dask_cluster):
     volume = smooth_volume((4, 100, 90))
     path = write_ome_zarr(tmp_path / "vol.ome.zarr", volume)
     extra = ["--block", 48, "--no-tta", "--save-prob", "--instance-path"]
     predict(path, tmp_path / "here", batch_norm_net, *extra, tmp_path / "here" / "objects", "--objects", "watershed")
-    # Paths relative to this folder, which the workers do not run in (README: they start in the project's)
+    # Paths relative to this folder, which the workers do not run in
     result = run_script("predict_unet_test.py", "--checkpoint", os.path.relpath(batch_norm_net, tmp_path),
                         "--test-data-path", "vol.ome.zarr", "--save-res-path", "cluster/masks", "--prob-path",
                         "cluster/prob", *extra, "cluster/objects", "--objects", "watershed", "--scheduler", dask_cluster,
@@ -464,3 +474,19 @@ def test_bad_training_stores_stop_with_one_line_naming_the_store(tmp_path, damag
     result = train_small(tmp_path, tmp_path / "run", "--data-path", store, "--label-path", "", check=False)
     assert result.returncode != 0 and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@stores_not_framework
+def test_a_dask_cluster_without_the_package_installed_is_named_in_one_line(tmp_path, batch_norm_net):
+    hidden = tmp_path / "hidden" / "biounet"  # stands before the environment's own: as if it lacked the package
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'biounet'\", name='biounet')\n")
+    path = write_ome_zarr(tmp_path / "vol.ome.zarr", smooth_volume((1, 64, 64)))
+    with started_cluster(tmp_path / "elsewhere", env=dict(os.environ, PYTHONPATH=str(hidden.parent))) as address:
+        result = run_script("predict_unet_test.py", "--checkpoint", batch_norm_net, "--test-data-path", path,
+                            "--save-res-path", tmp_path / "masks", "--no-tta", "--scheduler", address, cwd=tmp_path,
+                            check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: the Dask cluster at {address} cannot import biounet: install it where the scheduler and the "
+        f"workers run (pip install 'biounet[dask]', or pip install -e on the project), then run the same command"]

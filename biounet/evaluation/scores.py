@@ -102,17 +102,31 @@ def score_folder(pred_dir, label_path, classes=1, ignore_index=255, data_format=
         if name not in labels:
             raise DataError(f"{pred_path}: no label named {name} in {label_path}")
         source, raw = labels[name]
-        if instances:
-            truth, pred = raw, raw_pred
-        else:
-            truth = label_to_classes(raw, source, classes, ignore_index, instance_labels)
-            pred = normalize(raw_pred, "range", source=pred_path) if classes == 1 else label_to_classes(
-                raw_pred, pred_path, classes, ignore_index)
-        if pred.shape[:2] != truth.shape:
-            raise DataError(f"{pred_path}: prediction is {pred.shape[1]}x{pred.shape[0]}, "
-                            f"label {source} is {truth.shape[1]}x{truth.shape[0]}")
         shown = name + ".png" if " page " in pred_path else os.path.basename(pred_path)
-        items.append((shown, pred if pred.ndim == 2 else pred[..., 0], truth))
+        items.append(scored_item(shown, raw_pred, raw, sources=(pred_path, source), classes=classes,
+                                 ignore_index=ignore_index, instance_labels=instance_labels, instances=instances))
+    return score_items(items, classes=classes, ignore_index=ignore_index, instances=instances)
+
+
+def scored_item(name, prediction, label, sources, classes=1, ignore_index=255, instance_labels=False,
+                instances=False):
+    """(name, prediction, truth) as the scores take them, from a raw prediction (a 0/255 mask or a
+    probability map of any type; class indices; numbered objects) and a raw label; `sources` name
+    the two in errors."""
+    if instances:
+        truth, pred = label, prediction
+    else:
+        truth = label_to_classes(label, sources[1], classes, ignore_index, instance_labels)
+        pred = normalize(prediction, "range", source=sources[0]) if classes == 1 else label_to_classes(
+            prediction, sources[0], classes, ignore_index)
+    if pred.shape[:2] != truth.shape:
+        raise DataError(f"{sources[0]}: prediction is {pred.shape[1]}x{pred.shape[0]}, "
+                        f"label {sources[1]} is {truth.shape[1]}x{truth.shape[0]}")
+    return name, pred if pred.ndim == 2 else pred[..., 0], truth
+
+
+def score_items(items, classes=1, ignore_index=255, instances=False):
+    """The scores of (name, prediction, truth) items (scored_item's)."""
     if instances:
         return score_instances(items)
     return score_binary(items) if classes == 1 else score_multiclass(items, classes, ignore_index)

@@ -8,6 +8,8 @@ OneFlow mirrors PyTorch's API, so the rest of the code writes `flow.cat`, `nn.Co
 against whichever module was imported here, plus the few helpers below where the two differ.
 """
 import contextlib
+import importlib
+import importlib.util
 import os
 import random
 
@@ -18,20 +20,28 @@ os.environ.setdefault("ONEFLOW_ENABLE_ONEDNN_OPTS", "0")
 # OneFlow's CUDA build logs warnings about the missing GPU driver and InfiniBand at every start.
 os.environ.setdefault("GLOG_minloglevel", "2")
 
-NAME = os.environ.get("UNET_BACKEND", "").strip().lower()
-if NAME == "oneflow":
-    import oneflow as flow
-elif NAME == "torch":
-    import torch as flow
-elif NAME == "":
+INSTALL = {"oneflow": "pip install 'biounet[oneflow]' (CPython 3.8-3.10)", "torch": "pip install 'biounet[torch]'"}
+
+
+def _framework(name, chosen):
+    """The framework's module; without it, one line saying which extra installs it (`chosen`: by UNET_BACKEND)."""
     try:
-        import oneflow as flow
-        NAME = "oneflow"
-    except ImportError:
-        import torch as flow
-        NAME = "torch"
-else:
+        return importlib.import_module(name)
+    except ImportError as err:
+        if getattr(err, "name", None) != name:
+            raise  # the framework is there but broken: its own message says why
+        wanted = f"UNET_BACKEND={name} needs {name}: {INSTALL[name]}" if chosen else (
+            f"no deep-learning framework installed: {INSTALL['torch']}, or {INSTALL['oneflow']}")
+        raise SystemExit(f"error: {wanted}") from None
+
+
+NAME = os.environ.get("UNET_BACKEND", "").strip().lower()
+if NAME not in ("", "oneflow", "torch"):
     raise SystemExit(f"error: UNET_BACKEND must be 'oneflow' or 'torch', not {NAME!r}")
+_CHOSEN = bool(NAME)
+if not NAME:
+    NAME = "oneflow" if importlib.util.find_spec("oneflow") else "torch"
+flow = _framework(NAME, _CHOSEN)
 
 nn = flow.nn
 F = flow.nn.functional

@@ -387,9 +387,13 @@ def run_tasks(client, function, keys, what, *more):
             for future in as_completed(futures):
                 results.append(future.result())
                 bar.update()
-        except ModuleNotFoundError as err:
-            raise DataError(f"the Dask workers cannot import this project ({err}): start them in its folder with "
-                            f"PYTHONPATH=$PWD (README)") from None
+        except (ModuleNotFoundError, RuntimeError) as err:
+            # Workers without the package fail to import it; a scheduler without it cannot read the task graph.
+            if not isinstance(err, ModuleNotFoundError) and "deserializ" not in str(err):
+                raise
+            raise DataError(f"the Dask cluster at {client.scheduler.address} cannot import biounet: install it where "
+                            f"the scheduler and the workers run (pip install 'biounet[dask]', or pip install -e on "
+                            f"the project), then run the same command") from None
         except CancelledError as err:  # the scheduler lost (killed, its machine gone): Dask cancels every task
             raise WorkersDied(f"the Dask cluster at {client.scheduler.address} stopped answering "
                               f"({str(err).splitlines()[0]}): the {what} done are kept, and the same command goes on "

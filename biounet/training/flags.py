@@ -11,12 +11,17 @@ from biounet.data.datasets import FORMATS
 from biounet.evaluation.instances import (OBJECT_TARGETS, STANDARD_DIAMETER)
 from biounet.model.unet import MIN_SIDE, NORMS, PADDINGS
 
-def parse_args(argv=None, description=None):
-    """The flags of a training run, settled by argparse (a mistake ends in one line naming the flag)."""
+def parser(description=None):
+    """The parser of every training flag."""
     p = ArgumentParser(description=description or __doc__)
     for add_flags in (data_flags, schedule_flags, network_flags, loss_flags, run_flags):
         add_flags(p)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None, description=None):
+    """The flags of a training run, settled by argparse (a mistake ends in one line naming the flag)."""
+    return parser(description).parse_args(argv)
 
 
 def data_flags(p):
