@@ -1,0 +1,154 @@
+"""The Python API (biounet/api.py) gives what the scripts give: the same masks, probabilities,
+objects, stores, weights and scores, arrays in and out, and nothing written unless asked."""
+import os
+import subprocess
+import sys
+import threading
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+import biounet
+from biounet.model.checkpoint import load_checkpoint
+from conftest import run_script, tiny_checkpoint, write_dataset
+
+
+def read(path):
+    return cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    return tiny_checkpoint(tmp_path / "tiny.npz", norm="batch")
+
+
+def test_predict_gives_the_mask_probabilities_and_objects_the_script_writes(dataset, checkpoint, tmp_path):
+    run_script("predict_unet_test.py", "--checkpoint", checkpoint, "--test-data-path", f"{dataset}/test_image",
+               "--save-res-path", "masks", "--save-prob", "--prob-path", "prob", "--prob-bits", 32,
+               "--instance-path", "objects", "--workers", 1, cwd=tmp_path)
+    model = biounet.load_model(checkpoint, device="cpu")
+    before = sorted(os.listdir(tmp_path))
+    for name in sorted(os.listdir(f"{dataset}/test_image")):
+        result = model.predict(read(f"{dataset}/test_image/{name}"))
+        assert np.array_equal(result.mask, read(tmp_path / "masks" / name))
+        assert np.array_equal(result.probabilities, tifffile.imread(tmp_path / "prob" / name.replace(".png", ".tif")))
+        assert np.array_equal(result.objects, read(tmp_path / "objects" / name))
+    assert sorted(os.listdir(tmp_path)) == before  # the API wrote nothing
+
+
+def test_an_image_is_the_same_with_its_channels_first_or_last_and_at_any_bit_depth(checkpoint):
+    model = biounet.load_model(tiny_checkpoint(os.path.dirname(checkpoint) + "/rgb.npz", n_channels=3),
+                               device="cpu")
+    rgb = np.random.default_rng(0).integers(0, 255, (48, 56, 3)).astype(np.uint8)
+    last = model.predict(rgb, tta=False)
+    assert np.array_equal(model.predict(rgb.transpose(2, 0, 1), tta=False).mask, last.mask)
+    assert np.array_equal(model.predict(np.moveaxis(rgb, 2, 1), channel_axis=1, tta=False).mask, last.mask)
+    assert np.array_equal(model.predict(rgb.astype(np.uint16) * 257, tta=False).mask, last.mask)
+    with pytest.raises(ValueError, match=r"image: shape \(20, 48, 56\) is a stack"):
+        model.predict(np.zeros((20, 48, 56), np.uint8))
+
+
+def test_a_stack_is_each_slice_predicted_alone(checkpoint):
+    model = biounet.load_model(checkpoint, device="cpu")
+    stack = np.random.default_rng(1).integers(0, 4095, (3, 40, 48)).astype(np.uint16)
+    result = model.predict_stack(stack, tta=False)
+    assert result.mask.shape == result.objects.shape == result.probabilities.shape == (3, 40, 48)
+    for z in range(3):
+        assert np.array_equal(result.mask[z], model.predict(stack[z], tta=False).mask)
+
+
+def test_predict_blocks_writes_the_stores_the_script_writes_only_where_asked(checkpoint, tmp_path):
+    import dask.array
+    volume = np.random.default_rng(2).integers(0, 255, (2, 70, 90)).astype(np.uint8)
+    path = str(tmp_path / "vol.zarr")
+    zarr.save_array(path, volume, chunks=(1, 32, 32))
+    run_script("predict_unet_test.py", "--checkpoint", checkpoint, "--test-data-path", path, "--save-res-path",
+               "script/masks", "--instance-path", "script/objects", "--block", 32, "--no-tta", "--workers", 1,
+               cwd=tmp_path)
+    model = biounet.load_model(checkpoint, device="cpu")
+    for source in (path, dask.array.from_array(volume, chunks=(1, 32, 32))):
+        out = tmp_path / ("api-path" if isinstance(source, str) else "api-dask")
+        stores = model.predict_blocks(source, out, block=32, tta=False)
+        assert sorted(stores) == ["masks", "objects", "probabilities"]
+        for kind, folder in (("masks", "masks"), ("objects", "objects")):
+            assert np.array_equal(stores[kind][:], zarr.open_array(str(tmp_path / "script" / folder / "vol.ome.zarr" /
+                                                                     "0"))[:]), kind
+
+
+def test_train_from_arrays_learns_the_weights_the_script_learns_from_the_same_files(tmp_path):
+    data = write_dataset(tmp_path / "data", n_train=4, n_test=0, size=48)
+    flags = dict(base=4, crop=32, epochs=2, loader_workers=0, calibrate=False)
+    run_script("TrainUnetDataSet.py", "--data-path", f"{data}/train_image", "--label-path", f"{data}/train_label",
+               "--checkpoint-dir", "script", "--log", "log.txt", "--progress", "", "--base", 4, "--crop", 32,
+               "--epochs", 2, "--loader-workers", 0, "--no-calibrate", cwd=tmp_path)
+    names = sorted(os.listdir(f"{data}/train_image"))
+    run = biounet.train(images=[read(f"{data}/train_image/{n}") for n in names],
+                        labels=[read(f"{data}/train_label/{n}") for n in names],
+                        checkpoint_dir=tmp_path / "api", **flags)
+    assert run.best == str(tmp_path / "api" / "best.npz") and run.stopped is None and "val_v_rand" in run.scores
+    script, api = load_checkpoint(tmp_path / "script" / "last.npz")[1], load_checkpoint(run.last)[1]
+    assert script.keys() == api.keys() and all(np.array_equal(script[k], api[k]) for k in script)
+
+
+def test_training_stops_from_another_thread_after_a_step_and_resumes_to_the_end(tmp_path):
+    data = write_dataset(tmp_path / "data", n_train=4, n_test=0, size=48)
+    stop, steps = threading.Event(), []
+
+    def progress(event):
+        steps.append(event)
+        if event["kind"] == "step" and event["step"] == 1:
+            stop.set()
+    flags = dict(base=4, crop=32, epochs=2, loader_workers=0, calibrate=False, checkpoint_dir=tmp_path / "ck")
+    runner = threading.Thread(target=lambda: steps.append(biounet.train(
+        f"{data}/train_image", f"{data}/train_label", progress=progress, stop=stop, **flags)))
+    runner.start()
+    runner.join(timeout=300)
+    stopped = steps[-1]
+    # asked during step 1's report: the processes agree on it in the next step, which ends the run
+    assert stopped.stopped == f"stopped as asked in epoch 1, after step 2 of 3: {tmp_path}/ck/last.npz holds that " \
+                              f"state; continue with resume=True"
+    assert load_checkpoint(stopped.last)[0]["partial"]["step"] == 2
+    finished = biounet.train(f"{data}/train_image", f"{data}/train_label", resume=True, **flags)
+    assert finished.stopped is None and load_checkpoint(finished.last)[0]["epoch"] == 2
+
+
+def test_evaluate_gives_the_scores_biounet_evaluate_prints(tmp_path):
+    rng = np.random.default_rng(3)
+    masks = [np.where(rng.random((32, 40)) > 0.5, 255, 0).astype(np.uint8) for _ in range(2)]
+    labels = [np.where(rng.random((32, 40)) > 0.4, 255, 0).astype(np.uint8) for _ in range(2)]
+    for folder, arrays in (("pred", masks), ("label", labels)):
+        os.makedirs(tmp_path / folder)
+        for n, array in enumerate(arrays):
+            cv2.imwrite(str(tmp_path / folder / f"{n}.png"), array)
+    printed = run_script("biounet-evaluate", "pred", "label", "--json", "scores.json", cwd=tmp_path).stdout
+    scores = biounet.evaluate(masks, labels, names=["0.png", "1.png"])
+    import json
+    assert json.loads((tmp_path / "scores.json").read_text())["mean"] == pytest.approx(scores["mean"])
+    assert f"{scores['mean']['dice']:.4f}" in printed.splitlines()[-1]
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: biounet.train("x", bogus=1), "bogus: not a training flag (see biounet-train --help)"),
+    (lambda: biounet.train("x", crop=-3), "argument --crop: -3 is out of range"),
+    (lambda: biounet.train(images=[np.zeros((8, 8))]), "give data_path (and label_path), or both images and labels"),
+    (lambda: biounet.load_model(), "give a checkpoint, or pretrained=True"),
+    (lambda: biounet.PredictionSettings(threshold=2), "threshold 2: must be a probability, 0-1"),
+])
+def test_bad_arguments_raise_one_line_value_errors(call, message):
+    with pytest.raises(ValueError) as raised:
+        call()
+    assert str(raised.value).startswith(message) and "\n" not in str(raised.value)
+
+
+def test_the_console_script_predicts_from_any_folder(dataset, checkpoint, tmp_path):
+    script = os.path.join(os.path.dirname(sys.executable), "biounet-predict")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = subprocess.run([script, "--checkpoint", checkpoint, "--test-data-path", f"{dataset}/test_image",
+                             "--no-tta", "--workers", "1"], cwd=elsewhere, capture_output=True, text=True, timeout=300,
+                            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(elsewhere / "predict_image")) == sorted(os.listdir(f"{dataset}/test_image"))
