@@ -230,6 +230,7 @@ def prediction_seconds(python, backend_name, checkpoint, images, flags, cache):
 def bench_prediction(args, pythons, bare_rates):
     """Start-up and images/s of the real prediction path, eager and compiled, against the bare forward pass."""
     import tempfile
+
     from biounet.core.files import list_images
     images = list_images(args.test_images)
     print(f"\nprediction: {len(images)} images of {args.test_images}, 8 views, base {args.base}, {args.device}\n")

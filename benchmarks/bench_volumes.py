@@ -127,9 +127,9 @@ def bench_isbi(args, checkpoint):
     """Today's prediction of a folder of slices against the same slices as one OME-Zarr volume."""
     import zarr
 
-    from biounet.prediction import stores
-    from biounet.data.loader import read_raw_image
     from biounet.core.files import list_images
+    from biounet.data.loader import read_raw_image
+    from biounet.prediction import stores
     paths = list_images(args.images)
     stack = np.stack([read_raw_image(p) for p in paths])
     volume = os.path.join(args.work, "slices.ome.zarr")

@@ -33,7 +33,8 @@ from biounet.model.meta import TrainingData
 from biounet.prediction.segment import PredictionSettings, Segmentation, decide, object_method_for, probability_maps
 from biounet.prediction.volumes import HALO, predict_volume
 from biounet.training import flags as training_flags
-from biounet.training.train import StopRequest, Stopped, train as run_training
+from biounet.training.train import Stopped, StopRequest
+from biounet.training.train import train as run_training
 
 PathLike = Union[str, os.PathLike]
 

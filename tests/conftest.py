@@ -13,10 +13,10 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from biounet.model import backend  # noqa: E402
-from biounet.model.checkpoint import save_checkpoint  # noqa: E402
 from biounet.core.files import write_png  # noqa: E402
 from biounet.data.fetch import synthetic_em_slice  # noqa: E402
+from biounet.model import backend  # noqa: E402
+from biounet.model.checkpoint import save_checkpoint  # noqa: E402
 from biounet.model.unet import UNet  # noqa: E402
 
 

@@ -4,9 +4,9 @@ import pytest
 from scipy import ndimage
 
 from biounet.data.augment import DEFAULT_PROBABILITIES, augment
-from conftest import run_script
 from biounet.data.labels import cells
 from biounet.data.weightmap import class_balance, weight_map
+from conftest import run_script
 
 GEOMETRIC = dict(flip=1.0, affine=1.0, elastic=1.0)
 

@@ -12,8 +12,8 @@ import pytest
 
 from biounet.model import backend
 from biounet.model.checkpoint import CheckpointError, build_model, load_checkpoint, read_oneflow_folder, save_checkpoint
-from conftest import ROOT
 from biounet.model.unet import UNet
+from conftest import ROOT
 
 ONEFLOW_PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
 
@@ -178,6 +178,7 @@ def test_a_crafted_oneflow_checkpoint_cannot_run_code(tmp_path):
 
 def test_checkpoints_are_written_off_the_steps_path_from_a_copy_of_the_weights(tmp_path, monkeypatch):
     import threading
+
     from biounet.model import checkpoint
     from biounet.model.checkpoint import RunFolder
     started, release = threading.Event(), threading.Event()

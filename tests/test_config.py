@@ -4,8 +4,8 @@ import os
 import pytest
 
 from biounet.training.config import ConfigError, DataFacts, describe, settle
-from conftest import train_small
 from biounet.training.flags import parse_args
+from conftest import train_small
 
 ISBI = DataFacts("pairs", 1, [(512, 512)], ("0", 512), False, None, True)
 MIXED = DataFacts("dsb2018", 3, [(256, 256), (256, 320), (520, 696)], ("a", 256), True, None, True)

@@ -4,10 +4,10 @@ import cv2
 import numpy as np
 import pytest
 
-from biounet.data.augment import flip_rotate
-from biounet.data.loader import SegmentationDataset, Sampler, read_image, read_label, resize
 from biounet.core.files import DataError, list_images
+from biounet.data.augment import flip_rotate
 from biounet.data.datasets import find_samples, load_dataset
+from biounet.data.loader import Sampler, SegmentationDataset, read_image, read_label, resize
 
 
 def write(path, array):

@@ -5,9 +5,9 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import run_script
-from biounet.evaluation.scores import score_folder
 from biounet.evaluation.metrics import dice, pixel_accuracy
+from biounet.evaluation.scores import score_folder
+from conftest import run_script
 
 
 def test_dice_and_accuracy_of_hand_made_masks():

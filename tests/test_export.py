@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import tifffile
 
+from biounet.data.loader import normalize
 from biounet.model import backend
 from biounet.model.checkpoint import build_model
-from conftest import run_script, tiny_checkpoint
-from biounet.data.loader import normalize
 from biounet.prediction.inference import predict_probability
+from conftest import run_script, tiny_checkpoint
 
 ON_TORCH = backend.NAME == "torch"
 needs_torch = pytest.mark.skipif(not ON_TORCH, reason="export runs on PyTorch: checked in the suite's PyTorch run")

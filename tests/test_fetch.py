@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from biounet.data.fetch import (SYNTHETIC_DIR, SYNTHETIC_MARK, FetchError, download, download_isbi, ensure_isbi_data,
-                        fetch_pretrained, has_images, safe_extract)
+                                fetch_pretrained, has_images, safe_extract)
 
 FOLDERS = ("train_image", "train_label", "test_image")
 

@@ -10,14 +10,14 @@ import roifile
 import tifffile
 from PIL import Image
 
+from biounet.core.files import DataError, write_png
+from biounet.core.visualize import voc_palette
+from biounet.data.datasets import detect_format, find_samples, load_dataset
+from biounet.data.loader import SegmentationDataset, read_label
+from biounet.evaluation.metrics import confusion_matrix, confusion_scores
+from biounet.evaluation.scores import score_folder
 from biounet.model.checkpoint import load_checkpoint
 from conftest import run_script, write_dataset
-from biounet.data.loader import SegmentationDataset, read_label
-from biounet.core.files import DataError, write_png
-from biounet.data.datasets import detect_format, find_samples, load_dataset
-from biounet.core.visualize import voc_palette
-from biounet.evaluation.scores import score_folder
-from biounet.evaluation.metrics import confusion_matrix, confusion_scores
 
 TINY = ["--base", 4, "--crop", 32, "--epochs", 1, "--progress", ""]
 

@@ -20,10 +20,10 @@ import tifffile
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from biounet.model.checkpoint import CheckpointError, build_model, load_checkpoint, save_checkpoint
-from biounet.data.loader import label_to_classes, read_image, read_label_array
 from biounet.core.files import DataError
 from biounet.data.datasets import read_tiff_stack
+from biounet.data.loader import label_to_classes, read_image, read_label_array
+from biounet.model.checkpoint import CheckpointError, build_model, load_checkpoint, save_checkpoint
 from biounet.model.unet import UNet
 
 fuzz = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "25")), deadline=None, derandomize=True)

@@ -12,13 +12,13 @@ import roifile
 from skimage.draw import polygon2mask
 from skimage.morphology import disk
 
+from biounet.core.visualize import outline_objects
+from biounet.data.labels import connected_objects
+from biounet.evaluation.instances import (DISTANCE_LEVELS, measure, object_class_names, object_classes, object_method,
+                                          object_scores, roi_set, split_by_interior, split_objects)
 from biounet.model import backend
 from biounet.model.checkpoint import load_checkpoint
 from conftest import run_script, tiny_checkpoint, train_small
-from biounet.data.labels import connected_objects
-from biounet.evaluation.instances import (DISTANCE_LEVELS, measure, object_class_names, object_classes, object_method,
-                       object_scores, roi_set, split_by_interior, split_objects)
-from biounet.core.visualize import outline_objects
 
 
 def two_touching_disks():

@@ -5,7 +5,7 @@ from skimage.metrics import adapted_rand_error, variation_of_information
 
 from biounet.data.labels import cells
 from biounet.evaluation.metrics import (class_scores, isbi_scores, pixel_scores, rand_and_info_scores, skimage_scores,
-                     thinned_segments)
+                                        thinned_segments)
 
 
 def two_cells(width=9, height=8):

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import tifffile
 
-from biounet.model.checkpoint import build_model, update_meta
-from conftest import run_script, tiny_checkpoint, write_dataset
-from biounet.data.loader import intensity_levels, normalize, read_image, read_raw_image
-from biounet.data.fetch import synthetic_em_slice
-from biounet.prediction.inference import predict_sample
-from biounet.data.datasets import detect_format, find_samples, load_dataset, read_tiff_stack
 from biounet.core.files import DataError
+from biounet.data.datasets import detect_format, find_samples, load_dataset, read_tiff_stack
+from biounet.data.fetch import synthetic_em_slice
+from biounet.data.loader import intensity_levels, normalize, read_image, read_raw_image
+from biounet.model.checkpoint import build_model, update_meta
+from biounet.prediction.inference import predict_sample
+from conftest import run_script, tiny_checkpoint, write_dataset
 
 
 def twelve_bit_image(seed=0, shape=(64, 64)):

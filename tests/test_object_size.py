@@ -7,13 +7,13 @@ import cv2
 import numpy as np
 import pytest
 
+from biounet.data.labels import connected_objects
+from biounet.data.loader import SegmentationDataset, resize
+from biounet.evaluation.instances import STANDARD_DIAMETER, estimate_diameter, in_diameters, median_diameter
 from biounet.model import backend
 from biounet.model.checkpoint import load_checkpoint
-from conftest import run_script
-from biounet.data.loader import SegmentationDataset, resize
 from biounet.prediction.inference import predict_at_object_size
-from biounet.data.labels import connected_objects
-from biounet.evaluation.instances import STANDARD_DIAMETER, estimate_diameter, in_diameters, median_diameter
+from conftest import run_script
 
 
 def discs(shape, radius, spacing):

@@ -11,8 +11,8 @@ import pytest
 
 from biounet.model import backend
 from biounet.model.checkpoint import build_model, save_checkpoint
-from conftest import ROOT
 from biounet.model.unet import UNet
+from conftest import ROOT
 
 OTHER = "torch" if backend.NAME == "oneflow" else "oneflow"
 OTHER_PYTHON = os.path.join(ROOT, ".venv-torch" if OTHER == "torch" else ".venv", "bin", "python")

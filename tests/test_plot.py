@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_script
 from biounet.core.curves import read_log
+from conftest import ROOT, run_script
 
 
 def write_json_log(path, *records):

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from biounet.model import backend
-from biounet.prediction import inference
-from conftest import run_script, tiny_checkpoint
-from biounet.prediction.inference import predict_probability
 from biounet.model.unet import UNet
+from biounet.prediction import inference
+from biounet.prediction.inference import predict_probability
+from conftest import run_script, tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

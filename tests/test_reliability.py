@@ -15,16 +15,16 @@ import time
 import numpy as np
 import pytest
 
-from biounet.model import backend
-from biounet.data import loader as dataloader
-from biounet.prediction.predict import predict_dataset
 from biounet.commands import predict as predict_command
-from biounet.training import flags as training_flags
-from biounet.model.checkpoint import CheckpointError, build_model, load_checkpoint, save_checkpoint
-from conftest import ROOT, train_small, write_dataset
 from biounet.core.files import atomic_write
-from biounet.prediction.inference import predict_sample
+from biounet.data import loader as dataloader
+from biounet.model import backend
+from biounet.model.checkpoint import CheckpointError, build_model, load_checkpoint, save_checkpoint
 from biounet.model.unet import UNet
+from biounet.prediction.inference import predict_sample
+from biounet.prediction.predict import predict_dataset
+from biounet.training import flags as training_flags
+from conftest import ROOT, train_small, write_dataset
 
 
 def last_line(result):

@@ -8,13 +8,13 @@ import cv2
 import numpy as np
 import pytest
 
-from biounet.model import backend
-from biounet.model.checkpoint import build_model, load_checkpoint, load_weights
-from conftest import ROOT, run_script, train_small, write_dataset
 from biounet.data.loader import read_image, read_label
 from biounet.evaluation.metrics import dice
-from biounet.prediction.inference import predict_probability
+from biounet.model import backend
+from biounet.model.checkpoint import build_model, load_checkpoint, load_weights
 from biounet.model.unet import UNet
+from biounet.prediction.inference import predict_probability
+from conftest import ROOT, run_script, train_small, write_dataset
 
 
 @pytest.mark.learning
@@ -270,10 +270,10 @@ def test_a_time_budget_and_epochs_together_are_refused_in_one_line(dataset, tmp_
 
 
 def test_validation_scores_are_the_same_when_images_of_one_size_share_a_forward_pass():
-    from biounet.training.flags import parse_args
-    from biounet.training.config import data_facts, settle
     from biounet.data.loader import SegmentationDataset
     from biounet.prediction.inference import validate
+    from biounet.training.config import data_facts, settle
+    from biounet.training.flags import parse_args
     rng = np.random.default_rng(0)
     shapes = [(48, 48), (48, 48), (48, 48), (40, 56), (48, 48)]  # batches: 3, then 1, then 1
     images = [rng.random(shape).astype(np.float32) for shape in shapes]

@@ -17,13 +17,12 @@ import tifffile
 import zarr
 from skimage.draw import disk
 
-from biounet.model import backend
-from biounet.prediction import stores, volumes
-from biounet.model.checkpoint import build_model, load_checkpoint, network_input
-from conftest import ROOT, run_script, tiny_checkpoint, train_small
-from biounet.prediction.inference import predict_sample
 from biounet.evaluation.instances import objects_of, overlaps
-
+from biounet.model import backend
+from biounet.model.checkpoint import build_model, load_checkpoint, network_input
+from biounet.prediction import stores, volumes
+from biounet.prediction.inference import predict_sample
+from conftest import ROOT, run_script, tiny_checkpoint, train_small
 
 stores_not_framework = pytest.mark.skipif(backend.NAME != "oneflow", reason="processes and stores, not the framework: "
                                           "checked in the suite's OneFlow run (keeps the suite within its time)")

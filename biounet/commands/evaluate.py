@@ -16,11 +16,11 @@ objects; scores per object (instances.py): the DSB 2018 metric map_05_095, ap50,
 """
 import sys
 
-
 from biounet.core.cli import ArgumentParser, file_to_write, ranged
-from biounet.data.datasets import FORMATS
 from biounet.core.files import DataError
-from biounet.evaluation.scores import (format_table, score_folder, write_json)
+from biounet.data.datasets import FORMATS
+from biounet.evaluation.scores import format_table, score_folder, write_json
+
 
 def main(argv=None):
     p = ArgumentParser(description=__doc__)

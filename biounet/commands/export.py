@@ -15,12 +15,12 @@ import os
 import sys
 import warnings
 
-
-from biounet.model import backend
-from biounet.model.checkpoint import CheckpointError
 from biounet.core.cli import ArgumentParser, file_to_write
 from biounet.core.files import DataError
 from biounet.export.formats import export
+from biounet.model import backend
+from biounet.model.checkpoint import CheckpointError
+
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)

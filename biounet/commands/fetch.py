@@ -16,9 +16,9 @@ that holds the data to use (`.` or synthetic_isbi) is printed on stdout, everyth
 import os
 import sys
 
-
 from biounet.core.cli import ArgumentParser
-from biounet.data.fetch import (FOLDERS, FetchError, ensure_isbi_data, fetch_pretrained)
+from biounet.data.fetch import FOLDERS, FetchError, ensure_isbi_data, fetch_pretrained
+
 
 def main(argv=None):
     p = ArgumentParser(description=__doc__)

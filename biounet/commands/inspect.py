@@ -11,12 +11,12 @@ from collections import Counter
 
 import numpy as np
 
-from biounet.data.augment import DEFAULT_PROBABILITIES, augment
 from biounet.core.cli import ArgumentParser, ranged
-from biounet.data.loader import auto_normalization, channels_of, normalize
-from biounet.data.datasets import FORMATS, detect_format, find_samples, nnunet_description, read_sample_label
 from biounet.core.files import DataError, write_png
 from biounet.core.visualize import grid, overlay, weight_picture
+from biounet.data.augment import DEFAULT_PROBABILITIES, augment
+from biounet.data.datasets import FORMATS, detect_format, find_samples, nnunet_description, read_sample_label
+from biounet.data.loader import auto_normalization, channels_of, normalize
 from biounet.data.weightmap import weight_map
 
 

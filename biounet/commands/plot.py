@@ -15,6 +15,7 @@ import sys
 from biounet.core.cli import ArgumentParser, file_to_write
 from biounet.core.curves import plot_curves, read_log
 
+
 def main(argv=None):
     p = ArgumentParser(description=__doc__)
     p.add_argument("log", nargs="?", default="Unet_train.txt", help="training log (its .jsonl beside it is read)")

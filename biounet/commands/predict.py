@@ -18,23 +18,32 @@ intensities were normalized), so no model flags are needed.
 import argparse
 import sys
 
-
-from biounet.model import backend
-from biounet.prediction import volumes
-from biounet.model.checkpoint import CheckpointError
-from biounet.core.cli import ArgumentParser, file_to_write, folder_to_write, object_size_flags, path_to_read, probability, ranged
-from biounet.data.datasets import FORMATS
-from biounet.evaluation.scores import format_table, write_json
-from biounet.core.files import is_zarr, DataError
-from biounet.evaluation.instances import METHODS
+from biounet.core.cli import (ArgumentParser, file_to_write, folder_to_write, object_size_flags, path_to_read,
+                              probability, ranged)
+from biounet.core.files import DataError, is_zarr
 from biounet.core.processes import WorkersDied
-from biounet.model.unet import MIN_SIDE
+from biounet.data.datasets import FORMATS
 from biounet.data.fetch import fetch_pretrained
+from biounet.evaluation.instances import METHODS
+from biounet.evaluation.scores import format_table, write_json
+from biounet.model import backend
+from biounet.model.checkpoint import CheckpointError
+from biounet.model.unet import MIN_SIDE
+from biounet.prediction import volumes
 from biounet.prediction.predict import predict_dataset
 from biounet.prediction.segment import PredictionSettings
 
+
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
+    for add_flags in (input_flags, output_flags, running_flags, volume_flags, object_flags):
+        add_flags(p)
+    return p.parse_args(argv)
+
+
+
+def input_flags(p):
+    """What to predict, with which network."""
     p.add_argument("--checkpoint", default="checkpoints/best.npz",
                    help="our .npz checkpoint, or the original example's OneFlow checkpoint folder")
     p.add_argument("--pretrained", action="store_true",
@@ -44,6 +53,14 @@ def parse_args(argv=None):
                         "(datasets.py)")
     p.add_argument("--data-format", choices=("auto",) + FORMATS, default="auto", help="layout of --test-data-path")
     p.add_argument("--split", default="val", help="VOC: the ImageSets/Segmentation list to predict")
+    p.add_argument("--label-path", type=path_to_read,
+                   help="label folder or TIFF of the test images (DSB and VOC bring their own): then scores are "
+                        "printed, errors marked in overlays, plus montage.png")
+
+
+
+def output_flags(p):
+    """What is written where."""
     p.add_argument("--save-res-path", "--save_res_path", type=folder_to_write, default="predict_image/",
                    help="output folder")
     p.add_argument("--threshold", type=probability, default=0.5, help="cell probability above which a pixel is cell")
@@ -56,13 +73,15 @@ def parse_args(argv=None):
                    help="a TIFF volume's predictions as one PNG per page, instead of TIFF stacks named after it")
     p.add_argument("--overlay-path", type=folder_to_write,
                    help="also write each image with its predicted membranes tinted here")
-    p.add_argument("--label-path", type=path_to_read,
-                   help="label folder or TIFF of the test images (DSB and VOC bring their own): then scores are "
-                        "printed, errors marked in overlays, plus montage.png")
     p.add_argument("--scores-json", type=file_to_write,
                    help="with labels: write every score, per image and mean, to this JSON file")
     p.add_argument("--color-path", type=folder_to_write, default="predict_color/",
                    help="with several classes: colour pictures of the class-index masks (VOC palette)")
+
+
+
+def running_flags(p):
+    """How the network runs: tiles, views, processes, device."""
     p.add_argument("--tile", type=ranged(int, MIN_SIDE, also=(0,)), default=1024,
                    help="predict larger images in overlapping tiles of this size, blended (0: whole image)")
     p.add_argument("--overlap", type=ranged(int, 0), default=128, help="overlap of neighbouring tiles, in pixels")
@@ -77,6 +96,14 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=ranged(int, 0, 256), default=0,
                    help="processes predicting images (or a volume's blocks, on a local Dask cluster) side by side "
                         "(0: one per core with OneFlow on a CPU, each with at least 4 images; else 1)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda ...")
+    p.add_argument("--amp", choices=backend.PRECISIONS, default="off",
+                   help="mixed precision of the forward pass: bf16 or fp16 on CUDA (bf16 also on a CPU with PyTorch)")
+
+
+
+def volume_flags(p):
+    """Volumes and slides larger than memory, block by block."""
     volume = p.add_argument_group("volumes and slides larger than memory (volumes.py): zarr / OME-Zarr inputs, "
                                   "or a TIFF with --blockwise, predicted block by block into OME-Zarr stores")
     volume.add_argument("--blockwise", action="store_true",
@@ -93,6 +120,11 @@ def parse_args(argv=None):
     volume.add_argument("--scheduler", help="address of a running Dask scheduler (tcp://HOST:8786) to predict on")
     volume.add_argument("--overwrite", action="store_true",
                         help="replace output stores written with other settings (else they are never written into)")
+
+
+
+def object_flags(p):
+    """Numbered objects (one class)."""
     p.add_argument("--instance-path", type=folder_to_write,
                    help="also write numbered objects here (one class): 16-bit label PNGs (same names), ImageJ ROI "
                         "sets (NAME_RoiSet.zip, for Fiji's ROI Manager) and objects.csv (a row per object)")
@@ -111,10 +143,6 @@ def parse_args(argv=None):
     p.add_argument("--min-distance", type=ranged(int, 1),
                    help="watershed: least distance in pixels between the centres of two touching objects (default: "
                         "half the median object's diameter where the object size is known, else 10)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda ...")
-    p.add_argument("--amp", choices=backend.PRECISIONS, default="off",
-                   help="mixed precision of the forward pass: bf16 or fp16 on CUDA (bf16 also on a CPU with PyTorch)")
-    return p.parse_args(argv)
 
 
 def prediction_settings(args, device):

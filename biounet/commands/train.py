@@ -18,15 +18,15 @@ the curves.
 import os
 import sys
 
-
-from biounet.model import backend
-from biounet.model.checkpoint import (CheckpointError, RunFolder)
-from biounet.training.config import ConfigError
 from biounet.core.files import DataError
 from biounet.core.log import Logger
 from biounet.core.processes import die_with_parent
+from biounet.model import backend
+from biounet.model.checkpoint import CheckpointError, RunFolder
+from biounet.training.config import ConfigError
 from biounet.training.flags import parse_args
-from biounet.training.train import StopRequest, Stopped, TrainingError, train
+from biounet.training.train import Stopped, StopRequest, TrainingError, train
+
 
 def join_launched_run(processes):
     """A process of a data-parallel run: as many threads as its share of the cores (threads spinning

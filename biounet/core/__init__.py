@@ -1,1 +1,2 @@
-"""The bottom layer: files written atomically, command-line types, watched worker processes, logs, pictures and curves. Imports nothing of ours."""
+"""The bottom layer: files written atomically, command-line types, watched worker processes, logs,
+pictures and curves. Imports nothing of ours."""

@@ -1,1 +1,2 @@
-"""Reading images, labels and datasets in every layout, normalization, augmentation, the batch loader, fetching data. Imports only core."""
+"""Reading images, labels and datasets in every layout, normalization, augmentation, the batch loader,
+fetching data. Imports only core."""

@@ -20,7 +20,6 @@ import cv2
 import numpy as np
 from skimage.color import hed2rgb, rgb2hed
 
-
 DEFAULT_PROBABILITIES = dict(flip=1.0, affine=0.0, elastic=0.0, intensity=0.0, noise=0.0, blur=0.0, stain=1.0)
 STAINED = 0.02  # an RGB image is coloured where its channels differ by more than this on average
 

@@ -24,11 +24,12 @@ from collections import namedtuple
 
 import numpy as np
 
-from biounet.data.loader import (DEFAULT_PERCENTILES, LazyArrays, SegmentationDataset, apply_normalization, auto_normalization,
-                        channels_of, image_from_array, label_to_classes, lazy_map, match_channels, normalization_of,
-                        normalize, read_label_array, read_raw_image, read_tiff_stack, resize)
 from biounet.core.files import DataError, is_zarr, list_images
 from biounet.data.labels import connected_objects
+from biounet.data.loader import (DEFAULT_PERCENTILES, LazyArrays, SegmentationDataset, apply_normalization,
+                                 auto_normalization, channels_of, image_from_array, label_to_classes, lazy_map,
+                                 match_channels, normalization_of, normalize, read_label_array, read_raw_image,
+                                 read_tiff_stack, resize)
 from biounet.data.volumes import Volume, slice_sample
 
 FORMATS = ("pairs", "dsb2018", "voc", "tiff", "nnunet", "cellpose", "zarr")

@@ -16,9 +16,9 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from biounet.data.augment import augment as augment_sample
 from biounet.core.files import DataError
 from biounet.core.processes import WatchedPool
+from biounet.data.augment import augment as augment_sample
 
 NORMALIZATIONS = ("percentile", "zscore", "range")
 DEFAULT_PERCENTILES = (1.0, 99.8)

@@ -2,9 +2,11 @@
 (memory-mapped where they can be) and zarr / OME-Zarr stores (NGFF 0.4), with their axes."""
 import math
 import os
+
 import numpy as np
 import tifffile
 import zarr
+
 from biounet.core.files import DataError
 
 SAMPLE_PIXELS = 16 * 2 ** 20  # normalization statistics of a slice from at most this many of its pixels

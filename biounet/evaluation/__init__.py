@@ -1,1 +1,2 @@
-"""Scores of masks and objects, and the objects themselves (watershed, sizes, ROI sets). Imports core and data."""
+"""Scores of masks and objects, and the objects themselves (watershed, sizes, ROI sets). Imports core
+and data."""

@@ -38,7 +38,9 @@ import numpy as np
 from roifile import ImagejRoi
 from scipy import ndimage
 from skimage.feature import peak_local_max
-from skimage.measure import find_contours, label as connected, regionprops_table
+from skimage.measure import find_contours
+from skimage.measure import label as connected
+from skimage.measure import regionprops_table
 from skimage.morphology import remove_small_objects
 from skimage.segmentation import watershed
 

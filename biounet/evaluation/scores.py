@@ -5,9 +5,9 @@ import os
 
 import numpy as np
 
-from biounet.data.loader import label_to_classes, normalize, read_label_array, read_tiff_stack
-from biounet.data.datasets import detect_format, find_samples, label_files, page_names
 from biounet.core.files import DataError, atomic_write, list_images
+from biounet.data.datasets import detect_format, find_samples, label_files, page_names
+from biounet.data.loader import label_to_classes, normalize, read_label_array, read_tiff_stack
 from biounet.evaluation.instances import object_scores
 from biounet.evaluation.metrics import all_scores, confusion_matrix, confusion_scores
 

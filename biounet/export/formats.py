@@ -10,14 +10,14 @@ import tempfile
 import numpy as np
 import tifffile
 
-from biounet.model import backend
-from biounet.model.meta import TrainingData
-from biounet.model.checkpoint import CheckpointError, build_model, input_normalization
-from biounet.data.loader import match_channels, normalize, read_raw_image, resize
 from biounet.core.files import DataError, atomic_write, write_png
-from biounet.prediction.inference import predict_probability
+from biounet.data.loader import match_channels, normalize, read_raw_image, resize
 from biounet.evaluation.instances import object_class_names
+from biounet.model import backend
+from biounet.model.checkpoint import CheckpointError, build_model, input_normalization
+from biounet.model.meta import TrainingData
 from biounet.model.unet import smallest_side
+from biounet.prediction.inference import predict_probability
 
 EXPORT_TOLERANCE = 1e-4
 OPSET = 17

@@ -1,1 +1,2 @@
-"""The framework chosen once (backend), the U-Net, the losses and the checkpoint format. Imports core, data and evaluation."""
+"""The framework chosen once (backend), the U-Net, the losses and the checkpoint format. Imports core,
+data and evaluation."""

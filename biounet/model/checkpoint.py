@@ -23,12 +23,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from biounet.model import backend
-from biounet.data.loader import (apply_normalization, map_onto_levels, normalization_of)
 from biounet.core.files import atomic_write
-from biounet.model.meta import FORMAT, MODEL_ADDED_LATER, CheckpointError, TrainingData, check_meta  # noqa: F401 (CheckpointError: the callers')
+from biounet.data.loader import apply_normalization, map_onto_levels, normalization_of
+from biounet.model import backend
+from biounet.model.meta import (FORMAT, MODEL_ADDED_LATER,  # noqa: F401 (CheckpointError: the callers')
+                                CheckpointError, TrainingData, check_meta)
 from biounet.model.unet import UNet
-
 
 # ---- encoding nested state (optimizer state dicts) as JSON + arrays -------------------------
 

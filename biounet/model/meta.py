@@ -7,6 +7,7 @@ import math
 import re
 from dataclasses import asdict, dataclass
 from typing import Optional, Tuple
+
 from biounet.data.loader import DEFAULT_PERCENTILES, NORMALIZATIONS
 from biounet.evaluation.instances import OBJECT_TARGETS
 from biounet.model.unet import NORMS, PADDINGS

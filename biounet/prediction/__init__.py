@@ -1,1 +1,2 @@
-"""Prediction of images, datasets and volumes larger than memory (blockwise, Dask). Imports the layers below."""
+"""Prediction of images, datasets and volumes larger than memory (blockwise, Dask). Imports the layers
+below."""

@@ -7,14 +7,14 @@ validation scores with the loss computed exactly as training computes it.
 """
 import numpy as np
 
+from biounet.data.loader import match_channels, resize, stack_batch
+from biounet.evaluation.instances import (estimate_diameter, foreground, in_diameters, object_method, object_scores,
+                                          objects_of, size_scale)
+from biounet.evaluation.metrics import confusion_matrix, confusion_scores, isbi_scores, pixel_scores
 from biounet.model import backend
 from biounet.model.backend import flow
-from biounet.data.loader import match_channels, resize, stack_batch
-from biounet.evaluation.instances import (estimate_diameter, foreground, in_diameters, object_method, object_scores, objects_of,
-                       size_scale)
-from biounet.model.meta import TrainingData
 from biounet.model.losses import segmentation_loss
-from biounet.evaluation.metrics import confusion_matrix, confusion_scores, isbi_scores, pixel_scores
+from biounet.model.meta import TrainingData
 from biounet.model.unet import MIN_SIDE, mirror_for_valid, smallest_side
 
 

@@ -9,18 +9,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from biounet.model import backend
-from biounet.model.meta import TrainingData
-from biounet.prediction.segment import PredictionSettings, decide, object_method_for, probability_maps
-from biounet.model.checkpoint import build_model, network_input, predicted_classes
-from biounet.data.loader import channels_of, rgb_planes
-from biounet.data.datasets import find_samples, read_sample_label
-from biounet.evaluation.scores import score_binary, score_multiclass
 from biounet.core.files import atomic_write, write_png, write_tiff
-from biounet.prediction.inference import probability_values
-from biounet.evaluation.instances import measure, roi_set
 from biounet.core.processes import WatchedPool
 from biounet.core.visualize import class_colors, montage, outline_objects, overlay
+from biounet.data.datasets import find_samples, read_sample_label
+from biounet.data.loader import channels_of, rgb_planes
+from biounet.evaluation.instances import measure, roi_set
+from biounet.evaluation.scores import score_binary, score_multiclass
+from biounet.model import backend
+from biounet.model.checkpoint import build_model, network_input, predicted_classes
+from biounet.model.meta import TrainingData
+from biounet.prediction.inference import probability_values
+from biounet.prediction.segment import PredictionSettings, decide, object_method_for, probability_maps
 
 MONTAGE_ROWS = 4
 

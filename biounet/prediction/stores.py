@@ -7,8 +7,10 @@ import json
 import math
 import os
 import shutil
+
 import numpy as np
 import zarr
+
 from biounet.core.files import DataError, atomic_write
 from biounet.data.volumes import volume_name
 

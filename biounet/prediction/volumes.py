@@ -25,18 +25,18 @@ from functools import partial
 
 import numpy as np
 
-from biounet.model import backend
-from biounet.model.meta import TrainingData
-from biounet.model.checkpoint import CheckpointError, build_model, input_mapping, map_input, predicted_classes
-from biounet.data.loader import match_channels
 from biounet.core.files import DataError, atomic_write
-from biounet.prediction.inference import predict_sample, probability_values
-from biounet.evaluation.instances import foreground, in_diameters, objects_of
 from biounet.core.processes import WorkersDied
+from biounet.data.loader import match_channels
 from biounet.data.volumes import Volume, slice_sample, volume_name
+from biounet.evaluation.instances import foreground, in_diameters, objects_of
+from biounet.model import backend
+from biounet.model.checkpoint import CheckpointError, build_model, input_mapping, map_input, predicted_classes
+from biounet.model.meta import TrainingData
+from biounet.prediction.inference import predict_sample, probability_values
 from biounet.prediction.segment import PredictionSettings, object_method_for
-from biounet.prediction.stores import (objects_dir, open_store, prepare_stores, progress_dir, pyramid_levels,
-                                       read_json, write_file, write_region)
+from biounet.prediction.stores import (objects_dir, open_store, prepare_stores, progress_dir, pyramid_levels, read_json,
+                                       write_file, write_region)
 
 ALIGN = 16  # the U-Net's four 2x2 poolings: a crop on this grid pools as the whole slice does
 HALO = 128  # more than the network's reach (unet.VALID_MARGIN = 92 pixels, plus a pooling cell), on the grid
@@ -271,6 +271,20 @@ def slice_mappings(volume, meta):
     return [input_mapping(meta, slice_sample(volume, z), f"{volume.path} slice {z}") for z in range(volume.shape[0])]
 
 
+def check_blockwise(volume, meta, checkpoint, halo):
+    """Stop in one line unless the network can predict the volume block by block with this halo."""
+    data = TrainingData.of(meta)
+    if data.img_size or data.object_size:
+        raise CheckpointError(f"{checkpoint}: trained on images " + (
+            f"resized to {data.img_size} pixels" if data.img_size else "rescaled for their objects' size "
+            "(--object-size)") + "; blocks are predicted at the volume's own scale: train with --no-object-size "
+            "and without --img-size for volumes")
+    if halo % ALIGN:
+        raise ValueError(f"--halo must be a multiple of {ALIGN} (the network's pooling grid), not {halo}")
+    match_channels(np.zeros((2, 2, volume.channels), volume.dtype).squeeze(axis=2) if volume.channels == 1
+                   else np.zeros((2, 2, volume.channels), volume.dtype), meta["model"]["n_channels"], volume.path)
+
+
 def predict_volume(path, checkpoint, outputs, *, settings=PredictionSettings(), block=1024, halo=HALO, workers=0,
                    scheduler=None, overwrite=False, meta=None, levels=None):
     """Predict the volume (or slide) at `path` block by block, as `settings` say, into OME-Zarr stores
@@ -280,18 +294,9 @@ def predict_volume(path, checkpoint, outputs, *, settings=PredictionSettings(), 
     bring a slice within one block). Returns the stores' paths."""
     volume = Volume(path)
     meta = meta or build_model(checkpoint, "cpu")[1]  # a damaged checkpoint stops here, before any worker starts
-    data = TrainingData.of(meta)
-    if data.img_size or data.object_size:
-        raise CheckpointError(f"{checkpoint}: trained on images " + (
-            f"resized to {data.img_size} pixels" if data.img_size else "rescaled for their objects' size "
-            "(--object-size)") + "; blocks are predicted at the volume's own scale: train with --no-object-size "
-            "and without --img-size for volumes")
-    if halo % ALIGN:
-        raise ValueError(f"--halo must be a multiple of {ALIGN} (the network's pooling grid), not {halo}")
+    check_blockwise(volume, meta, checkpoint, halo)
+    data, classes = TrainingData.of(meta), predicted_classes(meta)
     diameter = settings.object_size if isinstance(settings.object_size, (int, float)) else None
-    match_channels(np.zeros((2, 2, volume.channels), volume.dtype).squeeze(axis=2) if volume.channels == 1
-                   else np.zeros((2, 2, volume.channels), volume.dtype), meta["model"]["n_channels"], path)
-    classes = predicted_classes(meta)
     name = volume_name(path) + ".ome.zarr"
     stores = dict(masks=os.path.join(outputs["masks"], name))
     if outputs.get("prob") and classes == 1:
@@ -300,7 +305,8 @@ def predict_volume(path, checkpoint, outputs, *, settings=PredictionSettings(), 
         stores["instances"] = os.path.join(outputs["instances"], name)
     # Absolute paths: a Dask cluster's workers may run in another folder than this process.
     job = dict(volume=os.path.abspath(path), checkpoint=os.path.abspath(checkpoint), device=settings.device,
-               amp=settings.amp, tta=settings.tta, threshold=settings.threshold, block=block, halo=halo, shape=volume.shape,
+               amp=settings.amp, tta=settings.tta, threshold=settings.threshold, block=block, halo=halo,
+               shape=volume.shape,
                levels=pyramid_levels(volume.shape[1:], block) if levels is None else levels, has_z=volume.has_z,
                stores={kind: os.path.abspath(store) for kind, store in stores.items()},
                prob_bits=outputs.get("prob_bits", 16) if "prob" in stores else None, object_network=data.instances,
@@ -348,6 +354,7 @@ def dask_client(workers, scheduler, job):
 
     import dask
     from distributed import Client
+
     # Dask's profiler samples each worker's stack every 10 ms, its monitors wake every 20-500 ms: on
     # 2 cores they cost OneFlow's blocks 15% (measured), so they look less often here
     dask.config.set({"distributed.worker.profile.enabled": False, "distributed.admin.tick.interval": "1s",

@@ -13,9 +13,9 @@ from collections import namedtuple
 import numpy as np
 
 from biounet.data.augment import DEFAULT_PROBABILITIES
-from biounet.model.backend import cores, precision_problem
 from biounet.data.loader import DEFAULT_PERCENTILES
 from biounet.evaluation.instances import object_class_names
+from biounet.model.backend import cores, precision_problem
 from biounet.model.losses import median_frequency_weights
 from biounet.model.unet import MIN_SIDE, VALID_MARGIN, smallest_side, valid_input_size
 

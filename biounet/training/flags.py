@@ -1,15 +1,15 @@
 """The training flags: every setting a run takes, with its default, checked when parsed."""
 import argparse
 
-
-from biounet.model import backend
-from biounet.data.augment import DEFAULT_PROBABILITIES
 from biounet.core.cli import ArgumentParser, file_to_write, folder_to_write, object_size_flags, probability, ranged
-from biounet.training.config import PRESETS
-from biounet.data.loader import (DEFAULT_PERCENTILES, NORMALIZATIONS)
+from biounet.data.augment import DEFAULT_PROBABILITIES
 from biounet.data.datasets import FORMATS
-from biounet.evaluation.instances import (OBJECT_TARGETS, STANDARD_DIAMETER)
+from biounet.data.loader import DEFAULT_PERCENTILES, NORMALIZATIONS
+from biounet.evaluation.instances import OBJECT_TARGETS, STANDARD_DIAMETER
+from biounet.model import backend
 from biounet.model.unet import MIN_SIDE, NORMS, PADDINGS
+from biounet.training.config import PRESETS
+
 
 def parser(description=None):
     """The parser of every training flag."""

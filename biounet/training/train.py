@@ -2,36 +2,36 @@
 resume and stop (one process of a data-parallel run, or the only one).
 """
 import math
-from dataclasses import dataclass, field
-from typing import Callable, Optional
 import os
 import signal
-import threading
 import sys
+import threading
 import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import numpy as np
 from tqdm import tqdm
 
+from biounet.core.curves import plot_curves, read_log
+from biounet.core.log import append_json, json_log_path
+from biounet.core.processes import WorkersDied
+from biounet.data.datasets import detect_format, find_samples, labels_beside, load_dataset, load_store, voc_split_exists
+from biounet.data.labels import connected_objects
+from biounet.data.loader import BatchLoader, Sampler, SegmentationDataset, intensity_levels, lazy_map, pick, resize
+from biounet.data.weightmap import weight_map
+from biounet.evaluation.instances import (STANDARD_DIAMETER, median_diameter, object_class_names, object_classes,
+                                          size_scale)
 from biounet.model import backend
 from biounet.model.backend import flow
-from biounet.model.meta import TrainingData
-from biounet.model.checkpoint import (CheckpointError, input_normalization, load_checkpoint, load_weights, model_weights, restore_optimizer,
-                        update_meta)
-from biounet.training.config import (OBJECT_SCORES, ONE_CLASS_SCORES, Config, ConfigError, as_dict, data_facts, describe, settle)
-from biounet.core.curves import plot_curves, read_log
-from biounet.data.loader import (BatchLoader, SegmentationDataset, Sampler, intensity_levels, lazy_map, pick,
-                        resize)
-from biounet.data.datasets import detect_format, find_samples, labels_beside, load_dataset, load_store, voc_split_exists
-from biounet.prediction.inference import best_threshold, scores_v_rand, threshold_errors, validate
-from biounet.data.labels import connected_objects
-from biounet.evaluation.instances import (STANDARD_DIAMETER, median_diameter, object_class_names, object_classes,
-                       size_scale)
-from biounet.core.log import append_json, json_log_path
+from biounet.model.checkpoint import (CheckpointError, input_normalization, load_checkpoint, load_weights,
+                                      model_weights, restore_optimizer, update_meta)
 from biounet.model.losses import learning_rate, segmentation_loss
-from biounet.core.processes import WorkersDied
+from biounet.model.meta import TrainingData
 from biounet.model.unet import MIN_SIDE, UNet, mirror_for_valid
-from biounet.data.weightmap import weight_map
+from biounet.prediction.inference import best_threshold, scores_v_rand, threshold_errors, validate
+from biounet.training.config import (OBJECT_SCORES, ONE_CLASS_SCORES, Config, ConfigError, as_dict, data_facts,
+                                     describe, settle)
 
 
 def read_data(flags, rng):
