@@ -2,8 +2,8 @@
 `oneflow.distributed.launch`, or PyTorch's `torchrun`. train.sh calls it when NPROC_PER_NODE > 1.
 
     python -m biounet.commands.launch --nproc-per-node 2 TrainUnetDataSet.py ARGS...
-    python -m biounet.commands.launch --nproc-per-node 4 --nnodes 2 --node-rank 0 \
-        --master-addr 10.0.0.1 TrainUnetDataSet.py ARGS...
+    python -m biounet.commands.launch --nproc-per-node 4 --nnodes 2 --node-rank 0 --master-addr 10.0.0.1 \\
+        TrainUnetDataSet.py ARGS...
 
 When a process fails, the launcher stops the others; the processes have said why, so the launcher's
 own traceback is left out and the exit status is 1.
