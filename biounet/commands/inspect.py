@@ -15,7 +15,7 @@ from biounet.core.cli import ArgumentParser, ranged
 from biounet.core.files import DataError, write_png
 from biounet.core.visualize import grid, overlay, weight_picture
 from biounet.data.augment import DEFAULT_PROBABILITIES, augment
-from biounet.data.datasets import FORMATS, detect_format, find_samples, nnunet_description, read_sample_label
+from biounet.data.datasets import FORMATS, detect_format, find_samples, labels_beside, nnunet_description, read_sample_label
 from biounet.data.loader import auto_normalization, channels_of, normalize
 from biounet.data.weightmap import weight_map
 
@@ -51,8 +51,10 @@ def augmented_samples(image, label, count, seed):
 
 def main(argv=None):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("path", help="image folder, DSB 2018 folder, VOC root, nnU-Net or Cellpose dataset, or TIFF volume")
-    p.add_argument("--label-path", help="label folder or TIFF (pairs, tiff)")
+    p.add_argument("path", nargs="?", default="train_image",
+                   help="image folder, DSB 2018 folder, VOC root, nnU-Net or Cellpose dataset, or TIFF volume")
+    p.add_argument("--label-path", help="label folder or TIFF (pairs, tiff; default for an image folder without its "
+                                        "labels beside it: train_label, as training reads it)")
     p.add_argument("--data-format", choices=("auto",) + FORMATS, default="auto")
     p.add_argument("--split", help="VOC split (train, val, ...)")
     p.add_argument("--augmented", help="write augmented samples of the first labelled image to this PNG")
@@ -64,6 +66,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         data_format = detect_format(args.path) if args.data_format == "auto" else args.data_format
+        if args.label_path is None and data_format == "pairs" and not labels_beside(args.path):
+            args.label_path = "train_label"
         samples = find_samples(args.path, data_format, args.label_path, args.split)
         print("\n".join(summary(args.path, data_format, samples)))
         if args.augmented or args.weight_map:
