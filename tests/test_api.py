@@ -152,3 +152,17 @@ def test_the_console_script_predicts_from_any_folder(dataset, checkpoint, tmp_pa
                             env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(elsewhere / "predict_image")) == sorted(os.listdir(f"{dataset}/test_image"))
+
+
+def test_without_a_framework_the_first_use_names_the_extra_to_install(tmp_path):
+    for framework in ("oneflow", "torch"):  # stand before the environment's own: as if neither were installed
+        (tmp_path / framework).mkdir()
+        (tmp_path / framework / "__init__.py").write_text(
+            f"raise ModuleNotFoundError(\"No module named '{framework}'\", name='{framework}')\n")
+    env = {**{k: v for k, v in os.environ.items() if k != "UNET_BACKEND"}, "PYTHONPATH": str(tmp_path)}
+    code = "import biounet; print('imported'); biounet.load_model('net.npz')"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1 and result.stdout == "imported\n"
+    assert result.stderr == ("error: no deep-learning framework installed: pip install 'biounet[torch]', or "
+                             "pip install 'biounet[oneflow]' (CPython 3.9-3.10)\n")

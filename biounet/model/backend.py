@@ -20,7 +20,7 @@ os.environ.setdefault("ONEFLOW_ENABLE_ONEDNN_OPTS", "0")
 # OneFlow's CUDA build logs warnings about the missing GPU driver and InfiniBand at every start.
 os.environ.setdefault("GLOG_minloglevel", "2")
 
-INSTALL = {"oneflow": "pip install 'biounet[oneflow]' (CPython 3.8-3.10)", "torch": "pip install 'biounet[torch]'"}
+INSTALL = {"oneflow": "pip install 'biounet[oneflow]' (CPython 3.9-3.10)", "torch": "pip install 'biounet[torch]'"}
 
 
 def _framework(name, chosen):
