@@ -70,7 +70,7 @@ class Model:
         image, _ = network_input(self.meta, as_image(image, channel_axis), "image")
         maps, diameter = probability_maps(self.network, self.meta, image, settings)
         method = object_method_for(self.meta, settings.objects, self.checkpoint) if objects else None
-        return decide(maps, self.meta, settings, diameter, method)
+        return decide(maps, self.meta, settings, diameter=diameter, method=method)
 
     def predict_stack(self, stack: np.ndarray, *, channel_axis: Optional[int] = None, objects: bool = True,
                       **settings) -> Segmentation:

@@ -146,10 +146,11 @@ def masks_of_one_slice_in_three_bit_depths(tmp_path, checkpoint, slice_8bit):
 def test_a_network_trained_on_8_bit_images_predicts_a_slice_alike_whether_stored_in_8_12_or_16_bits(tmp_path, norm):
     rng = np.random.default_rng(0)
     slices = [synthetic_em_slice(128, rng, cell_size=16)[0] for _ in range(4)]
-    trained_on = dict(normalize="range", input_types=["uint8"], input_levels=intensity_levels([s / 255 for s in slices[1:]]))
+    trained_on = dict(normalize="range", input_types=["uint8"],
+                      input_levels=intensity_levels([s / 255 for s in slices[1:]]))
     checkpoint = tiny_checkpoint(tmp_path / "net.npz", norm=norm, data=trained_on)
     model, meta = build_model(checkpoint, "cpu")
-    prob = predict_sample(model, meta, slices[0] / 255, "cpu")
+    prob = predict_sample(model, meta, slices[0] / 255, device="cpu")
     update_meta(checkpoint, output_shift=float(np.log(np.median(prob) / (1 - np.median(prob)))))  # half the slice cell
     (eight, twelve, sixteen), out = masks_of_one_slice_in_three_bit_depths(tmp_path, checkpoint, slices[0])
     assert 0.3 < eight.mean() < 0.7

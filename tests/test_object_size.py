@@ -61,22 +61,23 @@ class Brightness(backend.nn.Module):
 def test_prediction_sees_the_image_at_the_trained_object_size_and_answers_at_the_images_own_size():
     image = (discs((150, 200), 6, 30) > 0).astype(np.float32)
     net, meta = Brightness(), dict(data=dict(object_size=STANDARD_DIAMETER))
-    prob, diameter = predict_at_object_size(net, meta, image, "cpu", object_size="auto")
+    prob, diameter = predict_at_object_size(net, meta, image, device="cpu", object_size="auto")
     assert diameter == pytest.approx(13, rel=0.1) and prob.shape == (150, 200, 3)  # cv2's discs of radius 6
     assert net.seen[-1] == (round(150 * 24 / diameter), round(200 * 24 / diameter))  # the last pass: objects 24 wide
     assert np.mean((prob[..., 1] > 0.5) == (image > 0)) > 0.98
     net.seen.clear()
-    _, given = predict_at_object_size(net, meta, image, "cpu", object_size=6.0)  # said to be 6 wide: 4x
+    _, given = predict_at_object_size(net, meta, image, device="cpu", object_size=6.0)  # said to be 6 wide: 4x
     assert given == 6.0 and net.seen == [(600, 800)]
     net.seen.clear()
-    assert predict_at_object_size(net, meta, image, "cpu", object_size="off")[1] is None and net.seen == [(150, 200)]
-    own = predict_at_object_size(net, dict(data={}), image, "cpu", object_size=12.0)  # a network of one scale
+    unscaled = predict_at_object_size(net, meta, image, device="cpu", object_size="off")
+    assert unscaled[1] is None and net.seen == [(150, 200)]
+    own = predict_at_object_size(net, dict(data={}), image, device="cpu", object_size=12.0)  # a network of one scale
     assert own[1] == 12.0 and net.seen[-1] == (150, 200)
 
 
 def test_training_rescales_each_image_so_that_its_objects_have_the_standard_diameter():
     from biounet.training.flags import parse_args
-    from biounet.training.train import at_object_size
+    from biounet.training.data import at_object_size
     small, large = discs((60, 80), 6, 30), discs((200, 160), 24, 80)  # objects 12 and 48 pixels wide
     data = SegmentationDataset([(o > 0).astype(np.float32) for o in (small, large)],
                                [(o > 0).astype(np.uint8) for o in (small, large)], instances=[small, large])
@@ -101,7 +102,7 @@ def membranes(shape, spacing):
 
 def test_for_membranes_the_diameter_is_the_cells_and_images_are_brought_to_the_training_median():
     from biounet.training.flags import parse_args
-    from biounet.training.train import at_object_size
+    from biounet.training.data import at_object_size
     fine, mid, coarse = membranes((120, 120), 20), membranes((120, 120), 30), membranes((120, 120), 40)
     data = SegmentationDataset([label.astype(np.float32) for label in (fine, mid, coarse)], [fine, mid, coarse])
     train, _, size = at_object_size(parse_args(["--object-size", "auto"]), data, None)
@@ -126,7 +127,8 @@ def test_a_network_trained_at_an_object_size_keeps_it_and_predicts_at_each_image
     out = run_script("TrainUnetDataSet.py", *flags, "--checkpoint-dir", "sized", cwd=tmp_path).stdout
     assert f"each image rescaled to {STANDARD_DIAMETER}" in out
     assert load_checkpoint(str(tmp_path / "sized" / "last.npz"))[0]["data"]["object_size"] == STANDARD_DIAMETER
-    refused = run_script("TrainUnetDataSet.py", *flags, "--object-size", 12, "--img-size", 64, cwd=tmp_path, check=False)
+    refused = run_script("TrainUnetDataSet.py", *flags, "--object-size", 12, "--img-size", 64, cwd=tmp_path,
+                         check=False)
     assert refused.returncode != 0 and "--img-size" in refused.stderr and "--object-size" in refused.stderr
     test = write_dsb(tmp_path / "test", sizes=((36, 52),), masks=False, seed=1)
     run_script("predict_unet_test.py", "--checkpoint", tmp_path / "sized" / "last.npz", "--test-data-path", test,

@@ -299,7 +299,7 @@ def test_images_smaller_than_the_network_takes_are_predicted_at_their_own_size(c
     backend.seed_everything(0)
     model = UNet(base=4, **config).eval()
     image = np.random.default_rng(0).random(size).astype(np.float32)
-    prob = predict_sample(model, {}, image, "cpu")
+    prob = predict_sample(model, {}, image, device="cpu")
     assert prob.shape == size and np.isfinite(prob).all()
 
 
@@ -338,7 +338,7 @@ def batch_killing_its_worker_once(indices, seed):
     if seed[1] == 1 and not os.path.exists(KILL_MARKER):
         open(KILL_MARKER, "w").close()
         os.kill(os.getpid(), signal.SIGKILL)
-    return dataloader._loader_sampler.batch(indices, seed)
+    return dataloader._sampler["sampler"].batch(indices, seed)
 
 
 def test_loader_workers_even_one_killed_midway_give_the_weights_of_a_run_without_workers(
@@ -361,7 +361,7 @@ def batch_killing_its_worker_from_the_third_of_epoch_2(indices, seed):
             calls.write(".")
         if os.path.getsize(KILL_MARKER) >= 3:
             os.kill(os.getpid(), signal.SIGKILL)
-    return dataloader._loader_sampler.batch(indices, seed)
+    return dataloader._sampler["sampler"].batch(indices, seed)
 
 
 def test_loader_workers_that_keep_dying_stop_the_run_with_one_line_keeping_its_state_for_resume(
@@ -400,7 +400,8 @@ MODEL = dict(n_channels=1, n_classes=1, bilinear=False, base=4, norm="batch", pa
     (dict(model=dict(MODEL, n_channels=0)), "field model.n_channels is 0; this version reads a whole number of "
                                             "channels, 1-1024"),
     (dict(model=dict(MODEL, base="4")), 'field model.base is "4"; this version reads a whole number'),
-    (dict(model=dict(MODEL, norm="groupnorm")), 'field model.norm is "groupnorm"; this version reads batch or instance'),
+    (dict(model=dict(MODEL, norm="groupnorm")),
+     'field model.norm is "groupnorm"; this version reads batch or instance'),
     (dict(model=dict(MODEL, padding="reflect")), 'field model.padding is "reflect"; this version reads same or valid'),
     (dict(model=dict(MODEL, n_classes=300)), "field model.n_classes is 300; this version reads a whole number of "
                                              "outputs, 1-255"),

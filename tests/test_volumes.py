@@ -51,7 +51,7 @@ def batch_norm_net(tmp_path_factory):
 
 def whole_slices(checkpoint, volume, tta=False):
     model, meta = build_model(checkpoint, "cpu")
-    return np.stack([predict_sample(model, meta, network_input(meta, page)[0], "cpu", 0, 0, tta) for page in volume])
+    return np.stack([predict_sample(model, meta, network_input(meta, page)[0], tile=0, tta=tta) for page in volume])
 
 
 def read_store(path):
@@ -90,7 +90,8 @@ def test_the_eight_views_of_a_block_equal_those_of_the_whole_slice(tmp_path, bat
     volume = smooth_volume((1, 300, 155))  # sides off the 16-pixel grid: flipped views pool from the far end
     path = write_ome_zarr(tmp_path / "vol.ome.zarr", volume)
     predict(path, tmp_path, batch_norm_net, "--block", 150, "--save-prob", "--prob-bits", "32")
-    assert np.abs(read_store(tmp_path / "prob" / "vol.ome.zarr") - whole_slices(batch_norm_net, volume, True)).max() < 1e-6
+    expected = whole_slices(batch_norm_net, volume, True)
+    assert np.abs(read_store(tmp_path / "prob" / "vol.ome.zarr") - expected).max() < 1e-6
 
 
 def test_outputs_are_ngff_images_that_ome_zarr_readers_open(tmp_path, batch_norm_net):
@@ -138,7 +139,8 @@ def test_a_tiff_volume_is_read_page_by_page_and_gives_the_masks_of_its_stacks(tm
     tifffile.imwrite(tmp_path / "vol.tif", volume, imagej=True, metadata={"axes": "ZYX"})
     predict(tmp_path / "vol.tif", tmp_path, batch_norm_net, "--no-tta", "--save-res-path", tmp_path / "stacks")
     predict(tmp_path / "vol.tif", tmp_path, batch_norm_net, "--no-tta", "--blockwise", "--block", 48)
-    assert np.array_equal(read_store(tmp_path / "masks" / "vol.ome.zarr"), tifffile.imread(tmp_path / "stacks" / "vol.tif"))
+    assert np.array_equal(read_store(tmp_path / "masks" / "vol.ome.zarr"),
+                          tifffile.imread(tmp_path / "stacks" / "vol.tif"))
 
 
 def disks_across_borders(size=300, block=100):
@@ -413,7 +415,8 @@ def write_labelled_store(path, images, labels):
 def folder_as_store(data, path):
     """The slices of a folder dataset (train_image/, train_label/) as one labelled OME-Zarr volume."""
     names = sorted(os.listdir(f"{data}/train_image"))
-    read = lambda folder: np.stack([cv2.imread(f"{data}/{folder}/{n}", cv2.IMREAD_UNCHANGED) for n in names])  # noqa: E731
+    read = lambda folder: np.stack(  # noqa: E731
+        [cv2.imread(f"{data}/{folder}/{n}", cv2.IMREAD_UNCHANGED) for n in names])
     return write_labelled_store(path, read("train_image"), read("train_label"))
 
 
@@ -421,7 +424,8 @@ def test_training_on_an_ome_zarr_volume_equals_training_on_its_slices_as_files(d
     store = folder_as_store(dataset, tmp_path / "train.ome.zarr")
     train_small(dataset, tmp_path / "files", "--weight-map")
     train_small(dataset, tmp_path / "store", "--weight-map", "--data-path", store, "--label-path", "")
-    from_files, from_store = (load_checkpoint(str(tmp_path / run / "checkpoints" / "last.npz")) for run in ("files", "store"))
+    from_files, from_store = (load_checkpoint(str(tmp_path / run / "checkpoints" / "last.npz"))
+                              for run in ("files", "store"))
     assert from_store[0]["config"]["data_format"] == "zarr"
     assert from_store[0]["data"]["input_levels"] == from_files[0]["data"]["input_levels"]
     assert len(from_files[1]) == len(from_store[1]) > 20  # every layer's weights

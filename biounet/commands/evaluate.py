@@ -37,8 +37,9 @@ def main(argv=None):
     p.add_argument("--json", type=file_to_write, help="also write every score, per image and mean, to this JSON file")
     args = p.parse_args(argv)
     try:
-        scores = score_folder(args.pred_dir, args.labels, args.classes, args.ignore_index, args.data_format,
-                              args.split, args.instance_labels, args.instances)
+        scores = score_folder(args.pred_dir, args.labels, args.classes, ignore_index=args.ignore_index,
+                              data_format=args.data_format, split=args.split, instance_labels=args.instance_labels,
+                              instances=args.instances)
     except DataError as err:
         sys.exit(f"error: {err}")
     print(format_table(scores))

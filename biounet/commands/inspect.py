@@ -45,7 +45,7 @@ def augmented_samples(image, label, count, seed):
     """The image with its label, then `count` augmented samples, each with every augmentation on."""
     rng = np.random.default_rng(seed)
     every = {name: 1.0 for name in DEFAULT_PROBABILITIES}
-    samples = [augment(image, label, None, rng, every)[:2] for _ in range(count)]
+    samples = [augment(image, label, None, rng=rng, probabilities=every)[:2] for _ in range(count)]
     return grid([overlay(im, lab.astype(bool)) for im, lab in [(image, label)] + samples])
 
 

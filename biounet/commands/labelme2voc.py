@@ -115,7 +115,8 @@ def convert(json_dir, out_dir, labels=None, val_fraction=0.2, seed=0):
     for split, members in (("train", train), ("val", val), ("trainval", sorted(names))):
         text = "".join(f"{n}\n" for n in members).encode()
         atomic_write(os.path.join(out_dir, "ImageSets", "Segmentation", f"{split}.txt"), lambda f, t=text: f.write(t))
-    atomic_write(os.path.join(out_dir, "class_names.txt"), lambda f: f.write("".join(f"{n}\n" for n in labels).encode()))
+    atomic_write(os.path.join(out_dir, "class_names.txt"),
+                 lambda f: f.write("".join(f"{n}\n" for n in labels).encode()))
     return labels, len(train), len(val)
 
 
@@ -125,7 +126,8 @@ def main(argv=None):
     p.add_argument("out_dir", help="VOC-layout folder to write")
     p.add_argument("--labels", help="class names in index order, comma-separated (first = background), "
                                     "or a file with one per line")
-    p.add_argument("--val-fraction", type=ranged(float, 0, below=1), default=0.2, help="share of the images listed in val.txt")
+    p.add_argument("--val-fraction", type=ranged(float, 0, below=1), default=0.2,
+                   help="share of the images listed in val.txt")
     p.add_argument("--seed", type=ranged(int, 0), default=0)
     args = p.parse_args(argv)
     labels = None
@@ -136,7 +138,8 @@ def main(argv=None):
         else:
             labels = args.labels.split(",")
     try:
-        labels, n_train, n_val = convert(args.json_dir, args.out_dir, labels, args.val_fraction, args.seed)
+        labels, n_train, n_val = convert(args.json_dir, args.out_dir, labels, val_fraction=args.val_fraction,
+                                         seed=args.seed)
     except DataError as err:
         sys.exit(f"error: {err}")
     print(f"{args.out_dir}: {n_train} training and {n_val} validation images, {len(labels)} classes: "

@@ -15,7 +15,8 @@
            labels/ group or LABEL_PATH; read lazily, window by window (load_store), never whole
 
 `find_samples` detects the layout when not given and lists Samples, read only when asked for;
-`load_dataset` reads and checks them into a SegmentationDataset; a zarr store is read by `load_store`. `python inspect_data.py PATH` says what was found.
+`load_dataset` reads and checks them into a SegmentationDataset; a zarr store is read by
+`load_store`. `python dataloader.py PATH` says what was found.
 """
 import functools
 import json
@@ -321,7 +322,7 @@ def _numbered_label(path):
 def read_sample_label(sample, image_shape, classes=1, ignore_index=255, instance_labels=False):
     """(class indices, raw values) of a sample's label, checked against the classes and its image's size."""
     raw = sample.read_label()
-    label = label_to_classes(raw, sample.label_source, classes, ignore_index, instance_labels)
+    label = label_to_classes(raw, sample.label_source, classes, ignore_index=ignore_index, instances=instance_labels)
     if label.shape != tuple(image_shape):
         raise DataError(f"{sample.label_source}: label is {label.shape[1]}x{label.shape[0]} "
                         f"but its image {sample.source} is {image_shape[1]}x{image_shape[0]}")
@@ -341,7 +342,8 @@ def load_dataset(samples, classes=1, ignore_index=255, img_size=0, channels=None
         if sample.read_label is None:
             raise DataError(f"{sample.source}: has no label")
         image = sample.read_image()
-        label, raw = read_sample_label(sample, image.shape[:2], classes, ignore_index, instance_labels)
+        label, raw = read_sample_label(sample, image.shape[:2], classes, ignore_index=ignore_index,
+                                       instance_labels=instance_labels)
         raw_images.append(image)
         labels.append(label)
         instances.append(raw.astype(np.int32) if instance_labels else
@@ -421,7 +423,8 @@ def load_store(path, label_path=None, classes=1, ignore_index=255, img_size=0, c
                         f"(slices, height, width)")
     windows = store_windows(image_store.shape)
     values = np.zeros(0, int) if instance_labels else label_values(labels, windows)
-    label_to_classes(values, label_path, classes, ignore_index, instance_labels)  # one line on a wrong value
+    label_to_classes(values, label_path, classes, ignore_index=ignore_index,
+                     instances=instance_labels)  # one line on a wrong value
     if classes > 1 and not np.any((values > 0) & (values < classes)):
         raise DataError(f"{label_path}: no label holds any class but 0 (and {ignore_index} = ignore): "
                         f"binary 0/255 masks? train them with --classes 1")
@@ -443,10 +446,12 @@ def load_store(path, label_path=None, classes=1, ignore_index=255, img_size=0, c
         return match_channels(apply_normalization(raw, slice_normalization(where(i)[0])), channels, path)
 
     raw_labels = LazyArrays(lambda i: labels.read(*where(i)), len(windows))  # each window read once for both
-    classes_of = lazy_map(lambda raw: label_to_classes(raw, label_path, classes, ignore_index, instance_labels),
+    classes_of = lazy_map(lambda raw: label_to_classes(raw, label_path, classes, ignore_index=ignore_index,
+                                                       instances=instance_labels),
                           raw_labels)
     shapes = [(y1 - y0, x1 - x0) + ((channels,) if channels > 1 else ()) for _, (y0, y1), (x0, x1) in windows]
     names = [f"z{z}-y{y0}-x{x0}" for z, (y0, _), (x0, _) in windows]
-    return SegmentationDataset(LazyArrays(image, len(windows)), classes_of, classes, names,
-                               lazy_map(lambda raw: raw.astype(np.int32), raw_labels) if instance_labels else None,
-                               (method, tuple(percentiles)), [str(image_store.dtype)], shapes)
+    return SegmentationDataset(
+        LazyArrays(image, len(windows)), classes_of, classes=classes, names=names,
+        instances=lazy_map(lambda raw: raw.astype(np.int32), raw_labels) if instance_labels else None,
+        normalization=(method, tuple(percentiles)), input_types=[str(image_store.dtype)], shapes=shapes)

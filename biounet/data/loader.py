@@ -329,8 +329,8 @@ class SegmentationDataset:
     """Images (H x W or H x W x C, normalized) and labels (class indices; 1 = cell or object with one class) held
     in memory, with their names and, where the data numbers its objects, the numbered instances."""
 
-    def __init__(self, images, labels, classes=1, names=None, instances=None, normalization=("range", DEFAULT_PERCENTILES),
-                 input_types=None, shapes=None):
+    def __init__(self, images, labels, classes=1, names=None, instances=None,
+                 normalization=("range", DEFAULT_PERCENTILES), input_types=None, shapes=None):
         self.images, self.labels, self.classes = images, labels, classes
         self.names = names or [str(i) for i in range(len(images))]
         self.instances = instances  # numbered objects (DSB 2018's masks, GlaS) for the weight map, or None
@@ -345,11 +345,15 @@ class SegmentationDataset:
     def __len__(self):
         return len(self.images)
 
+    def replaced(self, **fields):
+        """This dataset with some of its fields (the constructor's arguments) replaced, the others kept."""
+        return SegmentationDataset(**{**vars(self), **fields})
+
     def subset(self, indices):
         indices = list(indices)
-        return SegmentationDataset(pick(self.images, indices), pick(self.labels, indices), self.classes,
-                                   pick(self.names, indices), pick(self.instances, indices), self.normalization,
-                                   self.input_types, pick(self.shapes, indices))
+        return self.replaced(images=pick(self.images, indices), labels=pick(self.labels, indices),
+                             names=pick(self.names, indices), instances=pick(self.instances, indices),
+                             shapes=pick(self.shapes, indices))
 
 
 class Sampler:
@@ -395,10 +399,12 @@ def stack_batch(samples, classes):
     return np.ascontiguousarray(images), labels, weights
 
 
-_loader_sampler = None  # the Sampler of the BatchLoader whose worker this process is (inherited by fork)
+_sampler = {}  # a loader worker's Sampler, handed over by _start_loader_worker
 
 
-def _worker_signals():
+def _start_loader_worker(sampler):
+    """A loader worker's start: `sampler` (forked with it, not pickled) and its signals."""
+    _sampler["sampler"] = sampler
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training process's to handle
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not training's StopRequest: a broken pool ends its workers so
     # Not cv2.setNumThreads(1): in a child forked from a process whose OpenCV threads had run, it
@@ -406,7 +412,7 @@ def _worker_signals():
 
 
 def _loader_batch(indices, seed):
-    return _loader_sampler.batch(indices, seed)
+    return _sampler["sampler"].batch(indices, seed)
 
 
 class BatchLoader:
@@ -416,12 +422,10 @@ class BatchLoader:
     with a worker that died is made again alike (processes.WatchedPool)."""
 
     def __init__(self, sampler, workers=0):
-        global _loader_sampler
         self.sampler, self.workers, self.pool = sampler, workers, None
-        if workers:
-            _loader_sampler = sampler  # the workers inherit the data: nothing is pickled but the pairs' indices
+        if workers:  # forked: the workers get the data with their start, and then only the pairs' indices
             self.pool = WatchedPool(workers, "fork", name="loader worker", flag="--loader-workers",
-                                    initializer=_worker_signals)
+                                    initializer=_start_loader_worker, initargs=(sampler,))
 
     def batches(self, steps):
         """The batch of each (indices, seed) of `steps`, in order."""

@@ -263,7 +263,8 @@ def object_scores(pred, truth):
         return 1.0 if denominator == 0 else t_weight * tp / denominator
     tp50 = matched(0.5)
     return dict(map_05_095=float(np.mean([ratio(matched(t)) for t in THRESHOLDS])), ap50=ratio(tp50),
-                f1_50=ratio(tp50, 2), aji=aggregated_jaccard(inter, union, iou, true_area, pred_area),
+                f1_50=ratio(tp50, 2),
+                aji=aggregated_jaccard(inter, union, iou, true_area=true_area, pred_area=pred_area),
                 objects_predicted=n_pred, objects_true=n_true)
 
 

@@ -116,7 +116,7 @@ def scored_item(name, prediction, label, sources, classes=1, ignore_index=255, i
     if instances:
         truth, pred = label, prediction
     else:
-        truth = label_to_classes(label, sources[1], classes, ignore_index, instance_labels)
+        truth = label_to_classes(label, sources[1], classes, ignore_index=ignore_index, instances=instance_labels)
         pred = normalize(prediction, "range", source=sources[0]) if classes == 1 else label_to_classes(
             prediction, sources[0], classes, ignore_index)
     if pred.shape[:2] != truth.shape:

@@ -245,7 +245,8 @@ def write_package(folder, module, meta, raw, normalized, expected, name, author,
         files = {file: sha256(path(file)) for file in ("model.onnx", "model.pt", "test_input.npy", "test_output.npy",
                                                        "sample_input.tif", "sample_output.tif")}
         with open(path("rdf.yaml"), "w") as f:
-            yaml.safe_dump(rdf(meta, name, author, license_name, files, raw, side), f, sort_keys=False)
+            yaml.safe_dump(rdf(meta, name, author, license_name=license_name, files=files, raw=raw, side=side), f,
+                           sort_keys=False)
         if os.path.isdir(folder):
             os.rmdir(folder)
         os.replace(staging, folder)
@@ -273,7 +274,8 @@ def export(args):
               f"within {difference:.1e} of the project's prediction")
     if args.bioimageio:
         name = args.name or f"U-Net {os.path.basename(str(meta.get('config', {}).get('data_path', ''))) or 'model'}"
-        onnx, torchscript = write_package(args.bioimageio, module, meta, raw, normalized, expected, name,
-                                          args.author, args.license, side)
+        onnx, torchscript = write_package(args.bioimageio, module, meta, raw=raw, normalized=normalized,
+                                          expected=expected, name=name, author=args.author,
+                                          license_name=args.license, side=side)
         print(f"wrote {args.bioimageio}/rdf.yaml with ONNX and TorchScript weights (their outputs of {sample_name} "
               f"within {onnx:.1e} and {torchscript:.1e} of the project's prediction), test tensors, cover and README")

@@ -41,7 +41,7 @@ def segmentation_loss(logits, labels, weights, config, class_weights, device):
     crop = lambda a: center_crop(a, logits.shape[2], logits.shape[3])  # noqa: E731
     if config.outputs > 1:  # several classes, or the three of a network for objects
         return multiclass_loss(logits, backend.to_tensor(crop(labels), device, dtype=np.int64),
-                               config.dice_weight, class_weights, config.ignore_index)
+                               config.dice_weight, class_weights=class_weights, ignore_index=config.ignore_index)
     return binary_loss(logits, backend.to_tensor(crop(labels), device), config.dice_weight,
                        None if weights is None else backend.to_tensor(crop(weights), device))
 

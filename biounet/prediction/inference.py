@@ -101,12 +101,13 @@ def predict_probability(model, image, device, input_scale=1.0, tile=1024, overla
     H x W x C); with `tta` the mean over its 8 flips and 90-degree rotations, each mapped back,
     up to `batch` views in one forward pass where the image fits in one tile."""
     if not tta:
-        return predict_tiled(model, image, device, input_scale, tile, overlap)
+        return predict_tiled(model, image, device, input_scale=input_scale, tile=tile, overlap=overlap)
     views = [np.ascontiguousarray(np.rot90(image, k)[:, ::-1] if flip else np.rot90(image, k)) for k, flip in VIEWS]
     if batch > 1 and (tile <= 0 or max(image.shape[:2]) <= tile):
-        probs = _batched_views(model, views, device, input_scale, batch)
+        probs = _batched_views(model, views, device, input_scale=input_scale, batch=batch)
     else:
-        probs = [predict_tiled(model, view, device, input_scale, tile, overlap) for view in views]
+        probs = [predict_tiled(model, view, device, input_scale=input_scale, tile=tile, overlap=overlap)
+                 for view in views]
     return sum(np.rot90(prob[:, ::-1] if flip else prob, -k) for prob, (k, flip) in zip(probs, VIEWS)) / 8
 
 
@@ -125,38 +126,39 @@ def _batched_views(model, views, device, input_scale, batch):
     return probs
 
 
-def predict_sample(model, meta, image, device, tile=1024, overlap=128, tta=False, source="image", batch=1):
+def predict_sample(model, meta, image, *, device="cpu", tile=1024, overlap=128, tta=False, source="image", batch=1):
     """Probability map of a normalized image at its own size, whatever the size trained on
-    (grey and RGB fit networks for either; other channel counts must match the network's)."""
+    (grey and RGB fit networks for either; other channel counts must match the network's);
+    tiles, views and batch as predict_probability's."""
     image = match_channels(image, model.n_channels, source)
     size = TrainingData.of(meta).img_size
     resized = resize(image, (size, size)) if size else image
-    prob = predict_probability(model, resized, device, meta.get("input_scale", 1.0), tile, overlap, tta, batch)
+    prob = predict_probability(model, resized, device, input_scale=meta.get("input_scale", 1.0), tile=tile,
+                               overlap=overlap, tta=tta, batch=batch)
     return resize(prob, image.shape[:2]) if size else prob
 
 
-def predict_at_object_size(model, meta, image, device, tile=1024, overlap=128, tta=False, source="image", batch=1,
-                           object_size="auto"):
+def predict_at_object_size(model, meta, image, *, object_size="auto", **forward):
     """(probability map at the image's own size, its objects' median diameter in pixels or None):
     predict_sample of the image rescaled so that its objects are as wide as the network's training
     objects (the checkpoint's object_size), their diameter given (`object_size` pixels) or, with
     auto, estimated from two quick passes (instances.estimate_diameter); "off", or a network
     trained at every image's own scale, predicts at the image's own scale (a given diameter is still
-    returned, for the objects' post-processing)."""
+    returned, for the objects' post-processing). `forward`: predict_sample's keywords."""
     data = TrainingData.of(meta)
     standard = data.object_size
     if object_size == "off" or (object_size == "auto" and not standard):
-        return predict_sample(model, meta, image, device, tile, overlap, tta, source, batch), None
+        return predict_sample(model, meta, image, **forward), None
 
     def scaled_prediction(scale, views):
         shape = tuple(max(MIN_SIDE, round(side * scale)) for side in image.shape[:2])
-        return predict_sample(model, meta, resize(image, shape), device, tile, overlap, views, source, batch)
+        return predict_sample(model, meta, resize(image, shape), **{**forward, "tta": views})
     diameter = object_size
     if object_size == "auto":
         method = "cells" if object_method(data.format) == "cells" else "watershed"  # on the foreground alone
         diameter = estimate_diameter(lambda scale: foreground(scaled_prediction(scale, False)), standard, method)
     scale = size_scale(diameter, standard) if standard else 1.0
-    return resize(scaled_prediction(scale, tta), image.shape[:2]), diameter
+    return resize(scaled_prediction(scale, forward.get("tta", False)), image.shape[:2]), diameter
 
 
 def probability_values(prob, bits):
@@ -221,7 +223,8 @@ def validate(model, dataset, weights, config, class_weights, device):
         for i, image, label, logits in _validation_logits(model, dataset, batch, device):
             _, labels, pixel_weights = stack_batch([(image, label, None if weights is None else weights[i])],
                                                    dataset.classes)
-            losses.append(segmentation_loss(logits, labels, pixel_weights, config, class_weights, device).item())
+            losses.append(segmentation_loss(logits, labels, pixel_weights, config=config, class_weights=class_weights,
+                                            device=device).item())
             prob = probability_of(logits)
             if config.classes > 1:
                 confusion = confusion + confusion_matrix(prob.argmax(axis=2), label, dataset.classes,

@@ -46,7 +46,8 @@ def write_outputs(name, image, segmentation, truth, outputs, in_stack=False):
                          lambda f: f.write(rois))
     if outputs.get("overlay"):
         picture = overlay(image, mask if multiclass else mask > 0, truth)
-        write_png(os.path.join(outputs["overlay"], name), picture if objects is None else outline_objects(picture, objects))
+        write_png(os.path.join(outputs["overlay"], name),
+                  picture if objects is None else outline_objects(picture, objects))
     return table
 
 
@@ -141,7 +142,7 @@ def _read_one(job, index):
 
 def _infer(job, read):
     model, meta, _ = _load(job)
-    return probability_maps(model, meta, read["image"], job["settings"], read["sample"].source)
+    return probability_maps(model, meta, read["image"], settings=job["settings"], source=read["sample"].source)
 
 
 def _write_one(job, read, maps, diameter):
@@ -149,12 +150,13 @@ def _write_one(job, read, maps, diameter):
     index, sample, image = read["index"], read["sample"], read["image"]
     data, classes = TrainingData.of(meta), predicted_classes(meta)
     name = sample.name + ".png"
-    segmentation = decide(maps, meta, job["settings"], diameter, job["objects"])
+    segmentation = decide(maps, meta, job["settings"], diameter=diameter, method=job["objects"])
     truth = None
     if sample.read_label:
-        truth = read_sample_label(sample, image.shape[:2], classes, data.ignore_index, data.instance_labels)[0]
+        truth = read_sample_label(sample, image.shape[:2], classes, ignore_index=data.ignore_index,
+                                  instance_labels=data.instance_labels)[0]
     in_stack = sample.stack is not None and not job["outputs"].get("slices")
-    table = write_outputs(name, image, segmentation, truth, job["outputs"], in_stack)
+    table = write_outputs(name, image, segmentation, truth=truth, outputs=job["outputs"], in_stack=in_stack)
     mask, prob = segmentation.mask, segmentation.probabilities
     summary = f"cell {np.mean(mask > 0):.1%}" if classes == 1 else f"classes {sorted(np.unique(mask).tolist())}"
     if table is not None:
@@ -242,5 +244,6 @@ def predict_dataset(checkpoint, data_path, outputs, *, settings=PredictionSettin
         write_png(os.path.join(outputs["overlay"], "montage.png"), montage(montage_rows))
     if not scored:
         return written, None
-    scores = score_binary(scored, settings.threshold) if classes == 1 else score_multiclass(scored, classes, ignore_index)
-    return written, scores
+    if classes == 1:
+        return written, score_binary(scored, settings.threshold)
+    return written, score_multiclass(scored, classes, ignore_index)

@@ -63,8 +63,9 @@ def object_method_for(meta, objects="auto", checkpoint="the checkpoint"):
 def probability_maps(model, meta, image, settings, source="image"):
     """(the network's probability maps of a normalized image, the objects' diameter or None)."""
     with backend.autocast(settings.device, settings.amp):
-        return predict_at_object_size(model, meta, image, settings.device, settings.tile, settings.overlap,
-                                      settings.tta, source, settings.batch, settings.object_size)
+        return predict_at_object_size(model, meta, image, object_size=settings.object_size, device=settings.device,
+                                      tile=settings.tile, overlap=settings.overlap, tta=settings.tta, source=source,
+                                      batch=settings.batch)
 
 
 def decide(maps, meta, settings, diameter=None, method=None):

@@ -68,7 +68,8 @@ def pyramid_levels(shape, block):
 
 def settings_of(job):
     """What a store's contents depend on: a store written with other settings is never resumed."""
-    return dict(input=os.path.abspath(job["volume"]), shape=list(job["shape"]), checkpoint=_file_hash(job["checkpoint"]),
+    return dict(input=os.path.abspath(job["volume"]), shape=list(job["shape"]),
+                checkpoint=_file_hash(job["checkpoint"]),
                 outputs={kind: os.path.abspath(path) for kind, path in job["stores"].items()},
                 **{k: job[k] for k in ("threshold", "tta", "amp", "block", "halo", "prob_bits", "objects", "levels")})
 
@@ -144,8 +145,9 @@ def prepare_stores(job, volume, overwrite=False):
                   instances=np.uint32)
     shapes = {str(level): shape[:-2] + tuple(-(-n // 2 ** level) for n in shape[-2:])
               for level in range(job["levels"] + 1)}
-    resumed = [kind for kind, path in job["stores"].items() if refuse_or_resume(
-        path, kind, job, settings, overwrite, arrays={name: (size, dtypes[kind]) for name, size in shapes.items()})]
+    arrays_of = {kind: {name: (size, dtypes[kind]) for name, size in shapes.items()} for kind in job["stores"]}
+    resumed = [kind for kind, path in job["stores"].items()
+               if refuse_or_resume(path, kind, job, settings=settings, overwrite=overwrite, arrays=arrays_of[kind])]
     created = False  # every store checked before any is touched
     for kind, path in job["stores"].items():
         if kind in resumed:
@@ -157,8 +159,8 @@ def prepare_stores(job, volume, overwrite=False):
         for name, size in shapes.items():
             group.create_dataset(name, shape=size, chunks=chunks, dtype=dtypes[kind], fill_value=0,
                                  write_empty_chunks=True, dimension_separator="/")
-        group.attrs.update(ngff_attributes(volume_name(path), axes, _output_scale(volume, axes), kind == "instances",
-                                           job["levels"]))
+        group.attrs.update(ngff_attributes(volume_name(path), axes, _output_scale(volume, axes),
+                                           label=kind == "instances", levels=job["levels"]))
         written = json.dumps(settings, indent=1).encode()
         atomic_write(os.path.join(path, ".unet", "settings.json"), lambda f: f.write(written))
         created = True

@@ -140,14 +140,15 @@ def crop_maps(job, key, crop):
     (cy0, cy1), (cx0, cx1) = crop
     raw = _volume(job["volume"]).read(key[0], slice(cy0, cy1), slice(cx0, cx1), block_name(key))
     with backend.autocast(device, job["amp"]):
-        return predict_sample(model, meta, map_input(raw, job["mappings"][key[0]]), device, 0, 0, job["tta"],
-                              f"{job['volume']} {block_name(key)}")
+        return predict_sample(model, meta, map_input(raw, job["mappings"][key[0]]), device=device, tile=0,
+                              tta=job["tta"], source=f"{job['volume']} {block_name(key)}")
 
 
 def _block_objects(job, maps, inside):
     """(numbered objects of a block's crop, their count): those in the block 1..n, the rest of the crop 0."""
     settings = job["objects"]
-    crop = objects_of(maps, job["threshold"], settings["method"], settings["min_size"], settings["min_distance"])
+    crop = objects_of(maps, job["threshold"], settings["method"], min_size=settings["min_size"],
+                      min_distance=settings["min_distance"])
     kept = np.unique(crop[inside])
     kept = kept[kept > 0]
     numbers = np.zeros(int(crop.max()) + 1, np.uint16)
@@ -285,6 +286,13 @@ def check_blockwise(volume, meta, checkpoint, halo):
                    else np.zeros((2, 2, volume.channels), volume.dtype), meta["model"]["n_channels"], volume.path)
 
 
+def object_settings(meta, settings, *, checkpoint, diameter):
+    """How a block's objects are found: the method and the sizes in pixels."""
+    min_size, min_distance = in_diameters(diameter, settings.min_size, settings.min_distance)
+    return dict(method=object_method_for(meta, settings.objects, checkpoint), min_size=min_size,
+                min_distance=min_distance)
+
+
 def predict_volume(path, checkpoint, outputs, *, settings=PredictionSettings(), block=1024, halo=HALO, workers=0,
                    scheduler=None, overwrite=False, meta=None, levels=None):
     """Predict the volume (or slide) at `path` block by block, as `settings` say, into OME-Zarr stores
@@ -311,9 +319,8 @@ def predict_volume(path, checkpoint, outputs, *, settings=PredictionSettings(), 
                stores={kind: os.path.abspath(store) for kind, store in stores.items()},
                prob_bits=outputs.get("prob_bits", 16) if "prob" in stores else None, object_network=data.instances,
                gpus=backend.flow.cuda.device_count() if settings.device.startswith("cuda") else 0,
-               objects=dict(zip(("method", "min_size", "min_distance"), (
-                   object_method_for(meta, settings.objects, checkpoint),
-                   *in_diameters(diameter, settings.min_size, settings.min_distance)))) if "instances" in stores else None)
+               objects=object_settings(meta, settings, checkpoint=checkpoint, diameter=diameter)
+               if "instances" in stores else None)
     prepare_stores(job, volume, overwrite)
     keys = block_grid(volume.shape, block)
     todo = [k for k in keys if not os.path.exists(os.path.join(progress_dir(job, "done"), block_name(k)))]

@@ -16,118 +16,17 @@ from tqdm import tqdm
 from biounet.core.curves import plot_curves, read_log
 from biounet.core.log import append_json, json_log_path
 from biounet.core.processes import WorkersDied
-from biounet.data.datasets import detect_format, find_samples, labels_beside, load_dataset, load_store, voc_split_exists
-from biounet.data.labels import connected_objects
-from biounet.data.loader import BatchLoader, Sampler, SegmentationDataset, intensity_levels, lazy_map, pick, resize
-from biounet.data.weightmap import weight_map
-from biounet.evaluation.instances import (STANDARD_DIAMETER, median_diameter, object_class_names, object_classes,
-                                          size_scale)
+from biounet.data.loader import BatchLoader, SegmentationDataset, intensity_levels, pick
 from biounet.model import backend
 from biounet.model.backend import flow
 from biounet.model.checkpoint import (CheckpointError, input_normalization, load_checkpoint, load_weights,
                                       model_weights, restore_optimizer, update_meta)
 from biounet.model.losses import learning_rate, segmentation_loss
 from biounet.model.meta import TrainingData
-from biounet.model.unet import MIN_SIDE, UNet, mirror_for_valid
+from biounet.model.unet import UNet
 from biounet.prediction.inference import best_threshold, scores_v_rand, threshold_errors, validate
-from biounet.training.config import (OBJECT_SCORES, ONE_CLASS_SCORES, Config, ConfigError, as_dict, data_facts,
-                                     describe, settle)
-
-
-def read_data(flags, rng):
-    """(layout, training set, validation set or None) as the flags point to them: read and checked,
-    the validation set held out of the training pairs (--val-fraction) unless given or listed (VOC)."""
-    fmt = detect_format(flags.data_path) if flags.data_format == "auto" else flags.data_format
-    label_path = flags.label_path or ("train_label" if fmt == "pairs" and not labels_beside(flags.data_path) else None)
-    voc_val = fmt == "voc" and voc_split_exists(flags.data_path, "val") and not flags.val_image_path
-
-    def read(path, labels, data_format, split, channels=None, normalization=(flags.normalize, flags.percentiles)):
-        if (detect_format(path) if data_format == "auto" else data_format) == "zarr":
-            return load_store(path, labels, flags.classes, flags.ignore_index, flags.img_size, channels,
-                              flags.instance_labels, normalization)
-        return load_dataset(find_samples(path, data_format, labels, split), flags.classes, flags.ignore_index,
-                            flags.img_size, channels, flags.instance_labels, normalization)
-
-    data = read(flags.data_path, label_path, fmt, "train")
-    if flags.val_image_path or voc_val:
-        val_format = flags.data_format if flags.val_image_path else fmt
-        val = read(flags.val_image_path or flags.data_path, flags.val_label_path or label_path, val_format, "val",
-                   data.channels, data.normalization)
-        return fmt, data, val
-    n_val = min(len(data) - 1, max(1, round(len(data) * flags.val_fraction))) if flags.val_fraction > 0 else 0
-    order = rng.permutation(len(data))
-    return fmt, data.subset(sorted(order[n_val:])), data.subset(sorted(order[:n_val])) if n_val else None
-
-
-def at_object_size(flags, train_set, val_set):
-    """(training set, validation set, the objects' diameter in them or 0): with --object-size, every
-    image rescaled so that its objects' median diameter is the same, STANDARD_DIAMETER pixels for
-    numbered objects, for other labels (cells between membranes) the training images' median.
-    auto measures each image's objects: the numbered ones, else its labels' 4-connected regions;
-    an image without any takes the training images' median. Unset: auto for numbered objects only."""
-    wanted, numbered = flags.object_size, train_set.instances is not None
-    if wanted == "off" or (wanted is None and (not numbered or flags.classes > 1 or flags.img_size)):
-        return train_set, val_set, 0
-    if flags.img_size:
-        raise ConfigError("--img-size resizes every image to one square; --object-size rescales each image for its "
-                          "objects: choose one")
-
-    def measured(dataset):  # per image, or None where it has no objects
-        if wanted not in (None, "auto"):
-            return [wanted] * len(dataset)
-        return [median_diameter(objects) for objects in numbered_objects(dataset)]
-    train_diameters = measured(train_set)
-    typical = float(np.median([d for d in train_diameters if d] or [STANDARD_DIAMETER]))
-    standard = STANDARD_DIAMETER if numbered else round(typical)
-    found = [d or typical for d in train_diameters]
-    print(f"object size: objects {min(found):.0f}-{max(found):.0f} pixels wide (median {typical:.0f}), each image "
-          f"rescaled to {standard} (--no-object-size: each at its own scale)")
-    return (rescaled(train_set, found, standard),
-            val_set and rescaled(val_set, [d or typical for d in measured(val_set)], standard), standard)
-
-
-def rescaled(dataset, diameters, standard):
-    """The dataset with each image, label and numbered objects resized so its objects are `standard` pixels wide."""
-    shapes = [tuple(max(MIN_SIDE, round(side * size_scale(d, standard))) for side in shape[:2]) + tuple(shape[2:])
-              for shape, d in zip(dataset.shapes, diameters)]
-
-    def resized(arrays, nearest=False):
-        return None if arrays is None else lazy_map(lambda a, shape: resize(a, shape[:2], nearest), arrays, shapes)
-    return SegmentationDataset(resized(dataset.images), resized(dataset.labels, True), dataset.classes, dataset.names,
-                               resized(dataset.instances, True), dataset.normalization, dataset.input_types, shapes)
-
-
-def numbered_objects(dataset):
-    """A dataset's numbered objects, or where it numbers none its labels' 4-connected regions (cells)."""
-    return dataset.instances or lazy_map(lambda label: connected_objects(label, connectivity=1), dataset.labels)
-
-
-def for_objects(dataset, target):
-    """The dataset with the targets of a network for objects (instances.object_classes) as labels,
-    from its numbered_objects."""
-    numbered = numbered_objects(dataset)
-    targets = lazy_map(lambda objects: object_classes(objects, target), numbered)
-    return SegmentationDataset(dataset.images, targets, len(object_class_names(target)),
-                               dataset.names, numbered, dataset.normalization, dataset.input_types, dataset.shapes)
-
-
-def pixel_weights(dataset, config):
-    """The U-Net paper's weight map of each label (weightmap.py) when the config asks for it, else None."""
-    if dataset is None or not config.weight_map:
-        return None
-    numbered = dataset.instances or [None] * len(dataset)
-    return lazy_map(lambda label, n: weight_map(label, config.w0, config.sigma, n), dataset.labels, numbered)
-
-
-def training_sampler(dataset, weights, config):
-    """What the training steps draw from: random crops, augmented, with their pixel weights; for the
-    unpadded net, of the images with borders mirrored as prediction mirrors them."""
-    if config.padding == "valid":
-        mirror = lambda arrays: None if arrays is None else lazy_map(mirror_for_valid, arrays)  # noqa: E731
-        dataset = SegmentationDataset(mirror(dataset.images), mirror(dataset.labels), dataset.classes, dataset.names,
-                                      normalization=dataset.normalization)
-        weights = mirror(weights)
-    return Sampler(dataset, config.crop, config.augment, weights)
+from biounet.training.config import OBJECT_SCORES, ONE_CLASS_SCORES, Config, as_dict, data_facts, describe, settle
+from biounet.training.data import at_object_size, for_objects, pixel_weights, read_data, training_sampler
 
 
 def validate_share(model, val_set, weights, config, class_weights, rank, processes):
@@ -135,10 +34,10 @@ def validate_share(model, val_set, weights, config, class_weights, rank, process
     over images, so the shares' sums give the same result); with several classes every process
     validates all images (mean IoU comes from one confusion matrix)."""
     if processes == 1 or config.classes > 1:
-        return validate(model, val_set, weights, config, class_weights, config.device)
+        return validate(model, val_set, weights, config=config, class_weights=class_weights, device=config.device)
     mine = list(range(rank, len(val_set), processes))
     scores = validate(model, val_set.subset(mine), pick(weights, mine),
-                      config, class_weights, config.device) if mine else {}
+                      config=config, class_weights=class_weights, device=config.device) if mine else {}
     names = [name for name in ONE_CLASS_SCORES if name != "val_v_rand" or scores_v_rand(config, val_set)]
     names += OBJECT_SCORES if val_set.instances is not None else ()
     sums = backend.all_sum([scores.get(name, 0.0) * len(mine) for name in names], config.device, processes)
@@ -279,7 +178,8 @@ def prepare(flags, processes):
     rng = np.random.default_rng(flags.seed)
     data_format, train_set, val_set = read_data(flags, rng)
     train_set, val_set, object_size = at_object_size(flags, train_set, val_set)
-    config = settle(flags, data_facts(data_format, train_set, val_set, object_size), device, backend.NAME, processes)
+    config = settle(flags, data_facts(data_format, train_set, val_set, object_size), device,
+                    backend_name=backend.NAME, processes=processes)
     if config.instances:
         train_set, val_set = (for_objects(train_set, config.object_target),
                               val_set and for_objects(val_set, config.object_target))
@@ -369,7 +269,8 @@ def step_loss(net, batch, config, class_weights, stop, processes):
     images, labels, weights = batch
     with backend.autocast(config.device, config.amp):
         logits = net(backend.to_tensor(images, config.device))
-    loss = segmentation_loss(logits.float(), labels, weights, config, class_weights, config.device)
+    loss = segmentation_loss(logits.float(), labels, weights, config=config, class_weights=class_weights,
+                             device=config.device)
     loss_sum, stops = backend.all_sum([loss.item(), float(stop.requested)], config.device, processes)
     return loss, loss_sum / processes, stops > 0
 
@@ -425,12 +326,13 @@ def start_run(flags, folder, rank, processes):
     model, optimizer = build_network(config)
     run = Run(config=config, rng=rng, train_set=train_set, val_set=val_set, model=model, optimizer=optimizer,
               net=backend.data_parallel(model, config.device) if processes > 1 else model,
-              save=checkpoint_writer(folder, model, optimizer, rng, config, train_set, rank), folder=folder,
-              val_weights=pixel_weights(val_set, config), class_weights=class_weights(config), rank=rank,
-              processes=processes, epochs=config.epochs)
+              save=checkpoint_writer(folder, model, optimizer, rng=rng, config=config, train_set=train_set, rank=rank),
+              folder=folder, val_weights=pixel_weights(val_set, config), class_weights=class_weights(config),
+              rank=rank, processes=processes, epochs=config.epochs)
     if config.resume:
         last, best_path = run.paths()
-        run.epoch, run.best, run.stale, run.partial, run.seconds_before = resume(last, model, optimizer, rng, config)
+        resumed = resume(last, model, optimizer, rng=rng, config=config)
+        run.epoch, run.best, run.stale, run.partial, run.seconds_before = resumed
         if config.time_budget:  # what is left of the budget, planned as the run goes on
             run.epochs = run.epoch + 1
         if calibrating(config) and os.path.exists(best_path):
@@ -458,17 +360,19 @@ def train(flags, folder, stop, rank=0, processes=1, progress=None):
         while run.epoch < run.epochs:  # --time-budget plans the epochs as it goes
             begin = time.perf_counter()
             lr = set_learning_rate(run.optimizer, run.epoch, config, run.epochs)
-            losses = train_epoch(run, loader, sampler, stop, progress)
+            losses = train_epoch(run, loader, sampler, stop=stop, progress=progress)
             scores = dict(train_loss=float(np.mean(losses)))
             if run.val_set is not None and ((run.epoch + 1) % config.val_every == 0 or run.epoch + 1 == run.epochs):
-                scores.update(validate_share(run.model, run.val_set, run.val_weights, config, run.class_weights, rank,
-                                             processes))
+                scores.update(validate_share(run.model, run.val_set, run.val_weights, config=config,
+                                             class_weights=run.class_weights, rank=rank, processes=processes))
             if config.time_budget:
                 run.epochs = planned_epochs(config, run.epoch + 1, run.epoch + 1 - start_epoch,
-                                            time.perf_counter() - run.started, rank, processes, run.seconds_before)
+                                            seconds=time.perf_counter() - run.started, rank=rank,
+                                            processes=processes, seconds_before=run.seconds_before)
             improved = end_epoch(run, scores, lr, time.perf_counter() - begin)
             if progress:
-                progress(dict(kind="epoch", epoch=run.epoch + 1, epochs=run.epochs, scores=scores, lr=lr, best=improved))
+                progress(dict(kind="epoch", epoch=run.epoch + 1, epochs=run.epochs, scores=scores, lr=lr,
+                              best=improved))
             run.epoch += 1
             if stop_between_epochs(run, stop):
                 break
@@ -487,11 +391,13 @@ def train_epoch(run, loader, sampler, stop, progress):
     request, or workers dying for good, saves last.npz midway and ends the run."""
     config, epoch = run.config, run.epoch
     run.model.train()
-    order, first_step, losses = epoch_plan(run.partial, run.rng, len(sampler), config.steps_per_epoch * config.batch_size)
+    order, first_step, losses = epoch_plan(run.partial, run.rng, len(sampler),
+                                           config.steps_per_epoch * config.batch_size)
     run.partial = None
     # Alone, the last step takes what is left; data parallel, every process needs its equal share.
     steps = math.ceil(len(order) / config.batch_size) if run.processes == 1 else len(order) // config.batch_size
-    batches = loader.batches(step_batches(order, first_step, steps, epoch, config, run.rank, run.processes))
+    batches = loader.batches(step_batches(order, first_step, steps, epoch=epoch, config=config, rank=run.rank,
+                                          processes=run.processes))
     scaler, done = backend.grad_scaler(config.amp), first_step
 
     def save_midway():
@@ -505,8 +411,10 @@ def train_epoch(run, loader, sampler, stop, progress):
         for step, batch in zip(tqdm(range(first_step, steps), total=steps, initial=first_step, leave=False,
                                     desc=f"epoch {epoch + 1}/{run.epochs}", file=sys.stderr,
                                     disable=run.rank > 0), batches):
-            loss, value, stop_now = step_loss(run.net, batch, config, run.class_weights, stop, run.processes)
-            check_loss(value, run.first_loss, epoch, step, config.lr)  # before the step: a NaN never reaches the weights
+            loss, value, stop_now = step_loss(run.net, batch, config, class_weights=run.class_weights, stop=stop,
+                                              processes=run.processes)
+            # before the step: a NaN never reaches the weights
+            check_loss(value, run.first_loss, epoch, step=step, lr=config.lr)
             run.first_loss = value if run.first_loss is None else run.first_loss
             apply_gradients(run.optimizer, scaler, loss)
             losses.append(value)
@@ -563,6 +471,6 @@ def finish(run):
         run.folder.flush()  # a write's error stops the run here, in a line; calibration rewrites the files
     if calibrating(run.config):
         checkpoints = ([(best_path, run.best_weights)] if run.best_weights else []) + [(last, model_weights(run.model))]
-        calibrate(run.model, checkpoints, run.train_set, run.config, run.rank, run.processes)
+        calibrate(run.model, checkpoints, run.train_set, config=run.config, rank=run.rank, processes=run.processes)
     print(f"checkpoints: {best_path} (best {run.config.best_metric} {run.best:.4f}), {last}")
     backend.wait_for_all(run.config.device, run.processes)
