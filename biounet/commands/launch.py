@@ -9,6 +9,7 @@ When a process fails, the launcher stops the others; the processes have said why
 own traceback is left out and the exit status is 1.
 """
 import runpy
+import socket
 import sys
 
 from biounet.core.cli import ArgumentParser, ranged
@@ -30,6 +31,15 @@ def launcher_argv(args):
             "--master_port", str(args.master_port), args.script, *script_args]
 
 
+def is_this_host(address):
+    """Whether `address` (a name or an IP) is this machine."""
+    try:
+        ip = socket.gethostbyname(address)
+        return ip.startswith("127.") or ip == socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return False
+
+
 def main(argv=None):
     p = ArgumentParser(description=__doc__)
     p.add_argument("--nproc-per-node", type=ranged(int, 1, 1024), default=1, help="processes on this machine")
@@ -40,6 +50,10 @@ def main(argv=None):
     p.add_argument("script", help="the training script, TrainUnetDataSet.py")
     p.add_argument("script_args", nargs="...", help="its arguments")
     args = p.parse_args(argv)
+    if backend.NAME == "oneflow" and args.node_rank > 0 and is_this_host(args.master_addr):
+        # OneFlow 0.9 aborts both nodes about 20 s later ("Machine 1 lost"): say so at once.
+        p.error(f"--master-addr {args.master_addr} is this machine: OneFlow 0.9 runs one node per machine; "
+                f"on one machine use --nproc-per-node (NPROC_PER_NODE) for its processes")
     if args.nproc_per_node > 1:
         backend.before_processes_share_the_cores()
     sys.argv = launcher_argv(args)
