@@ -43,7 +43,7 @@ make_venv() {
 ensure_oneflow_env() {
     local python
     python=$(find_python 8 10) || return 1
-    make_venv "$PROJECT_DIR/.venv" "$python" requirements-oneflow.txt oneflow,dask,test || return 1
+    make_venv "$PROJECT_DIR/.venv" "$python" requirements-oneflow.txt oneflow,dask,napari,test || return 1
     # OneFlow's CUDA build loads cuDNN/cuBLAS even on a CPU-only machine.
     local libs
     libs=$(ls -d "$PROJECT_DIR"/.venv/lib/python3.*/site-packages/nvidia/*/lib 2>/dev/null | tr '\n' ':')
@@ -56,7 +56,7 @@ ensure_torch_env() {
         echo "error: no CPython 3.8-3.13 found for PyTorch" >&2
         return 1
     }
-    make_venv "$PROJECT_DIR/.venv-torch" "$python" requirements-torch.txt torch,dask,export,test
+    make_venv "$PROJECT_DIR/.venv-torch" "$python" requirements-torch.txt torch,dask,export,napari,test
 }
 
 ensure_env() {

@@ -60,15 +60,40 @@ class Model:
         """What it was trained on: layout, normalization, object size ..."""
         return TrainingData.of(self.meta)
 
+    def fine_tuning(self) -> dict:
+        """The training keywords that start a run from this model's weights, with its network and
+        input normalization: biounet.train(images=..., labels=..., **model.fine_tuning())."""
+        network, data = self.meta["model"], self.training_data
+        keywords = dict(init_from=self.checkpoint, base=network["base"], norm=network["norm"],
+                        padding=network["padding"], bilinear=network["bilinear"] or None, dropout=network["dropout"],
+                        instances=data.instances, normalize=data.normalize, percentiles=list(data.percentiles))
+        if data.instances:
+            keywords["object_target"] = data.object_target
+        else:
+            keywords["classes"] = self.classes
+        return keywords
+
     def predict(self, image: np.ndarray, *, channel_axis: Optional[int] = None, objects: bool = True,
                 **settings) -> Segmentation:
         """Segment one 2D image (H x W, or with channels: last, first, or at `channel_axis`; any bit
         depth) as predict_unet_test.py does. `settings`: PredictionSettings' fields (threshold, tta,
         tile, object_size, objects, min_size ...). Returns its probabilities, mask and (one class,
         `objects`) numbered objects."""
+        maps, diameter = self.probability_maps(image, channel_axis=channel_axis, **settings)
+        return self.decide(maps, diameter=diameter, objects=objects, **settings)
+
+    def probability_maps(self, image: np.ndarray, *, channel_axis: Optional[int] = None, **settings):
+        """(the network's probability maps of one image, the objects' diameter or None): what predict
+        decides from. `decide` them again with another threshold or object size without predicting again."""
         settings = self._settings(settings)
         image, _ = network_input(self.meta, as_image(image, channel_axis), "image")
-        maps, diameter = probability_maps(self.network, self.meta, image, settings)
+        return probability_maps(self.network, self.meta, image, settings)
+
+    def decide(self, maps: np.ndarray, *, diameter: Optional[float] = None, objects: bool = True,
+               **settings) -> Segmentation:
+        """The Segmentation of probability_maps' `maps`: the mask at `settings`' threshold and the
+        numbered objects, sized for objects `diameter` pixels wide (None: from the settings)."""
+        settings = self._settings(settings)
         method = object_method_for(self.meta, settings.objects, self.checkpoint) if objects else None
         return decide(maps, self.meta, settings, diameter=diameter, method=method)
 
@@ -89,13 +114,14 @@ class Model:
     def predict_blocks(self, source, out: Optional[PathLike] = None, *, objects: bool = True, block: int = 1024,
                        halo: int = HALO, workers: int = 1, scheduler: Optional[str] = None,
                        overwrite: bool = False, levels: Optional[int] = None, prob_bits: int = 16,
-                       **settings) -> Dict[str, object]:
+                       progress: Optional[Callable[[int, int], None]] = None, **settings) -> Dict[str, object]:
         """Segment a volume or slide larger than memory block by block, as test.sh does for zarr
         inputs: `source` is a zarr / OME-Zarr store or TIFF path, a zarr array, or a dask or numpy
         array (Z x H x W or H x W; written into a zarr store in `out` first, block by block). The
         OME-Zarr stores go into `out` (masks/, prob/, objects/; a new temporary folder by default),
-        over `workers` local processes or the Dask cluster at `scheduler`. Returns their full
-        resolution arrays by kind: "masks", "probabilities", "objects"."""
+        over `workers` local processes or the Dask cluster at `scheduler`; `progress(done, total)`
+        after each block (raising in it stops the run; the same call later goes on with the rest).
+        Returns their full resolution arrays by kind: "masks", "probabilities", "objects"."""
         import zarr
         out = str(out) if out is not None else tempfile.mkdtemp(prefix="biounet-")
         path = volume_path(source, out)
@@ -103,7 +129,7 @@ class Model:
                        instances=os.path.join(out, "objects") if objects else None, prob_bits=prob_bits)
         stores = predict_volume(path, self.checkpoint, folders, settings=self._settings(settings), block=block,
                                 halo=halo, workers=workers, scheduler=scheduler, overwrite=overwrite, meta=self.meta,
-                                levels=levels)
+                                levels=levels, progress=progress)
         names = dict(masks="masks", prob="probabilities", objects="objects")
         return {names[os.path.basename(os.path.dirname(store))]: zarr.open_array(os.path.join(store, "0"), mode="r")
                 for store in stores}

@@ -6,7 +6,8 @@ import os
 from conftest import ROOT
 
 PACKAGE = os.path.join(ROOT, "biounet")
-LAYERS = ["core", "data", "evaluation", "model", "prediction", "training", "export", "api", "commands"]
+LAYERS = ["core", "data", "evaluation", "model", "prediction", "training", "export", "api", "commands",
+          "napari_plugin"]
 DESIGN_CARD_SCRIPTS = ["unet.py", "dataloader.py", "TrainUnetDataSet.py", "predict_unet_test.py", "plot.py"]
 
 

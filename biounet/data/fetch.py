@@ -9,6 +9,7 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import zipfile
 
 import cv2
 import numpy as np
@@ -215,6 +216,43 @@ def ensure_isbi_data(root=".", mirror=None, needed=FOLDERS):
                              f"{err}; put the images there, or set ISBI_DATA_DIR")
         say(HOW_TO_GET_DATA.format(reason=err, url=url))
     return synthetic_fallback(root), "synthetic"
+
+
+DSB_SAMPLE_URL = "https://data.broadinstitute.org/bbbc/BBBC038/stage1_test.zip"  # DSB 2018's stage 1 test images
+
+
+def fetch_sample(name, cache):
+    """The path of a sample image, downloaded once into `cache`: "isbi2012" (the first ISBI 2012 test
+    slice: from ISBI_DATA_DIR where set, else the original example's archive) or "dsb2018" (a DSB 2018
+    nuclei image from the Broad's BBBC038 copy; DSB_SAMPLE_URL overrides)."""
+    target = os.path.join(cache, f"{name}.png")
+    if os.path.exists(target):
+        return target
+    os.makedirs(cache, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".fetch-") as staging:
+        if name == "isbi2012":
+            mirror = os.environ.get("ISBI_DATA_DIR")
+            folder = os.path.join(mirror, "test_image") if mirror else os.path.join(
+                fetch_archive(base_url() + "test_image.tar.gz", "test_image", staging), "test_image")
+            found = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_SUFFIXES)) \
+                if os.path.isdir(folder) else []
+            if not found:
+                raise FetchError(f"{folder}: no ISBI 2012 test slices there")
+            shutil.copyfile(os.path.join(folder, found[0]), os.path.join(staging, "sample.png"))
+        else:
+            url = os.environ.get("DSB_SAMPLE_URL") or DSB_SAMPLE_URL
+            archive = download(url, os.path.join(staging, "dsb.zip"))
+            try:
+                with zipfile.ZipFile(archive) as zipped:
+                    images = sorted(n for n in zipped.namelist() if "/images/" in n and n.lower().endswith(".png"))
+                    if not images:
+                        raise FetchError(f"{url}: no DSB 2018 images (*/images/*.png) in it")
+                    with zipped.open(images[0]) as source, open(os.path.join(staging, "sample.png"), "wb") as out:
+                        shutil.copyfileobj(source, out)
+            except zipfile.BadZipFile as err:
+                raise FetchError(f"{url}: damaged archive ({err})")
+        os.replace(os.path.join(staging, "sample.png"), target)
+    return target
 
 
 def fetch_pretrained(dest="pretrained"):

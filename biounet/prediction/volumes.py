@@ -294,12 +294,13 @@ def object_settings(meta, settings, *, checkpoint, diameter):
 
 
 def predict_volume(path, checkpoint, outputs, *, settings=PredictionSettings(), block=1024, halo=HALO, workers=0,
-                   scheduler=None, overwrite=False, meta=None, levels=None):
+                   scheduler=None, overwrite=False, meta=None, levels=None, progress=None):
     """Predict the volume (or slide) at `path` block by block, as `settings` say, into OME-Zarr stores
     named after it in the folders of `outputs` (masks, prob with prob_bits, instances), over `workers`
     local processes (0: backend.default_workers) or the Dask cluster at `scheduler`. `meta`: the
     checkpoint's, where the caller has loaded it; `levels`: downsampled levels (None: as many as
-    bring a slice within one block). Returns the stores' paths."""
+    bring a slice within one block); `progress(done, total)` is called after each block (an
+    exception it raises stops the run there: the blocks done are kept). Returns the stores' paths."""
     volume = Volume(path)
     meta = meta or build_model(checkpoint, "cpu")[1]  # a damaged checkpoint stops here, before any worker starts
     check_blockwise(volume, meta, checkpoint, halo)
@@ -332,7 +333,7 @@ def predict_volume(path, checkpoint, outputs, *, settings=PredictionSettings(), 
     try:
         if todo:
             job["mappings"] = slice_mappings(volume, meta)
-            run_tasks(client, partial(predict_block, job), todo, "blocks")
+            run_tasks(client, partial(predict_block, job), todo, "blocks", progress=progress)
         counts = {k: read_json(os.path.join(progress_dir(job, "done"), block_name(k))) for k in keys}
         objects = number_objects(job, client, keys, {k: c["objects"] for k, c in counts.items()}) \
             if "instances" in stores else None
@@ -385,8 +386,9 @@ def dask_client(workers, scheduler, job):
     return client
 
 
-def run_tasks(client, function, keys, what, *more):
-    """[function(key, *more ...)] for every key, here or on the cluster, with a progress bar."""
+def run_tasks(client, function, keys, what, *more, progress=None):
+    """[function(key, *more ...)] for every key, here or on the cluster, with a progress bar (and
+    `progress(done, total)` after each)."""
     from tqdm import tqdm
     results = []
     with tqdm(total=len(keys), desc=what, unit="block", file=sys.stderr, disable=None, leave=False) as bar:
@@ -394,6 +396,8 @@ def run_tasks(client, function, keys, what, *more):
             for args in zip(keys, *more):
                 results.append(function(*args))
                 bar.update()
+                if progress:
+                    progress(len(results), len(keys))
             return results
         from distributed import KilledWorker, as_completed
         futures = client.map(function, keys, *more, pure=False)
@@ -401,6 +405,8 @@ def run_tasks(client, function, keys, what, *more):
             for future in as_completed(futures):
                 results.append(future.result())
                 bar.update()
+                if progress:
+                    progress(len(results), len(keys))
         except (ModuleNotFoundError, RuntimeError) as err:
             # Workers without the package fail to import it; a scheduler without it cannot read the task graph.
             if not isinstance(err, ModuleNotFoundError) and "deserializ" not in str(err):

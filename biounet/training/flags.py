@@ -151,6 +151,10 @@ def run_flags(p):
                         "processes leave, on a CPU 0, where the cores compute)")
     p.add_argument("--checkpoint-dir", type=folder_to_write, default="checkpoints", help="where best.npz and last.npz go")
     p.add_argument("--resume", action="store_true", help="continue from CHECKPOINT_DIR/last.npz")
+    p.add_argument("--init-from", metavar="CHECKPOINT",
+                   help="fine-tune: start from this checkpoint's weights (.npz, or the original OneFlow folder); its "
+                        "network must be the one the flags build (--base, --norm, --padding, --bilinear, --dropout, "
+                        "classes): biounet.load_model(CHECKPOINT).fine_tuning() gives them")
     p.add_argument("--log-file", "--log", dest="log", type=file_to_write, default="Unet_train.txt",
                    help="human-readable training log; one JSON line per epoch goes beside it (.jsonl), read by plot.py")
     p.add_argument("--progress", type=file_to_write, default="progress.png",

@@ -319,6 +319,17 @@ class Run:
         return self.seconds_before + time.perf_counter() - self.started
 
 
+def start_from(path, model):
+    """Fine-tuning: the weights of the checkpoint at `path`, whose network must be the one built."""
+    meta, weights, _ = load_checkpoint(path)
+    if meta["model"] != model.config():
+        differ = ", ".join(f"{key} {value} (this run: {model.config()[key]})" for key, value in meta["model"].items()
+                           if model.config().get(key) != value)
+        raise CheckpointError(f"--init-from {path}: its network differs from the one the flags build: {differ}")
+    load_weights(model, weights, path)
+    print(f"fine-tuning: starting from the weights of {path}")
+
+
 def start_run(flags, folder, rank, processes):
     """The Run the flags ask for: data read, configuration settled, network built, and with
     --resume the state of checkpoint_dir/last.npz restored."""
@@ -337,6 +348,8 @@ def start_run(flags, folder, rank, processes):
             run.epochs = run.epoch + 1
         if calibrating(config) and os.path.exists(best_path):
             run.best_weights = load_checkpoint(best_path)[1]
+    elif config.init_from:
+        start_from(config.init_from, model)
     return run
 
 

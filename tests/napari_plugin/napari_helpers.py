@@ -1,0 +1,34 @@
+"""What the plugin's tests share: small images, a tiny saved model, waiting for a widget, and
+reading a screenshot."""
+import numpy as np
+
+from biounet.data.fetch import synthetic_em_slice
+from conftest import tiny_checkpoint
+
+
+def em_slice(size, seed=0):
+    """A synthetic EM slice (uint8) of size x size pixels."""
+    return synthetic_em_slice(size, np.random.default_rng(seed), cell_size=16)[0]
+
+
+def em_pair(size, seed=0):
+    """A synthetic EM slice and its label (255 = cell)."""
+    return synthetic_em_slice(size, np.random.default_rng(seed), cell_size=16)
+
+
+def tiny_model(path):
+    """A tiny untrained U-Net saved as a checkpoint; its path."""
+    tiny_checkpoint(path)
+    return str(path)
+
+
+def wait_until_idle(qtbot, widget, timeout=120000):
+    """Wait until the widget's worker has finished and its Run button is back."""
+    qtbot.waitUntil(lambda: widget.worker is None and widget.run_button.enabled, timeout=timeout)
+    qtbot.wait(50)
+
+
+def coloured_share(screenshot):
+    """The share of a screenshot's pixels in colour (a labels layer's), not grey or black."""
+    rgb = screenshot[..., :3].astype(int)
+    return float(np.mean(rgb.max(axis=2) - rgb.min(axis=2) > 40))
