@@ -91,3 +91,22 @@ wants_help() {
     done
     return 1
 }
+
+# The X server the napari plugin's tests draw on: Xvfb and the xcb libraries PyQt5 needs (installed
+# with apt-get where missing, once).
+XVFB_PACKAGES="xvfb xauth libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0"
+ensure_xvfb() {
+    if ! dpkg -s $XVFB_PACKAGES >/dev/null 2>&1; then
+        if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+            echo "error: the napari plugin's tests need an X server: install $XVFB_PACKAGES (as root: apt-get install -y $XVFB_PACKAGES)" >&2
+            return 1
+        fi
+        echo "setup: installing Xvfb for the napari plugin's tests (first run only)"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -qq $XVFB_PACKAGES >/dev/null 2>&1 ||
+            { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq $XVFB_PACKAGES >/dev/null; } || {
+            echo "error: apt-get could not install $XVFB_PACKAGES" >&2
+            return 1
+        }
+    fi
+}

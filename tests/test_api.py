@@ -115,6 +115,49 @@ def test_training_stops_from_another_thread_after_a_step_and_resumes_to_the_end(
     assert finished.stopped is None and load_checkpoint(finished.last)[0]["epoch"] == 2
 
 
+def test_probability_maps_decided_again_give_what_predict_gives_at_that_threshold(checkpoint):
+    model = biounet.load_model(checkpoint, device="cpu")
+    image = np.random.default_rng(3).integers(0, 255, (40, 48)).astype(np.uint8)
+    maps, diameter = model.probability_maps(image, tta=False)
+    for threshold in (0.3, 0.6):
+        decided, predicted = model.decide(maps, diameter=diameter, threshold=threshold), \
+            model.predict(image, tta=False, threshold=threshold)
+        assert np.array_equal(decided.mask, predicted.mask) and np.array_equal(decided.objects, predicted.objects)
+
+
+def test_predict_blocks_reports_each_block_and_a_stop_from_progress_goes_on_later_to_the_same_stores(
+        checkpoint, tmp_path):
+    volume = np.random.default_rng(4).integers(0, 255, (1, 64, 64)).astype(np.uint8)
+    model, reports = biounet.load_model(checkpoint, device="cpu"), []
+
+    def cancel_after_two(done, total):
+        reports.append((done, total))
+        if done == 2:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        model.predict_blocks(volume, tmp_path / "cut", block=32, tta=False, progress=cancel_after_two)
+    assert reports == [(1, 4), (2, 4)]
+    finished = model.predict_blocks(str(tmp_path / "cut" / "input.zarr"), tmp_path / "cut", block=32, tta=False)
+    whole = model.predict_blocks(volume, tmp_path / "whole", block=32, tta=False)
+    assert np.array_equal(finished["masks"][:], whole["masks"][:])
+
+
+def test_fine_tuning_starts_from_the_models_weights_and_another_network_is_one_line(tmp_path):
+    data = write_dataset(tmp_path / "data", n_train=3, n_test=0, size=48)
+    checkpoint = tiny_checkpoint(tmp_path / "tiny.npz", seed=7, norm="batch")  # not the weights seed 0 starts from
+    model = biounet.load_model(checkpoint, device="cpu")
+    common = dict(crop=32, epochs=1, loader_workers=0, calibrate=False)
+    run = biounet.train(f"{data}/train_image", f"{data}/train_label", checkpoint_dir=tmp_path / "tuned", lr=0,
+                        **common, **model.fine_tuning())
+    start, tuned = load_checkpoint(checkpoint)[1], load_checkpoint(run.last)[1]
+    trained = [k for k in start if not np.array_equal(start[k], tuned[k])]
+    assert all("running" in k or "num_batches" in k for k in trained)  # learning rate 0: batch statistics only
+    with pytest.raises(ValueError, match=r"^--init-from \S+tiny.npz: its network differs from the one the flags "
+                                         r"build: base 4 \(this run: 8\)$"):
+        biounet.train(f"{data}/train_image", f"{data}/train_label", checkpoint_dir=tmp_path / "other",
+                      **common, **dict(model.fine_tuning(), base=8))
+
+
 def test_evaluate_gives_the_scores_biounet_evaluate_prints(tmp_path):
     rng = np.random.default_rng(3)
     masks = [np.where(rng.random((32, 40)) > 0.5, 255, 0).astype(np.uint8) for _ in range(2)]
