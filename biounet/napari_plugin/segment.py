@@ -192,7 +192,7 @@ class SegmentWidget(Container):
         self.worker.errored.connect(self._failed)
         self.worker.finished.connect(self._finished)
         self.run_button.enabled, self.cancel_button.enabled = False, True
-        self.status.value = f"segmenting {layer.name} ({kind}) ..."
+        self.status.value = f"segmenting {layer.name} ({kind}) on {model.device} ..."
         self.worker.start()
 
     def cancel(self, _=None):

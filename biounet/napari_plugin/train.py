@@ -160,6 +160,8 @@ class TrainWidget(Container):
 
     def _on_end(self, update):
         self._ended()
+        if not update["stopped"]:  # a time budget plans its epochs as it goes: the last may come sooner
+            self.bar.value = self.bar.max
         if os.path.exists(update["best"]):
             CHOSEN.choose(update["best"])
         self.status.value = f"{update['stopped'] or 'done'}: model {update['best']}"

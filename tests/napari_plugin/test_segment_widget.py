@@ -30,8 +30,8 @@ def notifications():
 
 @pytest.fixture
 def segment(viewer, tmp_path):
-    widget = SegmentWidget(viewer)
-    viewer.window.add_dock_widget(widget)
+    _, widget = viewer.window.add_plugin_dock_widget("biounet", "Segment")  # as Plugins > biounet U-Net does
+    assert isinstance(widget, SegmentWidget)
     CHOSEN.choose(tiny_model(tmp_path / "tiny.npz"))
     return widget
 

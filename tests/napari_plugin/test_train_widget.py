@@ -23,9 +23,9 @@ def viewer(make_napari_viewer):
 @pytest.fixture
 def widgets(viewer, tmp_path):
     CHOSEN.choose(tiny_model(tmp_path / "tiny.npz"))
-    segment, train = SegmentWidget(viewer), TrainWidget(viewer)
-    viewer.window.add_dock_widget(segment)
-    viewer.window.add_dock_widget(train)
+    segment = viewer.window.add_plugin_dock_widget("biounet", "Segment")[1]  # as Plugins > biounet U-Net does
+    train = viewer.window.add_plugin_dock_widget("biounet", "Train")[1]
+    assert isinstance(segment, SegmentWidget) and isinstance(train, TrainWidget)
     train.checkpoint_dir.value = str(tmp_path / "runs")
     return segment, train
 
