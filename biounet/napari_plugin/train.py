@@ -58,8 +58,9 @@ class TrainWidget(Container):
         self.resume_button = PushButton(text="Resume", enabled=False)
         self.bar = ProgressBar(label="progress", min=0, max=1, value=0)
         self.status = Label(value="")
-        self.figure = Figure(figsize=(4, 2.5), tight_layout=True)
+        self.figure = Figure(figsize=(4, 2.5), layout="constrained")
         self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setMinimumHeight(220)
         super().__init__(widgets=[self.source, self.image_layer, self.label_layer, self.folder, self.preset,
                                   self.minutes, self.fine_tune, self.checkpoint_dir, self.train_button, self.stop_button,
                                   self.resume_button, self.bar, self.status])

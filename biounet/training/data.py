@@ -2,6 +2,8 @@
 validation, rescaled to their objects' size, with their targets, pixel weights and the sampler the
 steps draw batches from.
 """
+import os
+
 import numpy as np
 
 from biounet.data.datasets import detect_format, find_samples, labels_beside, load_dataset, load_store, voc_split_exists
@@ -18,7 +20,8 @@ def read_data(flags, rng):
     """(layout, training set, validation set or None) as the flags point to them: read and checked,
     the validation set held out of the training pairs (--val-fraction) unless given or listed (VOC)."""
     fmt = detect_format(flags.data_path) if flags.data_format == "auto" else flags.data_format
-    label_path = flags.label_path or ("train_label" if fmt == "pairs" and not labels_beside(flags.data_path) else None)
+    beside_images = os.path.join(os.path.dirname(os.path.normpath(flags.data_path)), "train_label")
+    label_path = flags.label_path or (beside_images if fmt == "pairs" and not labels_beside(flags.data_path) else None)
     voc_val = fmt == "voc" and voc_split_exists(flags.data_path, "val") and not flags.val_image_path
 
     def read(path, labels, data_format, split, channels=None, normalization=(flags.normalize, flags.percentiles)):

@@ -33,8 +33,8 @@ def data_flags(p):
                         "(read window by window, never whole)")
     p.add_argument("--label-path", "--label_path",
                    help="labels matched to images by file name (255 = cell, 0 = membrane), or the labels' TIFF; "
-                        "default: train_label/, or for a TIFF volume its name with 'volume' -> 'labels', or for "
-                        "an OME-Zarr image its NGFF labels/ group")
+                        "default: train_label/ beside the images' folder, or for a TIFF volume its name with "
+                        "'volume' -> 'labels', or for an OME-Zarr image its NGFF labels/ group")
     p.add_argument("--data-format", choices=("auto",) + FORMATS, default="auto",
                    help="layout of --data-path (datasets.py); auto: detected")
     p.add_argument("--val-image-path", help="validation data (any layout), instead of holding out --val-fraction")

@@ -10,6 +10,7 @@ from biounet.model.checkpoint import load_checkpoint
 from biounet.napari_plugin.model_choice import CHOSEN
 from biounet.napari_plugin.segment import SegmentWidget
 from biounet.napari_plugin.train import TrainWidget
+from conftest import write_dataset
 from napari_helpers import em_pair, tiny_model, wait_until_idle
 
 
@@ -79,6 +80,17 @@ def test_stop_midway_keeps_last_npz_and_resume_goes_on_from_it(viewer, widgets, 
     trained(qtbot, train)
     assert train.status.value.startswith("done: model")
     assert load_checkpoint(os.path.join(folder, "last.npz"))[0]["epoch"] >= stopped_at["epoch"]
+
+
+def test_training_from_a_folder_reads_it_as_the_scripts_do(viewer, widgets, qtbot, tmp_path):
+    _, train = widgets
+    data = write_dataset(tmp_path / "data", n_train=3, n_test=0, size=64)
+    train.source.value, train.folder.value, train.minutes.value = "folder", f"{data}/train_image", 0.1
+    assert not train.image_layer.visible and train.folder.visible
+    train.train_button.native.click()
+    trained(qtbot, train)
+    assert train.status.value.startswith("done: model") and CHOSEN.checkpoint.startswith(str(tmp_path / "runs"))
+    assert load_checkpoint(CHOSEN.checkpoint)[0]["data"]["format"] == "pairs"
 
 
 def test_labels_that_do_not_fit_the_image_are_one_line(viewer, widgets, qtbot):
