@@ -115,3 +115,15 @@ def test_an_image_of_the_wrong_channels_is_one_notification(viewer, segment, qtb
     errors = [n.message for n in notifications if "biounet" in n.message]
     assert errors == ["biounet: 4d: 4 dimensions (4, 4, 64, 64): segment a 2D image, a stack of slices, or an image "
                       "with channels"]
+
+
+def test_the_published_model_offline_is_one_notification_and_the_model_stays(viewer, segment, qtbot, tmp_path,
+                                                                              monkeypatch, notifications):
+    monkeypatch.setenv("ISBI_BASE_URL", "http://127.0.0.1:9/")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    chosen = CHOSEN.checkpoint
+    segment.pretrained.native.click()
+    qtbot.waitUntil(lambda: segment.status.value.startswith("error"), timeout=30000)
+    errors = [n.message for n in notifications if n.message.startswith("biounet")]
+    assert len(errors) == 1 and "http://127.0.0.1:9/checkpoints.tar.gz" in errors[0] and "\n" not in errors[0]
+    assert CHOSEN.checkpoint == chosen
