@@ -1,5 +1,6 @@
 """The model the plugin segments with, shared by its widgets and its reader: a checkpoint loaded by
-dragging it onto the viewer, chosen in the Segment widget, or just trained by the Train widget."""
+dragging it onto the viewer, chosen in the Segment widget, or just trained by the Train widget; and
+what the widgets share besides."""
 from typing import Optional
 
 from psygnal import Signal
@@ -18,6 +19,13 @@ class ModelChoice:
 
 
 CHOSEN = ModelChoice()
+
+
+def listen(widget, signal, callback):
+    """callback connected to signal while the magicgui `widget` is shown: its Qt widget may go (the
+    dock closed) before the viewer's events or CHOSEN stop firing."""
+    signal.connect(callback)
+    widget.native.destroyed.connect(lambda: signal.disconnect(callback))
 
 
 def one_line(error):

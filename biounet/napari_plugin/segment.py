@@ -20,7 +20,7 @@ from napari.utils import progress
 from napari.utils.notifications import show_error, show_info
 
 from biounet.api import Model, load_model
-from biounet.napari_plugin.model_choice import CHOSEN, one_line
+from biounet.napari_plugin.model_choice import CHOSEN, listen, one_line
 
 BLOCKWISE_PIXELS = 4096 * 4096  # larger 2D images are predicted block by block
 
@@ -133,13 +133,11 @@ class SegmentWidget(Container):
         self.threshold.changed.connect(self.decide_again)
         self.object_size.changed.connect(self.decide_again)
         self.checkpoint.changed.connect(lambda path: str(path) not in ("", ".") and CHOSEN.choose(path))
-        CHOSEN.changed.connect(self._chosen)
-        chosen = self._chosen  # the Qt widget goes before this object: stop listening then
-        self.native.destroyed.connect(lambda: CHOSEN.changed.disconnect(chosen))
+        listen(self, CHOSEN.changed, self._chosen)
         if CHOSEN.checkpoint:
             self._chosen(CHOSEN.checkpoint)
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
-            event.connect(lambda _: self.image.reset_choices())
+            listen(self, event, self.reset_choices)
 
     def _image_layers(self, _=None):
         return [layer.name for layer in self.viewer.layers if isinstance(layer, Image)]

@@ -20,7 +20,7 @@ from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QTimer
 
-from biounet.napari_plugin.model_choice import CHOSEN, one_line
+from biounet.napari_plugin.model_choice import CHOSEN, listen, one_line
 from biounet.napari_plugin.training_process import run_training
 from biounet.training.config import PRESETS
 
@@ -74,7 +74,7 @@ class TrainWidget(Container):
         self.source.changed.connect(self._show_source)
         self._show_source()
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
-            event.connect(lambda _: self.reset_choices())
+            listen(self, event, self.reset_choices)
 
     def _layers(self, kind):
         return [layer.name for layer in self.viewer.layers if isinstance(layer, kind)]

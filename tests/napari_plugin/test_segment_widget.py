@@ -127,3 +127,4 @@ def test_the_published_model_offline_is_one_notification_and_the_model_stays(vie
     errors = [n.message for n in notifications if n.message.startswith("biounet")]
     assert len(errors) == 1 and "http://127.0.0.1:9/checkpoints.tar.gz" in errors[0] and "\n" not in errors[0]
     assert CHOSEN.checkpoint == chosen
+
