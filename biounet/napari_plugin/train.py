@@ -2,14 +2,17 @@
 a predicted layer corrected with the brush and eraser) or from a folder in any layout the scripts
 read, with train.sh's settled configuration and presets, fine-tuning the chosen model by default.
 
-Training runs in a process of its own (spawned: the framework and the GIL must not freeze the
-viewer); its progress comes back through a queue, drawn as curves and a progress bar. Stop ends it
-after the current step with last.npz and best.npz kept, as SIGINT does; Resume goes on from there.
+Training runs in a process of its own (training_process.py: the framework and the GIL must not
+freeze the viewer); its progress comes back as JSON lines in the run's folder, drawn as curves and
+a progress bar. Stop sends it SIGINT, which ends it after the current step with last.npz and
+best.npz kept, as for the script; Resume goes on from there.
 When it ends, its best checkpoint becomes the Segment widget's model.
 """
-import multiprocessing
+import json
 import os
-import queue
+import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -21,7 +24,6 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QTimer
 
 from biounet.napari_plugin.model_choice import CHOSEN, listen, one_line
-from biounet.napari_plugin.training_process import run_training
 from biounet.training.config import PRESETS
 
 SOURCES = ("layers", "folder")
@@ -65,7 +67,7 @@ class TrainWidget(Container):
                                   self.minutes, self.fine_tune, self.checkpoint_dir, self.train_button, self.stop_button,
                                   self.resume_button, self.bar, self.status])
         self.native.layout().addWidget(self.canvas)
-        self.process, self.updates, self.stop_event, self.job, self.epochs = None, None, None, None, []
+        self.process, self.job, self.events, self.read_so_far, self.epochs = None, None, None, 0, []
         self.timer = QTimer()
         self.timer.timeout.connect(self.poll)
         self.train_button.changed.connect(lambda: self.start(resume=False))
@@ -120,10 +122,15 @@ class TrainWidget(Container):
             self._failed(one_line(error))
             return
         self.job = job
-        context = multiprocessing.get_context("spawn")
-        self.updates, self.stop_event = context.Queue(), context.Event()
-        self.process = context.Process(target=run_training, args=(job, self.updates, self.stop_event), daemon=True)
-        self.process.start()
+        os.makedirs(job["checkpoint_dir"], exist_ok=True)
+        job_file = os.path.join(job["checkpoint_dir"], "napari_job.json")
+        with open(job_file, "w") as out:
+            json.dump(job, out)
+        self.events, self.read_so_far = os.path.join(job["checkpoint_dir"], "napari_events.jsonl"), 0
+        if os.path.exists(self.events):
+            os.remove(self.events)  # a resumed run's events start anew
+        self.process = subprocess.Popen([sys.executable, "-m", "biounet.napari_plugin.training_process", job_file,
+                                         self.events])
         if not resume:
             self.epochs = []
         self._buttons(running=True)
@@ -131,22 +138,30 @@ class TrainWidget(Container):
         self.timer.start(200)
 
     def stop(self, _=None):
-        if self.stop_event is not None:
-            self.stop_event.set()
+        if self.process is not None:
+            self.process.send_signal(signal.SIGINT)
             self.status.value = "stopping after this step (last.npz and best.npz are kept) ..."
 
     def poll(self):
         """Draw what the training process has said since the last look."""
-        while True:
-            try:
-                update = self.updates.get_nowait()
-            except queue.Empty:
-                break
+        if self.process is None:
+            return
+        exit_code = self.process.poll()
+        for update in self._new_events():
             getattr(self, f"_on_{update['kind']}")(update)
-        if self.process is not None and not self.process.is_alive() and self.updates.empty():
+        if exit_code is not None and self.process is not None:  # it ended without saying so: killed
             self._ended()
-            if self.status.value.endswith("..."):
-                self._failed(f"the training process ended with code {self.process.exitcode}")
+            self._failed(f"the training process ended with code {exit_code}")
+
+    def _new_events(self):
+        if not os.path.exists(self.events):
+            return []
+        with open(self.events, "rb") as events:
+            events.seek(self.read_so_far)
+            lines = events.readlines()
+        complete = [line for line in lines if line.endswith(b"\n")]  # a line being written waits for the next look
+        self.read_so_far += sum(map(len, complete))
+        return [json.loads(line) for line in complete]
 
     def _on_step(self, update):
         steps = update["steps"] * update["epochs"]
@@ -180,7 +195,7 @@ class TrainWidget(Container):
     def _ended(self):
         self.timer.stop()
         if self.process is not None:
-            self.process.join(timeout=5)
+            self.process.wait(timeout=30)
         self.process = None
         self._buttons(running=False)
 
