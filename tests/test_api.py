@@ -158,6 +158,16 @@ def test_fine_tuning_starts_from_the_models_weights_and_another_network_is_one_l
                       **common, **dict(model.fine_tuning(), base=8))
 
 
+def test_a_grey_model_fine_tunes_on_colour_images_as_it_predicts_them(tmp_path):
+    rng = np.random.default_rng(5)
+    images = [rng.integers(0, 255, (48, 48, 3)).astype(np.uint8) for _ in range(3)]
+    labels = [(image[..., 0] > 128).astype(np.uint8) for image in images]
+    model = biounet.load_model(tiny_checkpoint(tmp_path / "grey.npz"), device="cpu")
+    run = biounet.train(images=images, labels=labels, checkpoint_dir=tmp_path / "tuned", crop=32, epochs=1,
+                        calibrate=False, **model.fine_tuning())
+    assert load_checkpoint(run.last)[0]["model"]["n_channels"] == 1
+
+
 def test_evaluate_gives_the_scores_biounet_evaluate_prints(tmp_path):
     rng = np.random.default_rng(3)
     masks = [np.where(rng.random((32, 40)) > 0.5, 255, 0).astype(np.uint8) for _ in range(2)]

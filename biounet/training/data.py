@@ -12,6 +12,7 @@ from biounet.data.loader import Sampler, lazy_map, resize
 from biounet.data.weightmap import weight_map
 from biounet.evaluation.instances import (STANDARD_DIAMETER, median_diameter, object_class_names, object_classes,
                                           size_scale)
+from biounet.model.checkpoint import load_checkpoint
 from biounet.model.unet import MIN_SIDE, mirror_for_valid
 from biounet.training.config import ConfigError
 
@@ -31,7 +32,7 @@ def read_data(flags, rng):
             return load_store(path, labels, **reading)
         return load_dataset(find_samples(path, data_format, labels, split), **reading)
 
-    data = read(flags.data_path, label_path, fmt, "train")
+    data = read(flags.data_path, label_path, fmt, "train", channels=channels_to_fine_tune(flags.init_from))
     if flags.val_image_path or voc_val:
         val_format = flags.data_format if flags.val_image_path else fmt
         val = read(flags.val_image_path or flags.data_path, flags.val_label_path or label_path, val_format, "val",
@@ -40,6 +41,12 @@ def read_data(flags, rng):
     n_val = min(len(data) - 1, max(1, round(len(data) * flags.val_fraction))) if flags.val_fraction > 0 else 0
     order = rng.permutation(len(data))
     return fmt, data.subset(sorted(order[n_val:])), data.subset(sorted(order[:n_val])) if n_val else None
+
+
+def channels_to_fine_tune(checkpoint):
+    """The channels the network at `checkpoint` takes (grey and RGB images are converted to them, as
+    prediction converts them), or None: the data's own."""
+    return load_checkpoint(checkpoint)[0]["model"]["n_channels"] if checkpoint else None
 
 
 def at_object_size(flags, train_set, val_set):
