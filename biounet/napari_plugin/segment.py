@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FileEdit, FloatSlider, FloatSpinBox, Label, PushButton
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSlider, FloatSpinBox, Label, PushButton
 from napari.layers import Image
 from napari.qt.threading import create_worker
 from napari.utils import progress
@@ -115,14 +115,15 @@ class SegmentWidget(Container):
         self.image = ComboBox(label="image", choices=self._image_layers)
         self.checkpoint = FileEdit(label="model", mode="r", filter="*.npz")
         self.pretrained = PushButton(text="Use the published ISBI 2012 model")
+        self.tta = CheckBox(label="8 views (flips, rotations)", value=True)
         self.threshold = FloatSlider(label="threshold", min=0.0, max=1.0, step=0.01, value=0.5)
         self.object_size = FloatSpinBox(label="object size (px, 0: auto)", min=0.0, max=10000.0, step=1.0, value=0.0)
         self.estimate = Label(label="objects", value="")
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.status = Label(value="")
-        super().__init__(widgets=[self.image, self.checkpoint, self.pretrained, self.run_button, self.cancel_button,
-                                  self.threshold, self.object_size, self.estimate, self.status])
+        super().__init__(widgets=[self.image, self.checkpoint, self.pretrained, self.tta, self.run_button,
+                                  self.cancel_button, self.threshold, self.object_size, self.estimate, self.status])
         self.model: Optional[Model] = None
         self.predicted: Optional[Predicted] = None
         self.worker = None
@@ -181,7 +182,8 @@ class SegmentWidget(Container):
             self._failed(error)
             return
         self._cancelled.clear()
-        settings = dict(threshold=self.threshold.value, object_size=self.object_size.value or "auto")
+        settings = dict(threshold=self.threshold.value, object_size=self.object_size.value or "auto",
+                        tta=self.tta.value)
         self.worker = create_worker(predict_layer, model, layer, kind, self._cancelled, _ignore_errors=True,
                                     **settings)
         self.bar = progress(total=0, desc=f"segmenting {layer.name}")

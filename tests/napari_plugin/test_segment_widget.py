@@ -128,3 +128,13 @@ def test_the_published_model_offline_is_one_notification_and_the_model_stays(vie
     assert len(errors) == 1 and "http://127.0.0.1:9/checkpoints.tar.gz" in errors[0] and "\n" not in errors[0]
     assert CHOSEN.checkpoint == chosen
 
+
+
+def test_one_view_unticked_predicts_as_the_api_does_without_the_flips(viewer, segment, qtbot):
+    image = em_slice(64)
+    viewer.add_image(image, name="em")
+    segment.tta.value = False
+    run(qtbot, segment)
+    expected = load_model(CHOSEN.checkpoint).predict(image, tta=False)
+    np.testing.assert_array_equal(viewer.layers["em mask"].data, expected.mask > 0)
+    assert not np.array_equal(expected.mask, load_model(CHOSEN.checkpoint).predict(image).mask)
