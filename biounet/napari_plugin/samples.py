@@ -3,8 +3,8 @@ the scripts fetch data and read as they read images (offline: one line saying so
 import os
 
 from biounet.core.files import DataError
-from biounet.data.loader import read_raw_image
 from biounet.data.fetch import FetchError, fetch_sample
+from biounet.data.loader import read_raw_image
 from biounet.napari_plugin.model_choice import one_line
 
 

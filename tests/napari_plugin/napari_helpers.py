@@ -1,9 +1,27 @@
-"""What the plugin's tests share: small images, a tiny saved model, waiting for a widget, and
-reading a screenshot."""
+"""What the plugin's tests share: the fixtures of a shown viewer (a hidden one's screenshots are
+black) and of napari's notifications, small images, a tiny saved model, waiting for a widget, and
+reading a screenshot. (Not a conftest.py: tests/conftest.py is imported by that name.)"""
 import numpy as np
+import pytest
+from napari.utils.notifications import notification_manager
 
 from biounet.data.fetch import synthetic_em_slice
 from conftest import tiny_checkpoint
+
+
+@pytest.fixture
+def viewer(make_napari_viewer):
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1200, 900)
+    return viewer
+
+
+@pytest.fixture
+def notifications():
+    said = []
+    notification_manager.notification_ready.connect(said.append)
+    yield said
+    notification_manager.notification_ready.disconnect(said.append)
 
 
 def em_slice(size, seed=0):

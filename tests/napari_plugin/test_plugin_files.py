@@ -9,26 +9,15 @@ import zipfile
 
 import numpy as np
 import pytest
-from napari.utils.notifications import notification_manager
 from PIL import Image
 
+import napari_helpers
 from biounet.data.loader import label_to_classes, read_label_array
 from biounet.napari_plugin.model_choice import CHOSEN
 from biounet.napari_plugin.samples import SampleUnavailable
 from napari_helpers import em_pair, tiny_model
 
-
-@pytest.fixture
-def viewer(make_napari_viewer):
-    return make_napari_viewer(show=True)
-
-
-@pytest.fixture
-def notifications():
-    said = []
-    notification_manager.notification_ready.connect(said.append)
-    yield said
-    notification_manager.notification_ready.disconnect(said.append)
+viewer, notifications = napari_helpers.viewer, napari_helpers.notifications  # the shared fixtures
 
 
 @pytest.fixture

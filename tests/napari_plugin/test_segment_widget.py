@@ -4,28 +4,15 @@ Cancel midway; give a damaged checkpoint."""
 import dask.array as da
 import numpy as np
 import pytest
-from napari.utils.notifications import notification_manager
 from PIL import Image
 
+import napari_helpers
 from biounet.api import load_model
 from biounet.napari_plugin.model_choice import CHOSEN
 from biounet.napari_plugin.segment import SegmentWidget
 from napari_helpers import coloured_share, em_slice, tiny_model, wait_until_idle
 
-
-@pytest.fixture
-def viewer(make_napari_viewer):
-    viewer = make_napari_viewer(show=True)
-    viewer.window._qt_window.resize(1200, 800)
-    return viewer
-
-
-@pytest.fixture
-def notifications():
-    said = []
-    notification_manager.notification_ready.connect(said.append)
-    yield said
-    notification_manager.notification_ready.disconnect(said.append)
+viewer, notifications = napari_helpers.viewer, napari_helpers.notifications  # the shared fixtures
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+import napari_helpers
 from biounet.model.checkpoint import load_checkpoint
 from biounet.napari_plugin.model_choice import CHOSEN
 from biounet.napari_plugin.segment import SegmentWidget
@@ -13,12 +14,7 @@ from biounet.napari_plugin.train import TrainWidget
 from conftest import write_dataset
 from napari_helpers import em_pair, tiny_model, wait_until_idle
 
-
-@pytest.fixture
-def viewer(make_napari_viewer):
-    viewer = make_napari_viewer(show=True)
-    viewer.window._qt_window.resize(1200, 900)
-    return viewer
+viewer, notifications = napari_helpers.viewer, napari_helpers.notifications  # the shared fixtures
 
 
 @pytest.fixture
