@@ -43,7 +43,8 @@ make_venv() {
 ensure_oneflow_env() {
     local python
     python=$(find_python 8 10) || return 1
-    make_venv "$PROJECT_DIR/.venv" "$python" requirements-oneflow.txt oneflow,dask,napari,test || return 1
+    # 2: a Python was found but installing failed (a full disk, no registry): no fallback hides that
+    make_venv "$PROJECT_DIR/.venv" "$python" requirements-oneflow.txt oneflow,dask,napari,test || return 2
     # OneFlow's CUDA build loads cuDNN/cuBLAS even on a CPU-only machine.
     local libs
     libs=$(ls -d "$PROJECT_DIR"/.venv/lib/python3.*/site-packages/nvidia/*/lib 2>/dev/null | tr '\n' ':')
@@ -62,9 +63,14 @@ ensure_torch_env() {
 ensure_env() {
     case "${UNET_BACKEND:-oneflow}" in
         oneflow)
-            if ensure_oneflow_env; then
+            local status=0
+            ensure_oneflow_env || status=$?
+            if [ "$status" = 0 ]; then
                 export UNET_BACKEND=oneflow PYTHON="$PROJECT_DIR/.venv/bin/python"
                 return 0
+            fi
+            if [ "$status" = 2 ]; then
+                return 1
             fi
             if [ -n "${UNET_BACKEND:-}" ]; then
                 echo "error: UNET_BACKEND=oneflow needs CPython 3.8-3.10 (oneflow 0.9.0 has no other wheels)" >&2
