@@ -131,10 +131,9 @@ def test_patience_stops_training_once_the_score_stops_improving(dataset, tmp_pat
     assert load_checkpoint(str(tmp_path / "checkpoints" / "last.npz"))[0]["epoch"] == 3
 
 
-def test_an_explicit_validation_folder_is_used_instead_of_holding_out(dataset, tmp_path):
+def test_an_explicit_validation_folder_with_its_labels_beside_it_is_used_instead_of_holding_out(dataset, tmp_path):
     other = write_dataset(tmp_path / "val", n_train=3, n_test=0, seed=5)
-    result = train_small(dataset, tmp_path, "--val-image-path", f"{other}/train_image",
-                         "--val-label-path", f"{other}/train_label")
+    result = train_small(dataset, tmp_path, "--val-image-path", f"{other}/train_image")
     assert "4 training pairs" in result.stdout and "3 for validation" in result.stdout
 
 

@@ -21,8 +21,7 @@ def read_data(flags, rng):
     """(layout, training set, validation set or None) as the flags point to them: read and checked,
     the validation set held out of the training pairs (--val-fraction) unless given or listed (VOC)."""
     fmt = detect_format(flags.data_path) if flags.data_format == "auto" else flags.data_format
-    beside_images = os.path.join(os.path.dirname(os.path.normpath(flags.data_path)), "train_label")
-    label_path = flags.label_path or (beside_images if fmt == "pairs" and not labels_beside(flags.data_path) else None)
+    label_path = flags.label_path or labels_by_default(flags.data_path, fmt)
     voc_val = fmt == "voc" and voc_split_exists(flags.data_path, "val") and not flags.val_image_path
 
     def read(path, labels, data_format, split, channels=None, normalization=(flags.normalize, flags.percentiles)):
@@ -35,12 +34,23 @@ def read_data(flags, rng):
     data = read(flags.data_path, label_path, fmt, "train", channels=channels_to_fine_tune(flags.init_from))
     if flags.val_image_path or voc_val:
         val_format = flags.data_format if flags.val_image_path else fmt
-        val = read(flags.val_image_path or flags.data_path, flags.val_label_path or label_path, val_format, "val",
-                   data.channels, data.normalization)
+        val_labels = flags.val_label_path or (labels_by_default(flags.val_image_path, val_format)
+                                              if flags.val_image_path else label_path)
+        val = read(flags.val_image_path or flags.data_path, val_labels, val_format, "val", data.channels,
+                   data.normalization)
         return fmt, data, val
     n_val = min(len(data) - 1, max(1, round(len(data) * flags.val_fraction))) if flags.val_fraction > 0 else 0
     order = rng.permutation(len(data))
     return fmt, data.subset(sorted(order[n_val:])), data.subset(sorted(order[:n_val])) if n_val else None
+
+
+def labels_by_default(images, data_format):
+    """For a folder of images (pairs) without labels inside it, the train_label folder beside it; else None."""
+    if data_format == "auto":
+        data_format = detect_format(images)
+    if data_format == "pairs" and not labels_beside(images):
+        return os.path.join(os.path.dirname(os.path.normpath(images)), "train_label")
+    return None
 
 
 def channels_to_fine_tune(checkpoint):

@@ -38,7 +38,8 @@ def data_flags(p):
     p.add_argument("--data-format", choices=("auto",) + FORMATS, default="auto",
                    help="layout of --data-path (datasets.py); auto: detected")
     p.add_argument("--val-image-path", help="validation data (any layout), instead of holding out --val-fraction")
-    p.add_argument("--val-label-path", help="validation labels (with --val-image-path, for folders and TIFFs)")
+    p.add_argument("--val-label-path", help="validation labels (with --val-image-path, for folders and TIFFs); "
+                   "default: train_label/ beside the validation images' folder")
     p.add_argument("--val-fraction", type=ranged(float, 0, below=1), default=0.1,
                    help="share of the training pairs held out for validation (0: none; VOC uses its val list)")
     p.add_argument("--classes", type=ranged(int, 1, 255), default=1,
