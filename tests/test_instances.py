@@ -12,12 +12,14 @@ import roifile
 from skimage.draw import polygon2mask
 from skimage.morphology import disk
 
+import biounet
 from biounet.core.visualize import outline_objects
 from biounet.data.labels import connected_objects
-from biounet.evaluation.instances import (DISTANCE_LEVELS, measure, object_class_names, object_classes, object_method,
-                                          object_scores, roi_set, split_by_interior, split_objects)
+from biounet.evaluation.instances import (DISTANCE_LEVELS, cells_of, mask_of, measure, object_class_names,
+                                          object_classes, object_method, object_scores, objects_of, roi_set,
+                                          split_by_interior, split_objects)
 from biounet.model import backend
-from biounet.model.checkpoint import load_checkpoint
+from biounet.model.checkpoint import load_checkpoint, update_meta
 from conftest import run_script, tiny_checkpoint, train_small
 
 
@@ -291,6 +293,36 @@ def test_interior_objects_need_a_network_trained_for_objects(dataset, tmp_path):
     assert refused.stderr.strip() == (f"error: {checkpoint}: --objects interior needs a network trained for objects "
                                       f"(--instances); this one predicts one class: use --objects watershed")
     assert not os.path.exists(tmp_path / "masks") and not os.path.exists(tmp_path / "objects")
+
+
+def two_cells_across_a_weak_membrane():
+    """Cell probability of two cells (0.95) either side of a membrane column: 0.05, but 0.3 where it is weak."""
+    prob = np.full((40, 41), 0.95, np.float32)
+    prob[:, 20] = 0.05
+    prob[15:25, 20] = 0.3
+    return prob
+
+
+def test_a_membrane_the_threshold_breaks_stays_a_line_between_cells_seeded_above_the_seed_threshold():
+    prob = two_cells_across_a_weak_membrane()
+    assert mask_of(prob, 0.2)[15:25, 20].all()  # the threshold alone breaks the membrane
+    mask, cells = mask_of(prob, 0.2, seed_threshold=0.9), cells_of(prob, 0.2, seed_threshold=0.9)
+    assert not mask[:, 20].any() and mask[:, :20].all() and mask[:, 21:].all()
+    assert np.array_equal(mask, cells > 0) and len(np.unique(cells[cells > 0])) == 2
+    assert objects_of(prob, 0.2, "cells", min_size=1, seed_threshold=0.9).max() == 2
+    assert objects_of(prob, 0.2, "cells", min_size=1).max() == 1  # seeded at the threshold: one cell
+
+
+def test_a_membrane_network_decides_its_mask_with_the_seed_threshold_of_its_checkpoint(tmp_path):
+    checkpoint = tiny_checkpoint(tmp_path / "tiny.npz", data=dict(format="pairs"))
+    prob = two_cells_across_a_weak_membrane()
+    model = biounet.load_model(checkpoint, device="cpu")
+    assert model.decide(prob, threshold=0.2).objects.max() == 1  # uncalibrated: seeded at the threshold
+    update_meta(checkpoint, seed_threshold=0.9)
+    model = biounet.load_model(checkpoint, device="cpu")
+    decided = model.decide(prob, threshold=0.2)
+    assert not decided.mask[:, 20].any() and decided.objects.max() == 2
+    assert model.decide(prob, threshold=0.2, seed_threshold=0.2).mask[15:25, 20].all()
 
 
 def test_imagej_roi_sets_outline_each_object_exactly(tmp_path):

@@ -40,8 +40,27 @@ def test_the_smallest_object_and_the_seed_distance_follow_the_diameter_unless_gi
 def test_an_images_object_size_is_estimated_from_what_is_found_at_its_own_scale_and_at_the_standard(radius):
     def foreground_at(scale):  # a perfect network: the discs, drawn at the scale asked for
         return (discs((int(400 * scale), int(400 * scale)), round(radius * scale), round(3 * radius * scale)) > 0) * 1.0
-    assert estimate_diameter(foreground_at) == pytest.approx(2 * radius, rel=0.15)
-    assert estimate_diameter(lambda scale: np.zeros((50, 50))) is None
+    assert estimate_diameter(foreground_at) == (pytest.approx(2 * radius, rel=0.15), None)
+    assert estimate_diameter(lambda scale: np.zeros((50, 50))) == (None, None)
+
+
+def test_an_estimate_that_sees_the_image_as_one_blob_is_overruled_by_the_scale_whose_objects_come_out_at_the_standard():
+    def foreground_at(scale):  # nuclei 12 wide in a 300 x 300 tissue, found only when the image is enlarged
+        side = int(300 * scale)
+        if scale < 2:
+            return cv2.circle(np.zeros((side, side)), (side // 2, side // 2), int(140 * scale), 1.0, -1)
+        return (discs((side, side), round(6 * scale), round(18 * scale)) > 0) * 1.0
+    diameter, warning = estimate_diameter(foreground_at)
+    assert diameter == pytest.approx(12, rel=0.15)
+    assert warning.startswith("objects estimated 280 pixels wide at first, overruled: at x2 they come out 24")
+
+
+def test_without_a_plausible_scale_the_image_is_predicted_at_its_own_scale_with_a_warning():
+    def foreground_at(scale):  # one blob, whatever the scale
+        side = int(300 * scale)
+        return cv2.circle(np.zeros((side, side)), (side // 2, side // 2), int(140 * scale), 1.0, -1)
+    diameter, warning = estimate_diameter(foreground_at)
+    assert diameter is None and "at no scale tried" in warning and "predicted at the image's own scale" in warning
 
 
 class Brightness(backend.nn.Module):
@@ -116,7 +135,7 @@ def test_for_membranes_the_diameter_is_the_cells_and_images_are_brought_to_the_t
 
     def cell_probability_at(scale):  # a perfect network for membranes, on the coarse image rescaled
         return resize(coarse.astype(np.float32), (round(120 * scale), round(120 * scale)))
-    assert estimate_diameter(cell_probability_at, size, "cells") == pytest.approx(
+    assert estimate_diameter(cell_probability_at, size, "cells")[0] == pytest.approx(
         median_diameter(connected_objects(coarse, connectivity=1)), rel=0.1)
 
 

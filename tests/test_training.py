@@ -8,12 +8,13 @@ import cv2
 import numpy as np
 import pytest
 
+from biounet.data.labels import cells
 from biounet.data.loader import read_image, read_label
-from biounet.evaluation.metrics import dice
+from biounet.evaluation.metrics import dice, rand_and_info_scores, thinned_segments
 from biounet.model import backend
 from biounet.model.checkpoint import build_model, load_checkpoint, load_weights
 from biounet.model.unet import UNet
-from biounet.prediction.inference import predict_probability
+from biounet.prediction.inference import SEED_THRESHOLDS, predict_probability
 from conftest import ROOT, run_script, train_small, write_dataset
 
 
@@ -187,6 +188,23 @@ def test_calibration_puts_the_decision_at_the_threshold_that_fits_the_training_i
     image = read_image(f"{dataset}/train_image/0.png")
     calibrated = predict_probability(build_model(path, "cpu")[0], image, "cpu")
     assert np.mean((calibrated > 0.5) == (predict_probability(raw.eval(), image, "cpu") > threshold)) > 0.999
+
+
+def test_calibration_seeds_the_cells_between_membranes_where_they_score_best_on_the_training_images(
+        dataset, tmp_path):
+    train_small(dataset, tmp_path, "--weight-map", "--epochs", 2, "--val-fraction", 0)
+    path = str(tmp_path / "checkpoints" / "last.npz")
+    model, meta = build_model(path, "cpu")
+    threshold = meta["calibrated_threshold"]
+    tried = [raw * (1 - threshold) / (raw * (1 - threshold) + (1 - raw) * threshold) for raw in SEED_THRESHOLDS]
+    assert meta["seed_threshold"] == pytest.approx(min(tried, key=lambda seed: abs(seed - meta["seed_threshold"])))
+    pairs = [(predict_probability(model, read_image(f"{dataset}/train_image/{name}"), "cpu"),
+              cells(read_image(f"{dataset}/train_label/{name}") > 0))
+             for name in sorted(os.listdir(f"{dataset}/train_image"))]
+    v_rands = [np.mean([rand_and_info_scores(thinned_segments(prob, seed), truth)[0] for prob, truth in pairs])
+               for seed in tried]
+    assert np.mean([rand_and_info_scores(thinned_segments(prob, meta["seed_threshold"]), truth)[0]
+                    for prob, truth in pairs]) == pytest.approx(max(v_rands), abs=1e-6)
 
 
 def test_a_resumed_run_recalibrates_an_unchanged_best_checkpoint_from_its_weights_not_its_shifted_decision(

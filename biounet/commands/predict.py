@@ -10,7 +10,8 @@
 
 One class: masks hold 255 where the network's cell (object) probability exceeds --threshold, else 0
 (a network trained for objects, --instances, counts as one class: its object probability is
-1 - background).
+1 - background). Membranes (ISBI-like data): less the one-pixel lines where cells grown from seeds
+(--seed-threshold) meet, so that neighbouring cells stay apart in the mask.
 Several classes: masks hold class indices (argmax), and --color-path gets them in VOC's colours.
 The checkpoint says how to rebuild the network and what input it wants (channels, size, how its
 intensities were normalized), so no model flags are needed.
@@ -64,6 +65,10 @@ def output_flags(p):
     p.add_argument("--save-res-path", "--save_res_path", type=folder_to_write, default="predict_image/",
                    help="output folder")
     p.add_argument("--threshold", type=probability, default=0.5, help="cell probability above which a pixel is cell")
+    p.add_argument("--seed-threshold", type=probability,
+                   help="membranes: cells are seeded where the cell probability exceeds this and grown until they "
+                        "meet, and the mask keeps the lines where they meet as membrane (default: the checkpoint's, "
+                        "calibrated after training for the challenge's V_rand, else --threshold)")
     p.add_argument("--save-prob", action="store_true",
                    help="also write cell-probability maps (what the ISBI scores and biounet-evaluate want)")
     p.add_argument("--prob-path", type=folder_to_write, default="predict_prob/", help="folder for --save-prob")
@@ -147,7 +152,7 @@ def object_flags(p):
 
 def prediction_settings(args, device):
     """The PredictionSettings the flags ask for."""
-    return PredictionSettings(threshold=args.threshold, device=device, tile=args.tile, overlap=args.overlap,
+    return PredictionSettings(threshold=args.threshold, seed_threshold=args.seed_threshold, device=device, tile=args.tile, overlap=args.overlap,
                               tta=args.tta, amp=args.amp, batch=args.batch or (8 if device.startswith("cuda") else 1),
                               object_size=args.object_size, objects=args.objects, min_size=args.min_size,
                               min_distance=args.min_distance)

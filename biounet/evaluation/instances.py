@@ -16,7 +16,9 @@ of the mask measured better on DSB 2018 (BENCHMARKS.md).
 From a one-class foreground map: the mask at a threshold, holes filled, objects smaller than
 `min_size` pixels removed, then objects that touch are split by a watershed on the distance to
 the background, seeded at its maxima `min_distance` apart ("watershed"). For ISBI membranes the
-objects are the cells between the membranes: 4-connected regions of cell pixels ("cells").
+objects are the cells between the membranes ("cells", cells_of): seeded where the cell probability
+is high, grown until they meet in one-pixel lines that the mask keeps as membrane, so that a
+threshold which thins membranes (good for pixel error) does not merge neighbouring cells.
 
 Object size (Cellpose's idea): a network trained with --object-size sees every image rescaled so
 that its objects' median diameter is STANDARD_DIAMETER pixels (nuclei; cells between membranes:
@@ -45,6 +47,7 @@ from skimage.morphology import remove_small_objects
 from skimage.segmentation import watershed
 
 from biounet.data.labels import renumber
+from biounet.evaluation.metrics import thinned_segments
 
 THRESHOLDS = np.round(np.arange(0.5, 1.0, 0.05), 2)
 METHODS = ("interior", "watershed", "cells")
@@ -55,6 +58,7 @@ DISTANCE_LEVELS = 4  # the classes of object pixels of the "distance" target
 MEASUREMENTS = ("label", "area", "centroid", "bbox", "intensity_mean", "eccentricity")
 STANDARD_DIAMETER = 24  # pixels: the median object diameter a network trained at an object size sees
 SCALES = (0.25, 4.0)  # the rescaling of an image for its object size stays within these factors
+PLAUSIBLE = 2.0  # rescaled for its estimated size, an image's objects come out within this factor of the standard
 SEED_DISTANCE = 0.5  # the watershed's seeds at least this many diameters apart
 SMALLEST_OBJECT = 0.05  # objects of less than this share of the median object's area are dropped
 
@@ -87,16 +91,42 @@ def in_diameters(diameter, min_size=None, min_distance=None):
 
 
 def estimate_diameter(foreground_at, standard=STANDARD_DIAMETER, method="watershed"):
-    """The median object diameter of an image in its own pixels, or None where nothing is found:
-    measured on the objects (by `method`, watershed or cells) of `foreground_at(scale)` (the
-    foreground probability of the image rescaled by `scale`) at its own scale, then again at the
-    scale that first estimate asks for."""
-    first = median_diameter(objects_of(foreground_at(1.0), 0.5, method, *in_diameters(None)))
+    """(the median object diameter of an image in its own pixels or None, a warning or None), measured
+    on the objects (by `method`, watershed or cells) of `foreground_at(scale)`, the foreground
+    probability of the image rescaled by `scale`: first at its own scale, then at the scale that first
+    estimate asks for, where the objects should come out `standard` pixels wide. Where they do not
+    (within a factor PLAUSIBLE), or the first estimate makes one object as wide as half the image (a
+    tissue or embryo seen as one blob), the image is also tried at half and twice its scale and the
+    scale whose objects come nearest the standard kept; if none is plausible, None (predict at the
+    image's own scale). The warning says when the first estimate was overruled."""
+    at_own_scale = foreground_at(1.0)
+    first = median_diameter(objects_of(at_own_scale, 0.5, method, *in_diameters(None)))
     if first is None:
-        return None
+        return None, None
+
+    def seen_at(scale):  # the median diameter in the pixels of the image rescaled by `scale`
+        return median_diameter(objects_of(foreground_at(scale), 0.5, method, *in_diameters(standard)))
     scale = size_scale(first, standard)
-    second = median_diameter(objects_of(foreground_at(scale), 0.5, method, *in_diameters(standard)))
-    return first if second is None else second / scale
+    seen = {scale: seen_at(scale)}
+    if plausible(seen[scale], standard) and first < min(at_own_scale.shape) / 2:
+        return seen[scale] / scale, None
+    seen[1.0] = first
+    for other in (0.5, 2.0):
+        seen.setdefault(other, seen_at(other))
+    tried = {scale: width for scale, width in seen.items() if width is not None}
+    best = min(tried, key=lambda scale: abs(np.log(tried[scale] / standard)))
+    if not plausible(tried[best], standard):
+        return None, (f"objects estimated {first:.0f} pixels wide, but at no scale tried do they come out near the "
+                      f"{standard:.0f} pixels the network was trained at: predicted at the image's own scale")
+    if best == scale:
+        return tried[best] / best, None
+    return tried[best] / best, (f"objects estimated {first:.0f} pixels wide at first, overruled: at x{best:g} they "
+                                f"come out {tried[best]:.0f} pixels wide, nearest the network's {standard:.0f}")
+
+
+def plausible(width, standard):
+    """Whether objects `width` pixels wide are within a factor PLAUSIBLE of the `standard` width."""
+    return width is not None and 1 / PLAUSIBLE <= width / standard <= PLAUSIBLE
 
 
 def object_class_names(target):
@@ -153,14 +183,32 @@ def foreground(prob):
     return prob if prob.ndim == 2 else 1 - prob[..., 0]
 
 
-def objects_of(prob, threshold=0.5, method="watershed", min_size=16, min_distance=10):
+def objects_of(prob, threshold=0.5, method="watershed", min_size=16, min_distance=10, seed_threshold=None):
     """Numbered objects (uint16, 0 = background) of a probability map by `method` (METHODS):
-    interior needs the three classes' H x W x 3 map; the others take either."""
+    interior needs the three classes' H x W x 3 map; the others take either. `seed_threshold`: cells'."""
     if method == "interior":
         return split_by_interior(prob, threshold, min_size)
-    if method == "cells":  # cells touch diagonally across a membrane one pixel thin: 4-connected
-        return without_small(connected(foreground(prob) > threshold, connectivity=1), min_size)
+    if method == "cells":
+        return without_small(renumber(cells_of(foreground(prob), threshold, seed_threshold)), min_size)
     return split_objects(foreground(prob), threshold, min_size, min_distance)
+
+
+def cells_of(prob, threshold=0.5, seed_threshold=None):
+    """Cells between membranes (numbered, 0 = membrane) of a cell probability map: seeded at the
+    4-connected regions above `seed_threshold` (None: `threshold`), grown by the challenge's watershed
+    of the membrane probability until they meet in one-pixel lines, each kept where the probability
+    is above `threshold`. Without a seed, the 4-connected regions above `threshold` (cells touch
+    diagonally across a membrane one pixel thin)."""
+    segments = thinned_segments(prob, threshold if seed_threshold is None else seed_threshold)
+    if segments.max() == 0:
+        return connected(prob > threshold, connectivity=1)
+    return np.where(prob > threshold, segments, 0)
+
+
+def mask_of(prob, threshold=0.5, seed_threshold=None):
+    """The one-class mask (bool) of a cell probability map: above `threshold`; with a `seed_threshold`
+    (membranes), the pixels of cells_of, so that the lines between cells stay membrane."""
+    return prob > threshold if seed_threshold is None else cells_of(prob, threshold, seed_threshold) > 0
 
 
 def _mask(prob, threshold, min_size):

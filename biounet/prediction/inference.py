@@ -5,12 +5,16 @@ the forward pass with the borders each network needs, overlapping tiles blended 
 the 8 flips and rotations averaged, the decision threshold that fits a set of images best, and the
 validation scores with the loss computed exactly as training computes it.
 """
+import sys
+
 import numpy as np
 
 from biounet.data.loader import match_channels, resize, stack_batch
+from biounet.data.labels import cells
 from biounet.evaluation.instances import (estimate_diameter, foreground, in_diameters, object_method, object_scores,
                                           objects_of, size_scale)
-from biounet.evaluation.metrics import confusion_matrix, confusion_scores, isbi_scores, pixel_scores
+from biounet.evaluation.metrics import (confusion_matrix, confusion_scores, isbi_scores, pixel_scores,
+                                        rand_and_info_scores, thinned_segments)
 from biounet.model import backend
 from biounet.model.backend import flow
 from biounet.model.losses import segmentation_loss
@@ -156,7 +160,10 @@ def predict_at_object_size(model, meta, image, *, object_size="auto", **forward)
     diameter = object_size
     if object_size == "auto":
         method = "cells" if object_method(data.format) == "cells" else "watershed"  # on the foreground alone
-        diameter = estimate_diameter(lambda scale: foreground(scaled_prediction(scale, False)), standard, method)
+        diameter, warning = estimate_diameter(lambda scale: foreground(scaled_prediction(scale, False)), standard,
+                                              method)
+        if warning:
+            print(f"warning: {forward.get('source', 'image')}: {warning}", file=sys.stderr)
     scale = size_scale(diameter, standard) if standard else 1.0
     return resize(scaled_prediction(scale, forward.get("tta", False)), image.shape[:2]), diameter
 
@@ -169,16 +176,21 @@ def probability_values(prob, bits):
 
 
 THRESHOLDS = np.round(np.arange(0.05, 0.96, 0.05), 2)  # the cell-probability thresholds calibration tries
+SEED_THRESHOLDS = THRESHOLDS[1::2]  # 0.1 .. 0.9, where calibration tries seeding cells (a watershed each)
 
 
-def threshold_errors(model, dataset, device):
-    """Per threshold of THRESHOLDS, the pixel error (share of wrong pixels) of each of a dataset's
-    images summed over the images (one class): sums of a dataset's parts add up to the whole's."""
-    totals = np.zeros(len(THRESHOLDS))
+def threshold_sweeps(model, dataset, device, seeds=False):
+    """(per threshold of THRESHOLDS the pixel error (share of wrong pixels) of each of a dataset's
+    images, with `seeds` per seed threshold of SEED_THRESHOLDS the challenge's V_rand of the cells
+    seeded there (cells_of), each summed over the images: sums of a dataset's parts add up to the whole's)."""
+    errors, v_rands = np.zeros(len(THRESHOLDS)), np.zeros(len(SEED_THRESHOLDS))
     for image, label in zip(dataset.images, dataset.labels):
         prob = predict_probability(model, image, device, tile=0)
-        totals += [np.mean((prob > t) != label) for t in THRESHOLDS]
-    return totals
+        errors += [np.mean((prob > t) != label) for t in THRESHOLDS]
+        if seeds:
+            truth = cells(label)
+            v_rands += [rand_and_info_scores(thinned_segments(prob, s), truth)[0] for s in SEED_THRESHOLDS]
+    return errors, v_rands
 
 
 def best_threshold(errors):
@@ -186,6 +198,16 @@ def best_threshold(errors):
     the threshold with the fewest wrong pixels."""
     best = int(np.argmin(errors))
     return float(THRESHOLDS[best]), float(errors[best]), float(errors[list(THRESHOLDS).index(0.5)])
+
+
+def best_seed_threshold(v_rands, threshold):
+    """(seed threshold, its mean V_rand) of the mean `v_rands` per seed threshold of SEED_THRESHOLDS, the
+    seed threshold said in the probabilities of a network calibrated to decide at `threshold` (its
+    0.5): raw p becomes p (1 - t) / (p (1 - t) + (1 - p) t)."""
+    best = int(np.argmax(v_rands))
+    raw = SEED_THRESHOLDS[best]
+    shifted = raw * (1 - threshold) / (raw * (1 - threshold) + (1 - raw) * threshold)
+    return float(shifted), float(v_rands[best])
 
 
 def scores_v_rand(config, dataset):

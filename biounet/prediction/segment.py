@@ -6,9 +6,9 @@ from typing import Optional, Union
 
 import numpy as np
 
-from biounet.evaluation.instances import METHODS, foreground, in_diameters, object_method, objects_of
+from biounet.evaluation.instances import METHODS, foreground, in_diameters, mask_of, object_method, objects_of
 from biounet.model import backend
-from biounet.model.checkpoint import CheckpointError
+from biounet.model.checkpoint import CheckpointError, predicted_classes
 from biounet.model.meta import TrainingData
 from biounet.prediction.inference import predict_at_object_size
 
@@ -17,6 +17,7 @@ from biounet.prediction.inference import predict_at_object_size
 class PredictionSettings:
     """How images are predicted and their outputs decided; the defaults are predict_unet_test.py's."""
     threshold: float = 0.5  # object (cell) probability above which a pixel is in the mask
+    seed_threshold: Optional[float] = None  # membranes: cells seeded above this (None: the checkpoint's calibration)
     device: str = "cpu"
     tile: int = 1024  # images larger than this predicted in overlapping tiles (0: whole)
     overlap: int = 128
@@ -30,6 +31,7 @@ class PredictionSettings:
 
     def __post_init__(self):
         checks = [(0 <= self.threshold <= 1, "threshold", "a probability, 0-1"),
+                  (self.seed_threshold is None or 0 <= self.seed_threshold <= 1, "seed_threshold", "a probability, 0-1"),
                   (self.objects in ("auto",) + METHODS, "objects", " or ".join(("auto",) + METHODS)),
                   (self.amp in backend.PRECISIONS, "amp", " or ".join(backend.PRECISIONS)),
                   (self.tile == 0 or 0 <= self.overlap < self.tile, "overlap", "at least 0 and below the tile"),
@@ -60,6 +62,16 @@ def object_method_for(meta, objects="auto", checkpoint="the checkpoint"):
     return object_method(data.format, data.instances, data.object_target) if objects == "auto" else objects
 
 
+def seed_threshold_for(meta, settings):
+    """Where the cells between membranes are seeded (cells_of): the settings' seed threshold, else
+    the checkpoint's calibrated one, else the threshold; None for networks of other objects."""
+    if object_method_for(meta) != "cells" or predicted_classes(meta) > 1:
+        return None
+    if settings.seed_threshold is not None:
+        return settings.seed_threshold
+    return meta.get("seed_threshold", settings.threshold)
+
+
 def probability_maps(model, meta, image, settings, source="image"):
     """(the network's probability maps of a normalized image, the objects' diameter or None)."""
     with backend.autocast(settings.device, settings.amp):
@@ -74,9 +86,11 @@ def decide(maps, meta, settings, diameter=None, method=None):
     prob = foreground(maps) if TrainingData.of(meta).instances else maps
     if prob.ndim == 3:
         return Segmentation(prob, prob.argmax(axis=2).astype(np.uint8), None, diameter)
-    mask = np.where(prob > settings.threshold, 255, 0).astype(np.uint8)
+    seed_threshold = seed_threshold_for(meta, settings)
+    mask = np.where(mask_of(prob, settings.threshold, seed_threshold), 255, 0).astype(np.uint8)
     objects = None
     if method:
         objects = objects_of(maps, settings.threshold, method,
-                             *in_diameters(diameter, settings.min_size, settings.min_distance))
+                             *in_diameters(diameter, settings.min_size, settings.min_distance),
+                             seed_threshold=seed_threshold)
     return Segmentation(prob, mask, objects, diameter)

@@ -17,6 +17,7 @@ from biounet.core.curves import plot_curves, read_log
 from biounet.core.log import append_json, json_log_path
 from biounet.core.processes import WorkersDied
 from biounet.data.loader import BatchLoader, SegmentationDataset, intensity_levels, pick
+from biounet.evaluation.instances import object_method
 from biounet.model import backend
 from biounet.model.backend import flow
 from biounet.model.checkpoint import (CheckpointError, input_normalization, load_checkpoint, load_weights,
@@ -24,7 +25,7 @@ from biounet.model.checkpoint import (CheckpointError, input_normalization, load
 from biounet.model.losses import learning_rate, segmentation_loss
 from biounet.model.meta import TrainingData
 from biounet.model.unet import UNet
-from biounet.prediction.inference import best_threshold, scores_v_rand, threshold_errors, validate
+from biounet.prediction.inference import best_seed_threshold, best_threshold, scores_v_rand, threshold_sweeps, validate
 from biounet.training.config import OBJECT_SCORES, ONE_CLASS_SCORES, Config, as_dict, data_facts, describe, settle
 from biounet.training.data import at_object_size, for_objects, pixel_weights, read_data, training_sampler
 
@@ -140,18 +141,26 @@ def resume(path, model, optimizer, rng, config):
 def calibrate(model, checkpoints, train_set, config, rank, processes):
     """Record in each checkpoint (path, its weights) the output shift that puts probability 0.5 on
     the threshold with the best pixel accuracy on the training images. Weighted losses (--weight-map)
-    bias the network towards membranes; this moves its decision back (V_rand's sweep is unaffected).
-    Every process sweeps its share of the images (the shares' sums are the sweep of all); rank 0 writes."""
+    bias the network towards membranes; this moves its decision back. For membranes also the seed
+    threshold of the cells (cells_of) with the best V_rand there, which keeps neighbouring cells
+    apart in the mask where the pixel threshold thins their membrane. Every process sweeps its
+    share of the images (the shares' sums are the sweep of all); rank 0 writes."""
     mine = train_set.subset(range(rank, len(train_set), processes))
+    seeds = object_method(config.data_format, config.instances, config.object_target) == "cells"
     for path, weights in checkpoints:
         load_weights(model, weights, path)
         model.eval()
-        errors = backend.all_sum(threshold_errors(model, mine, config.device).tolist(), config.device, processes)
-        threshold, error, error_at_half = best_threshold(np.array(errors) / len(train_set))
+        errors, v_rands = threshold_sweeps(model, mine, config.device, seeds=seeds)
+        sums = np.array(backend.all_sum(errors.tolist() + v_rands.tolist(), config.device, processes)) / len(train_set)
+        threshold, error, error_at_half = best_threshold(sums[:len(errors)])
+        calibration = dict(output_shift=float(np.log(threshold / (1 - threshold))), calibrated_threshold=threshold)
+        said = f"cell threshold {threshold:.2f} (pixel error there {error:.4f}, {error_at_half:.4f} at 0.5)"
+        if seeds:
+            calibration["seed_threshold"], v_rand = best_seed_threshold(sums[len(errors):], threshold)
+            said += f", cells seeded above {calibration['seed_threshold']:.3f} (V_rand {v_rand:.4f})"
         if rank == 0:
-            update_meta(path, output_shift=float(np.log(threshold / (1 - threshold))), calibrated_threshold=threshold)
-        print(f"calibrated {path}: cell threshold {threshold:.2f} on the training images "
-              f"(pixel error there {error:.4f}, {error_at_half:.4f} at 0.5)")
+            update_meta(path, **calibration)
+        print(f"calibrated {path} on the training images: {said}")
 
 
 def report_epoch(epoch, scores, lr, seconds, improved, config, epochs):
