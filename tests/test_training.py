@@ -12,9 +12,10 @@ from biounet.data.labels import cells
 from biounet.data.loader import read_image, read_label
 from biounet.evaluation.metrics import dice, rand_and_info_scores, thinned_segments
 from biounet.model import backend
-from biounet.model.checkpoint import build_model, load_checkpoint, load_weights
+from biounet.model.checkpoint import build_model, load_checkpoint, load_weights, model_weights
 from biounet.model.unet import UNet
 from biounet.prediction.inference import SEED_THRESHOLDS, predict_probability
+from biounet.training.ema import WeightAverage
 from conftest import ROOT, run_script, train_small, write_dataset
 
 
@@ -306,3 +307,25 @@ def test_validation_scores_are_the_same_when_images_of_one_size_share_a_forward_
     assert scores[0].keys() == scores[1].keys() and "val_v_rand" in scores[0]
     for name in scores[0]:
         assert scores[1][name] == pytest.approx(scores[0][name], abs=1e-5), name
+
+
+def test_a_weight_average_moves_by_one_minus_its_decay_and_is_applied_only_inside_its_block():
+    model = UNet(base=2, norm="batch")
+    average = WeightAverage(model, decay=0.75)
+    before = model_weights(model)
+    with backend.flow.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+    average.update(model)
+    name = "inc.double_conv.0.weight"
+    with average.applied(model):
+        assert np.allclose(model_weights(model)[name], before[name] + 0.25)
+    assert np.allclose(model_weights(model)[name], before[name] + 1)
+
+
+def test_with_ema_the_best_checkpoint_holds_the_averaged_weights_and_last_the_trained_ones(dataset, tmp_path):
+    train_small(dataset, tmp_path, "--ema", 0.9, "--epochs", 1, "--val-fraction", 0.25, "--no-calibrate")
+    best, best_weights, _ = load_checkpoint(str(tmp_path / "checkpoints" / "best.npz"))
+    last, last_weights, _ = load_checkpoint(str(tmp_path / "checkpoints" / "last.npz"))
+    assert best["epoch"] == last["epoch"] == 1 and best["config"]["ema"] == 0.9
+    assert not np.allclose(best_weights["outc.conv.weight"], last_weights["outc.conv.weight"])

@@ -97,6 +97,9 @@ def schedule_flags(p):
     p.add_argument("--lr", type=ranged(float, 0), help="learning rate at the start (default: from --preset)")
     p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
                    help="learning rate over the epochs: cosine decay to lr/100, or constant")
+    p.add_argument("--ema", type=ranged(float, 0, below=1), default=0.0, metavar="DECAY",
+                   help="validate and keep as best.npz the exponential moving average of the weights, updated after "
+                        "every step with this decay (e.g. 0.99; 0: the raw weights) (ema.py)")
 
 
 def network_flags(p):

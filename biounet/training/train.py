@@ -1,6 +1,7 @@
 """The training loop: the run the settled configuration describes, its checkpoints, validation,
 resume and stop (one process of a data-parallel run, or the only one).
 """
+import contextlib
 import math
 import os
 import signal
@@ -17,17 +18,18 @@ from biounet.core.curves import plot_curves, read_log
 from biounet.core.log import append_json, json_log_path
 from biounet.core.processes import WorkersDied
 from biounet.data.loader import BatchLoader, SegmentationDataset, intensity_levels, pick
-from biounet.evaluation.instances import object_method
 from biounet.model import backend
 from biounet.model.backend import flow
 from biounet.model.checkpoint import (CheckpointError, input_normalization, load_checkpoint, load_weights,
-                                      model_weights, restore_optimizer, update_meta)
+                                      model_weights, restore_optimizer)
 from biounet.model.losses import learning_rate, segmentation_loss
 from biounet.model.meta import TrainingData
 from biounet.model.unet import UNet
-from biounet.prediction.inference import best_seed_threshold, best_threshold, scores_v_rand, threshold_sweeps, validate
+from biounet.prediction.inference import scores_v_rand, validate
+from biounet.training.calibration import calibrate
 from biounet.training.config import OBJECT_SCORES, ONE_CLASS_SCORES, Config, as_dict, data_facts, describe, settle
 from biounet.training.data import at_object_size, for_objects, pixel_weights, read_data, training_sampler
+from biounet.training.ema import WeightAverage
 
 
 def validate_share(model, val_set, weights, config, class_weights, rank, processes):
@@ -136,31 +138,6 @@ def resume(path, model, optimizer, rng, config):
                             f"and an epoch does not fit in what is left: give a larger budget to train on")
     print(f"resumed from {path} after epoch {epochs_done}" + (f", step {partial['step']}" if partial else ""))
     return epochs_done, best, stale, partial, seconds
-
-
-def calibrate(model, checkpoints, train_set, config, rank, processes):
-    """Record in each checkpoint (path, its weights) the output shift that puts probability 0.5 on
-    the threshold with the best pixel accuracy on the training images. Weighted losses (--weight-map)
-    bias the network towards membranes; this moves its decision back. For membranes also the seed
-    threshold of the cells (cells_of) with the best V_rand there, which keeps neighbouring cells
-    apart in the mask where the pixel threshold thins their membrane. Every process sweeps its
-    share of the images (the shares' sums are the sweep of all); rank 0 writes."""
-    mine = train_set.subset(range(rank, len(train_set), processes))
-    seeds = object_method(config.data_format, config.instances, config.object_target) == "cells"
-    for path, weights in checkpoints:
-        load_weights(model, weights, path)
-        model.eval()
-        errors, v_rands = threshold_sweeps(model, mine, config.device, seeds=seeds)
-        sums = np.array(backend.all_sum(errors.tolist() + v_rands.tolist(), config.device, processes)) / len(train_set)
-        threshold, error, error_at_half = best_threshold(sums[:len(errors)])
-        calibration = dict(output_shift=float(np.log(threshold / (1 - threshold))), calibrated_threshold=threshold)
-        said = f"cell threshold {threshold:.2f} (pixel error there {error:.4f}, {error_at_half:.4f} at 0.5)"
-        if seeds:
-            calibration["seed_threshold"], v_rand = best_seed_threshold(sums[len(errors):], threshold)
-            said += f", cells seeded above {calibration['seed_threshold']:.3f} (V_rand {v_rand:.4f})"
-        if rank == 0:
-            update_meta(path, **calibration)
-        print(f"calibrated {path} on the training images: {said}")
 
 
 def report_epoch(epoch, scores, lr, seconds, improved, config, epochs):
@@ -317,6 +294,7 @@ class Run:
     stale: int = 0  # epochs without a better best_metric
     partial: Optional[dict] = None  # where a stopped epoch stood (--resume)
     best_weights: Optional[dict] = None  # best.npz's weights, kept for calibration
+    ema: Optional[WeightAverage] = None  # the weights' moving average (--ema): validated and saved as best.npz
     seconds_before: float = 0.0  # trained by the runs this one resumed
     started: float = field(default_factory=time.perf_counter)
     first_loss: Optional[float] = None
@@ -359,7 +337,13 @@ def start_run(flags, folder, rank, processes):
             run.best_weights = load_checkpoint(best_path)[1]
     elif config.init_from:
         start_from(config.init_from, model)
+    run.ema = WeightAverage(model, config.ema) if config.ema else None
     return run
+
+
+def averaged(run):
+    """The run's model with the moving average of its weights inside the block (--ema), else as it is."""
+    return run.ema.applied(run.model) if run.ema else contextlib.nullcontext(run.model)
 
 
 def calibrating(config):
@@ -385,8 +369,9 @@ def train(flags, folder, stop, rank=0, processes=1, progress=None):
             losses = train_epoch(run, loader, sampler, stop=stop, progress=progress)
             scores = dict(train_loss=float(np.mean(losses)))
             if run.val_set is not None and ((run.epoch + 1) % config.val_every == 0 or run.epoch + 1 == run.epochs):
-                scores.update(validate_share(run.model, run.val_set, run.val_weights, config=config,
-                                             class_weights=run.class_weights, rank=rank, processes=processes))
+                with averaged(run):
+                    scores.update(validate_share(run.model, run.val_set, run.val_weights, config=config,
+                                                 class_weights=run.class_weights, rank=rank, processes=processes))
             if config.time_budget:
                 run.epochs = planned_epochs(config, run.epoch + 1, run.epoch + 1 - start_epoch,
                                             seconds=time.perf_counter() - run.started, rank=rank,
@@ -439,6 +424,8 @@ def train_epoch(run, loader, sampler, stop, progress):
             check_loss(value, run.first_loss, epoch, step=step, lr=config.lr)
             run.first_loss = value if run.first_loss is None else run.first_loss
             apply_gradients(run.optimizer, scaler, loss)
+            if run.ema:
+                run.ema.update(run.model)
             losses.append(value)
             done = step + 1
             if progress:
@@ -464,9 +451,10 @@ def end_epoch(run, scores, lr, seconds):
     run.save(last, run.epoch + 1, run.best, run.stale, scores=scores, config=written_config,
              trained_seconds=run.trained_seconds())
     if improved:
-        run.best_weights = model_weights(run.model) if calibrating(config) else None
-        run.save(best_path, run.epoch + 1, run.best, run.stale, with_optimizer=False, scores=scores,
-                 config=written_config)
+        with averaged(run):
+            run.best_weights = model_weights(run.model) if calibrating(config) else None
+            run.save(best_path, run.epoch + 1, run.best, run.stale, with_optimizer=False, scores=scores,
+                     config=written_config)
     if run.rank == 0:
         run.folder.in_background(report_epoch, run.epoch, scores, lr, seconds, improved, config, run.epochs)
     return improved
