@@ -114,3 +114,20 @@ def test_stain_jitter_changes_the_colours_of_stained_images_a_little_and_leaves_
     fluorescence = np.where(label[..., None] == 1, np.array([0.1, 0.2, 0.9], np.float32), 0.02)  # blue on black
     for other in (grey, fluorescence):
         np.testing.assert_array_equal(augment(other, label, None, rng, dict(flip=0.0, stain=1.0))[0], other)
+
+
+def test_recolouring_shuffles_greys_or_inverts_a_bright_rgb_image_and_leaves_grey_ones_alone():
+    rng = np.random.default_rng(0)
+    label = np.zeros((16, 16), np.uint8)
+    bright = np.full((16, 16, 3), (0.9, 0.8, 0.7), np.float32)
+    seen = {augment(bright, label, None, rng, dict(flip=0.0, stain=0.0, colour=1.0))[0][0, 0].round(2).tobytes()
+            for _ in range(40)}
+    expected = {np.array(c, np.float32).round(2).tobytes() for c in
+                [(0.9, 0.8, 0.7), (0.9, 0.7, 0.8), (0.8, 0.9, 0.7), (0.8, 0.7, 0.9), (0.7, 0.9, 0.8), (0.7, 0.8, 0.9),
+                 (0.8, 0.8, 0.8), (0.1, 0.2, 0.3)]}
+    assert seen == expected  # every shuffle, the grey and the inverse, nothing else
+    dark = bright - 0.6
+    assert all(augment(dark, label, None, rng, dict(flip=0.0, stain=0.0, colour=1.0))[0].max() < 0.35
+               for _ in range(20))  # a dark background is never inverted
+    grey = np.full((16, 16), 0.3, np.float32)
+    np.testing.assert_array_equal(augment(grey, label, None, rng, dict(flip=0.0, colour=1.0))[0], grey)

@@ -14,13 +14,17 @@ Each augmentation happens with its own probability (TrainUnetDataSet.py's --aug-
              (about 7% of the stains in the DSB 2018 H&E images at their 99th percentile; Tellez et
              al. 2018's jitter in HED space); other images (grey, RGB files of equal channels,
              fluorescence on a dark background) are left alone
+  colour     RGB images: one of channels shuffled, made grey, or (a bright background: stained
+             or bright-field) inverted, so that a network for nuclei sees the other image types'
+             look; grey images are left alone
 """
 
 import cv2
 import numpy as np
 from skimage.color import hed2rgb, rgb2hed
 
-DEFAULT_PROBABILITIES = dict(flip=1.0, affine=0.0, elastic=0.0, intensity=0.0, noise=0.0, blur=0.0, stain=1.0)
+DEFAULT_PROBABILITIES = dict(flip=1.0, affine=0.0, elastic=0.0, intensity=0.0, noise=0.0, blur=0.0, stain=1.0,
+                             colour=0.0)
 STAINED = 0.02  # an RGB image is coloured where its channels differ by more than this on average
 
 
@@ -97,6 +101,17 @@ def jitter_stains(image, rng):
     return hed2rgb(stains).astype(np.float32)
 
 
+def recolour(image, rng):
+    """An RGB image in [0, 1] with its channels shuffled, made grey, or, where its background is bright,
+    inverted: one of the three at random (shuffled in place of inverting a dark image)."""
+    kind = int(rng.integers(3))
+    if kind == 1:
+        return np.repeat(image.mean(axis=2, keepdims=True), 3, axis=2)
+    if kind == 2 and float(np.median(image)) > 0.5:
+        return 1 - image
+    return np.ascontiguousarray(image[..., rng.permutation(3)])
+
+
 def augment(image, label, weights, rng, probabilities):
     """(image, label, weights) after the augmentations drawn with `probabilities` (name -> p)."""
     p = {**DEFAULT_PROBABILITIES, **probabilities}
@@ -116,4 +131,6 @@ def augment(image, label, weights, rng, probabilities):
         image = cv2.GaussianBlur(image, (0, 0), rng.uniform(0.5, 1.5))
     if rng.random() < p["stain"] and is_stained(image):
         image = jitter_stains(image, rng)
+    if rng.random() < p["colour"] and image.ndim == 3 and image.shape[2] == 3:
+        image = recolour(image, rng)
     return image.astype(np.float32), label, weights  # not clipped: prediction sees the normalized values as they are
