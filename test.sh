@@ -2,7 +2,8 @@
 # Predict a mask for every image in test_image/ into predict_image/ (same file names), with the
 # cell-probability maps in predict_prob/ and pictures to check in predict_overlay/ (several
 # classes: class-index masks, and their colour pictures in predict_color/).
-#   CHECKPOINT       default checkpoints/best.npz (or the original's OneFlow checkpoint folder)
+#   CHECKPOINT       default checkpoints/best.npz (or the original's OneFlow checkpoint folder);
+#                    several, separated by spaces: an ensemble, their probabilities averaged
 #   PRETRAINED=1     use the original example's published checkpoint (downloaded once)
 #   TEST_DATA_PATH   default test_image/; also a DSB 2018 folder, a VOC root, an nnU-Net or
 #                    Cellpose dataset, or a TIFF volume (then TIFF stacks out)
@@ -35,8 +36,9 @@ if [ -n "$TEST_LABEL_PATH" ]; then
     set -- --label-path "$TEST_LABEL_PATH" "$@"
 fi
 
+read -r -a checkpoints <<< "${CHECKPOINT:-checkpoints/best.npz}"
 "$PYTHON" predict_unet_test.py \
-    --checkpoint "${CHECKPOINT:-checkpoints/best.npz}" \
+    --checkpoint "${checkpoints[@]}" \
     --test-data-path "$TEST_DATA_PATH" \
     --save-res-path "$SAVE_RES_PATH" \
     --save-prob --prob-path "$PROB_PATH" \

@@ -63,6 +63,9 @@ class Model:
     def fine_tuning(self) -> dict:
         """The training keywords that start a run from this model's weights, with its network and
         input normalization: biounet.train(images=..., labels=..., **model.fine_tuning())."""
+        if isinstance(self.checkpoint, tuple):
+            raise ValueError(f"an ensemble of {len(self.checkpoint)} checkpoints cannot be fine-tuned as one: "
+                             f"load one of them")
         network, data = self.meta["model"], self.training_data
         keywords = dict(init_from=self.checkpoint, base=network["base"], norm=network["norm"],
                         padding=network["padding"], bilinear=network["bilinear"] or None, dropout=network["dropout"],
@@ -138,9 +141,11 @@ class Model:
         return PredictionSettings(**{"device": self.device, **settings})
 
 
-def load_model(checkpoint: Optional[PathLike] = None, *, pretrained: bool = False, device: str = "auto") -> Model:
+def load_model(checkpoint: Union[PathLike, Sequence[PathLike], None] = None, *, pretrained: bool = False,
+               device: str = "auto") -> Model:
     """A model from one of our checkpoints (.npz) or the original OneFlow example's checkpoint
-    folder; `pretrained`: the original example's published ISBI checkpoint, downloaded once into
+    folder, or from a list of checkpoints: an ensemble that averages their probabilities (the runs of
+    two seeds, --folds' folds); `pretrained`: the original example's published ISBI checkpoint, downloaded once into
     ~/.cache/biounet. Loads on either backend (the one this environment runs, see biounet-train
     --help); `device`: auto (CUDA when present), cpu, cuda ..."""
     if pretrained == (checkpoint is not None):
@@ -150,8 +155,11 @@ def load_model(checkpoint: Optional[PathLike] = None, *, pretrained: bool = Fals
         cache = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
         checkpoint = fetch_pretrained(os.path.join(cache, "biounet", "pretrained"))
     device = backend.resolve_device(device)
-    network, meta = build_model(str(checkpoint), device)
-    return Model(network, meta, str(checkpoint), device)
+    if isinstance(checkpoint, (list, tuple)):
+        checkpoint = tuple(map(str, checkpoint)) if len(checkpoint) > 1 else checkpoint[0]
+    checkpoint = checkpoint if isinstance(checkpoint, tuple) else str(checkpoint)
+    network, meta = build_model(checkpoint, device)
+    return Model(network, meta, checkpoint, device)
 
 
 def as_image(image, channel_axis=None, source="image"):

@@ -219,3 +219,22 @@ def test_without_a_framework_the_first_use_names_the_extra_to_install(tmp_path):
     assert result.returncode == 1 and result.stdout == "imported\n"
     assert result.stderr == ("error: no deep-learning framework installed: pip install 'biounet[torch]', or "
                              "pip install 'biounet[oneflow]' (CPython 3.9-3.10)\n")
+
+
+def test_several_checkpoints_predict_as_one_with_their_probabilities_averaged(dataset, tmp_path):
+    first, second = (tiny_checkpoint(tmp_path / f"{name}.npz", seed=seed) for seed, name in enumerate("ab"))
+    image = read(f"{dataset}/test_image/0.png")
+    alone = [biounet.load_model(path, device="cpu").predict(image, tta=False).probabilities for path in (first, second)]
+    ensemble = biounet.load_model([first, second], device="cpu")
+    assert np.allclose(ensemble.predict(image, tta=False).probabilities, (alone[0] + alone[1]) / 2, atol=1e-5)
+    run_script("predict_unet_test.py", "--checkpoint", first, second, "--test-data-path", f"{dataset}/test_image",
+               "--save-res-path", "masks", "--no-tta", "--workers", 1, cwd=tmp_path)
+    assert np.array_equal(read(tmp_path / "masks" / "0.png"), ensemble.predict(image, tta=False).mask)
+
+
+def test_checkpoints_of_other_inputs_are_not_averaged(dataset, tmp_path):
+    grey, rgb = tiny_checkpoint(tmp_path / "grey.npz"), tiny_checkpoint(tmp_path / "rgb.npz", n_channels=3)
+    refused = run_script("predict_unet_test.py", "--checkpoint", grey, rgb, "--test-data-path",
+                         f"{dataset}/test_image", cwd=tmp_path, check=False)
+    assert refused.returncode == 1 and refused.stderr.strip() == (
+        f"error: {rgb}: cannot be averaged with {grey}: they differ in input channels (3 against 1)")

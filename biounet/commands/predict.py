@@ -45,8 +45,9 @@ def parse_args(argv=None):
 
 def input_flags(p):
     """What to predict, with which network."""
-    p.add_argument("--checkpoint", default="checkpoints/best.npz",
-                   help="our .npz checkpoint, or the original example's OneFlow checkpoint folder")
+    p.add_argument("--checkpoint", nargs="+", default=["checkpoints/best.npz"],
+                   help="our .npz checkpoint, or the original example's OneFlow checkpoint folder; several: an "
+                        "ensemble, their probabilities averaged (e.g. the runs of two seeds, or --folds' folds)")
     p.add_argument("--pretrained", action="store_true",
                    help="download (once) and use the original example's published OneFlow checkpoint")
     p.add_argument("--test-data-path", "--Test_Data_path", default="test_image/",
@@ -180,13 +181,15 @@ def main(argv=None):
         sys.exit(f"error: --halo must be a multiple of {volumes.ALIGN} (the network's pooling grid), not {args.halo}")
     outputs = dict(masks=args.save_res_path, colors=args.color_path, prob=args.prob_path if args.save_prob else None,
                    prob_bits=args.prob_bits, overlay=args.overlay_path, instances=args.instance_path, slices=args.slices)
+    args.checkpoint = tuple(args.checkpoint) if len(args.checkpoint) > 1 else args.checkpoint[0]
     try:
         if args.pretrained:
             args.checkpoint = fetch_pretrained()
         device = backend.resolve_device(args.device)
         if problem := backend.precision_problem(args.amp, device):
             sys.exit(f"error: {problem}")
-        print(f"predicting with {args.checkpoint} on {backend.NAME}/{device}")
+        print(f"predicting with {' + '.join(args.checkpoint) if isinstance(args.checkpoint, tuple) else args.checkpoint} "
+              f"on {backend.NAME}/{device}")
         if note := backend.cpu_speed_note(device, "bash test.sh", "predicts about 4.5x faster"):
             print(note)
         settings = prediction_settings(args, device)

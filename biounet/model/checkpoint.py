@@ -28,6 +28,7 @@ from biounet.data.loader import apply_normalization, map_onto_levels, normalizat
 from biounet.model import backend
 from biounet.model.meta import (FORMAT, MODEL_ADDED_LATER,  # noqa: F401 (CheckpointError: the callers')
                                 CheckpointError, TrainingData, check_meta)
+from biounet.model.ensemble import Ensemble
 from biounet.model.unet import UNet
 
 # ---- encoding nested state (optimizer state dicts) as JSON + arrays -------------------------
@@ -224,16 +225,46 @@ def map_input(raw, mapping):
 
 
 def build_model(path, device):
-    """Rebuild the network a checkpoint describes, with its weights, in eval mode.
+    """(the network a checkpoint describes, with its weights, in eval mode; its metadata). `path`: a
+    checkpoint, or a list of them: an Ensemble (build_ensemble).
 
     A calibrated checkpoint's `output_shift` is applied to the output bias here, so that cell
     probability 0.5 is its decision threshold; the stored weights stay as trained (for --resume)."""
+    if isinstance(path, (list, tuple)):
+        return build_ensemble(path, device) if len(path) > 1 else build_model(path[0], device)
     meta, weights, _ = load_checkpoint(path)
     model = UNet(**meta["model"])
     if meta.get("output_shift") and "outc.conv.bias" in weights:
         weights = {**weights, "outc.conv.bias": (weights["outc.conv.bias"] - meta["output_shift"]).astype(np.float32)}
     load_weights(model, weights, path)
     return model.to(device).eval(), meta
+
+
+def build_ensemble(paths, device):
+    """(an Ensemble of the checkpoints at `paths`, averaging their probabilities; the first one's metadata,
+    with the members' mean seed threshold where they have one). They must take the same input and
+    give the same outputs, else a CheckpointError names the one that differs and how."""
+    built = [build_model(path, device) for path in paths]
+    first = built[0][1]
+    for path, (_, meta) in zip(paths[1:], built[1:]):
+        for what, of in ENSEMBLE_AGREES.items():
+            if of(meta) != of(first):
+                raise CheckpointError(f"{path}: cannot be averaged with {paths[0]}: they differ in {what} "
+                                      f"({of(meta)} against {of(first)})")
+    meta = dict(first)
+    seeds = [meta["seed_threshold"] for _, meta in built if "seed_threshold" in meta]
+    if len(seeds) == len(built):
+        meta["seed_threshold"] = float(np.mean(seeds))
+    return Ensemble([network for network, _ in built]).to(device).eval(), meta
+
+
+ENSEMBLE_AGREES = {  # what the checkpoints of an ensemble must share: what their input and outputs mean
+    "input channels": lambda meta: meta["model"]["n_channels"],
+    "outputs": lambda meta: meta["model"]["n_classes"],
+    "padding": lambda meta: meta["model"].get("padding", "same"),
+    "input scale": lambda meta: meta.get("input_scale", 1.0),
+    "training data (layout, normalization, object size, targets)": lambda meta: meta.get("data"),
+}
 
 
 def update_meta(path, **info):

@@ -91,8 +91,12 @@ def setting_that_differs(written, settings):
 
 
 def _file_hash(path):
+    """The SHA-256 of a file, of a folder's files, or of the checkpoints of an ensemble (a tuple), one after the other."""
     digest = hashlib.sha256()
-    for file in sorted(glob.glob(os.path.join(path, "**"), recursive=True)) if os.path.isdir(path) else [path]:
+    files = []
+    for one in path if isinstance(path, tuple) else (path,):
+        files += sorted(glob.glob(os.path.join(one, "**"), recursive=True)) if os.path.isdir(one) else [one]
+    for file in files:
         if os.path.isfile(file):
             with open(file, "rb") as f:
                 for piece in iter(lambda: f.read(1 << 24), b""):

@@ -316,7 +316,8 @@ def predict_volume(path, checkpoint, outputs, *, settings=PredictionSettings(), 
     if outputs.get("instances") and classes == 1:
         stores["instances"] = os.path.join(outputs["instances"], name)
     # Absolute paths: a Dask cluster's workers may run in another folder than this process.
-    job = dict(volume=os.path.abspath(path), checkpoint=os.path.abspath(checkpoint), device=settings.device,
+    checkpoint = tuple(map(os.path.abspath, checkpoint)) if isinstance(checkpoint, tuple) else os.path.abspath(checkpoint)
+    job = dict(volume=os.path.abspath(path), checkpoint=checkpoint, device=settings.device,
                amp=settings.amp, tta=settings.tta, threshold=settings.threshold,
                seed_threshold=seed_threshold_for(meta, settings), block=block, halo=halo, shape=volume.shape,
                levels=pyramid_levels(volume.shape[1:], block) if levels is None else levels, has_z=volume.has_z,
