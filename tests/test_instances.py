@@ -306,11 +306,20 @@ def two_cells_across_a_weak_membrane():
 def test_a_membrane_the_threshold_breaks_stays_a_line_between_cells_seeded_above_the_seed_threshold():
     prob = two_cells_across_a_weak_membrane()
     assert mask_of(prob, 0.2)[15:25, 20].all()  # the threshold alone breaks the membrane
-    mask, cells = mask_of(prob, 0.2, seed_threshold=0.9), cells_of(prob, 0.2, seed_threshold=0.9)
+    mask, cells = mask_of(prob, 0.2, seeds=(0.9, 0)), cells_of(prob, 0.2, seeds=(0.9, 0))
     assert not mask[:, 20].any() and mask[:, :20].all() and mask[:, 21:].all()
     assert np.array_equal(mask, cells > 0) and len(np.unique(cells[cells > 0])) == 2
-    assert objects_of(prob, 0.2, "cells", min_size=1, seed_threshold=0.9).max() == 2
+    assert objects_of(prob, 0.2, "cells", min_size=1, seeds=(0.9, 0)).max() == 2
     assert objects_of(prob, 0.2, "cells", min_size=1).max() == 1  # seeded at the threshold: one cell
+
+
+def test_seed_regions_smaller_than_the_least_seed_size_do_not_split_a_cell():
+    prob = np.full((40, 41), 0.95, np.float32)
+    prob[:, 20] = 0.05  # a membrane between two cells
+    prob[10:17, 5:12] = 0.6  # a vesicle's rim inside the left cell, below the seed threshold, around a speck of seed
+    prob[11:16, 6:11] = 0.95
+    assert cells_of(prob, 0.5, seeds=(0.9, 0)).max() == 3  # the speck seeds a cell of its own
+    assert cells_of(prob, 0.5, seeds=(0.9, 50)).max() == 2
 
 
 def test_a_membrane_network_decides_its_mask_with_the_seed_threshold_of_its_checkpoint(tmp_path):

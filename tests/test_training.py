@@ -10,11 +10,12 @@ import pytest
 
 from biounet.data.labels import cells
 from biounet.data.loader import read_image, read_label
-from biounet.evaluation.metrics import dice, rand_and_info_scores, thinned_segments
+from biounet.evaluation.instances import seeded_cells
+from biounet.evaluation.metrics import dice, rand_and_info_scores
 from biounet.model import backend
 from biounet.model.checkpoint import build_model, load_checkpoint, load_weights, model_weights
 from biounet.model.unet import UNet
-from biounet.prediction.inference import SEED_THRESHOLDS, predict_probability
+from biounet.prediction.inference import SEEDS, predict_probability
 from biounet.training.ema import WeightAverage
 from conftest import ROOT, run_script, train_small, write_dataset
 
@@ -197,15 +198,16 @@ def test_calibration_seeds_the_cells_between_membranes_where_they_score_best_on_
     path = str(tmp_path / "checkpoints" / "last.npz")
     model, meta = build_model(path, "cpu")
     threshold = meta["calibrated_threshold"]
-    tried = [raw * (1 - threshold) / (raw * (1 - threshold) + (1 - raw) * threshold) for raw in SEED_THRESHOLDS]
-    assert meta["seed_threshold"] == pytest.approx(min(tried, key=lambda seed: abs(seed - meta["seed_threshold"])))
+    tried = [(raw * (1 - threshold) / (raw * (1 - threshold) + (1 - raw) * threshold), size) for raw, size in SEEDS]
+    chosen = (meta["seed_threshold"], meta["seed_size"])
+    assert min(abs(seed - chosen[0]) for seed, size in tried if size == chosen[1]) < 1e-9
     pairs = [(predict_probability(model, read_image(f"{dataset}/train_image/{name}"), "cpu"),
               cells(read_image(f"{dataset}/train_label/{name}") > 0))
              for name in sorted(os.listdir(f"{dataset}/train_image"))]
-    v_rands = [np.mean([rand_and_info_scores(thinned_segments(prob, seed), truth)[0] for prob, truth in pairs])
-               for seed in tried]
-    assert np.mean([rand_and_info_scores(thinned_segments(prob, meta["seed_threshold"]), truth)[0]
-                    for prob, truth in pairs]) == pytest.approx(max(v_rands), abs=1e-6)
+
+    def v_rand(seeds):
+        return np.mean([rand_and_info_scores(seeded_cells(prob, *seeds), truth)[0] for prob, truth in pairs])
+    assert v_rand(chosen) == pytest.approx(max(v_rand(seeds) for seeds in tried), abs=1e-6)
 
 
 def test_a_resumed_run_recalibrates_an_unchanged_best_checkpoint_from_its_weights_not_its_shifted_decision(

@@ -46,8 +46,7 @@ from skimage.measure import regionprops_table
 from skimage.morphology import remove_small_objects
 from skimage.segmentation import watershed
 
-from biounet.data.labels import renumber
-from biounet.evaluation.metrics import thinned_segments
+from biounet.data.labels import cells, renumber
 
 THRESHOLDS = np.round(np.arange(0.5, 1.0, 0.05), 2)
 METHODS = ("interior", "watershed", "cells")
@@ -183,32 +182,45 @@ def foreground(prob):
     return prob if prob.ndim == 2 else 1 - prob[..., 0]
 
 
-def objects_of(prob, threshold=0.5, method="watershed", min_size=16, min_distance=10, seed_threshold=None):
+def objects_of(prob, threshold=0.5, method="watershed", min_size=16, min_distance=10, seeds=None):
     """Numbered objects (uint16, 0 = background) of a probability map by `method` (METHODS):
-    interior needs the three classes' H x W x 3 map; the others take either. `seed_threshold`: cells'."""
+    interior needs the three classes' H x W x 3 map; the others take either. `seeds`: cells_of's."""
     if method == "interior":
         return split_by_interior(prob, threshold, min_size)
     if method == "cells":
-        return without_small(renumber(cells_of(foreground(prob), threshold, seed_threshold)), min_size)
+        return without_small(renumber(cells_of(foreground(prob), threshold, seeds)), min_size)
     return split_objects(foreground(prob), threshold, min_size, min_distance)
 
 
-def cells_of(prob, threshold=0.5, seed_threshold=None):
-    """Cells between membranes (numbered, 0 = membrane) of a cell probability map: seeded at the
-    4-connected regions above `seed_threshold` (None: `threshold`), grown by the challenge's watershed
-    of the membrane probability until they meet in one-pixel lines, each kept where the probability
-    is above `threshold`. Without a seed, the 4-connected regions above `threshold` (cells touch
+def seeded_cells(prob, seed_threshold, seed_size=0):
+    """Cells (numbered; 0: the one-pixel lines between them) of a cell probability map, grown by a
+    4-connected watershed of the membrane probability from the 4-connected regions above
+    `seed_threshold` of at least `seed_size` pixels (smaller ones are specks inside a cell, which
+    would split it); all 0 without a seed."""
+    seeds = cells(prob > seed_threshold)
+    if seed_size:
+        seeds = without_small(seeds, seed_size)
+    if seeds.max() == 0:
+        return seeds
+    return watershed(1.0 - prob, seeds, connectivity=1, watershed_line=True)
+
+
+def cells_of(prob, threshold=0.5, seeds=None):
+    """Cells between membranes (numbered, 0 = membrane) of a cell probability map: seeded_cells
+    from `seeds`, (seed threshold, least seed size) (None: `threshold`, any size), each kept where
+    the probability is above `threshold`, so that the lines where they meet stay membrane where the
+    threshold thins it. Without a seed, the 4-connected regions above `threshold` (cells touch
     diagonally across a membrane one pixel thin)."""
-    segments = thinned_segments(prob, threshold if seed_threshold is None else seed_threshold)
+    segments = seeded_cells(prob, *(seeds or (threshold, 0)))
     if segments.max() == 0:
         return connected(prob > threshold, connectivity=1)
     return np.where(prob > threshold, segments, 0)
 
 
-def mask_of(prob, threshold=0.5, seed_threshold=None):
-    """The one-class mask (bool) of a cell probability map: above `threshold`; with a `seed_threshold`
-    (membranes), the pixels of cells_of, so that the lines between cells stay membrane."""
-    return prob > threshold if seed_threshold is None else cells_of(prob, threshold, seed_threshold) > 0
+def mask_of(prob, threshold=0.5, seeds=None):
+    """The one-class mask (bool) of a cell probability map: above `threshold`; with `seeds` (membranes:
+    cells_of's), the pixels of cells_of, so that the lines between cells stay membrane."""
+    return prob > threshold if seeds is None else cells_of(prob, threshold, seeds) > 0
 
 
 def _mask(prob, threshold, min_size):

@@ -241,8 +241,8 @@ def build_model(path, device):
 
 
 def build_ensemble(paths, device):
-    """(an Ensemble of the checkpoints at `paths`, averaging their probabilities; the first one's metadata,
-    with the members' mean seed threshold where they have one). They must take the same input and
+    """(an Ensemble of the checkpoints at `paths`, averaging their probabilities; the first one's
+    metadata, whose decisions it takes). They must take the same input and
     give the same outputs, else a CheckpointError names the one that differs and how."""
     built = [build_model(path, device) for path in paths]
     first = built[0][1]
@@ -251,11 +251,7 @@ def build_ensemble(paths, device):
             if of(meta) != of(first):
                 raise CheckpointError(f"{path}: cannot be averaged with {paths[0]}: they differ in {what} "
                                       f"({of(meta)} against {of(first)})")
-    meta = dict(first)
-    seeds = [meta["seed_threshold"] for _, meta in built if "seed_threshold" in meta]
-    if len(seeds) == len(built):
-        meta["seed_threshold"] = float(np.mean(seeds))
-    return Ensemble([network for network, _ in built]).to(device).eval(), meta
+    return Ensemble([network for network, _ in built]).to(device).eval(), first
 
 
 ENSEMBLE_AGREES = {  # what the checkpoints of an ensemble must share: what their input and outputs mean

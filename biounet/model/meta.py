@@ -82,6 +82,7 @@ TOP_FIELDS = {
     "output_shift": (_is_number, "a number"),
     "calibrated_threshold": (lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)"),
     "seed_threshold": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "seed_size": (lambda v: _is_whole(v, 0, 1 << 31), "a whole number of pixels"),
 }
 # The settings of the network in the run's configuration: they must be the model's (a checkpoint
 # whose configuration says "groupnorm" beside a model of instance norm describes another network).

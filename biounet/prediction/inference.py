@@ -12,9 +12,9 @@ import numpy as np
 from biounet.data.loader import match_channels, resize, stack_batch
 from biounet.data.labels import cells
 from biounet.evaluation.instances import (estimate_diameter, foreground, in_diameters, object_method, object_scores,
-                                          objects_of, size_scale)
+                                          objects_of, seeded_cells, size_scale)
 from biounet.evaluation.metrics import (confusion_matrix, confusion_scores, isbi_scores, pixel_scores,
-                                        rand_and_info_scores, thinned_segments)
+                                        rand_and_info_scores)
 from biounet.model import backend
 from biounet.model.backend import flow
 from biounet.model.losses import segmentation_loss
@@ -176,20 +176,20 @@ def probability_values(prob, bits):
 
 
 THRESHOLDS = np.round(np.arange(0.05, 0.96, 0.05), 2)  # the cell-probability thresholds calibration tries
-SEED_THRESHOLDS = THRESHOLDS[1::2]  # 0.1 .. 0.9, where calibration tries seeding cells (a watershed each)
+SEEDS = [(threshold, size) for threshold in THRESHOLDS[1::4] for size in (0, 50, 200, 500)]  # and the seeds of cells
 
 
 def threshold_sweeps(model, dataset, device, seeds=False):
     """(per threshold of THRESHOLDS the pixel error (share of wrong pixels) of each of a dataset's
-    images, with `seeds` per seed threshold of SEED_THRESHOLDS the challenge's V_rand of the cells
-    seeded there (cells_of), each summed over the images: sums of a dataset's parts add up to the whole's)."""
-    errors, v_rands = np.zeros(len(THRESHOLDS)), np.zeros(len(SEED_THRESHOLDS))
+    images, with `seeds` per (seed threshold, least seed size) of SEEDS the challenge's V_rand of
+    the seeded_cells, each summed over the images: sums of a dataset's parts add up to the whole's)."""
+    errors, v_rands = np.zeros(len(THRESHOLDS)), np.zeros(len(SEEDS))
     for image, label in zip(dataset.images, dataset.labels):
         prob = predict_probability(model, image, device, tile=0)
         errors += [np.mean((prob > t) != label) for t in THRESHOLDS]
         if seeds:
             truth = cells(label)
-            v_rands += [rand_and_info_scores(thinned_segments(prob, s), truth)[0] for s in SEED_THRESHOLDS]
+            v_rands += [rand_and_info_scores(seeded_cells(prob, *seed), truth)[0] for seed in SEEDS]
     return errors, v_rands
 
 
@@ -200,14 +200,14 @@ def best_threshold(errors):
     return float(THRESHOLDS[best]), float(errors[best]), float(errors[list(THRESHOLDS).index(0.5)])
 
 
-def best_seed_threshold(v_rands, threshold):
-    """(seed threshold, its mean V_rand) of the mean `v_rands` per seed threshold of SEED_THRESHOLDS, the
-    seed threshold said in the probabilities of a network calibrated to decide at `threshold` (its
+def best_seeds(v_rands, threshold):
+    """((seed threshold, least seed size), their mean V_rand) of the mean `v_rands` per seeds of SEEDS,
+    the threshold said in the probabilities of a network calibrated to decide at `threshold` (its
     0.5): raw p becomes p (1 - t) / (p (1 - t) + (1 - p) t)."""
     best = int(np.argmax(v_rands))
-    raw = SEED_THRESHOLDS[best]
+    raw, size = SEEDS[best]
     shifted = raw * (1 - threshold) / (raw * (1 - threshold) + (1 - raw) * threshold)
-    return float(shifted), float(v_rands[best])
+    return (float(shifted), size), float(v_rands[best])
 
 
 def scores_v_rand(config, dataset):

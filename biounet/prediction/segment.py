@@ -62,14 +62,15 @@ def object_method_for(meta, objects="auto", checkpoint="the checkpoint"):
     return object_method(data.format, data.instances, data.object_target) if objects == "auto" else objects
 
 
-def seed_threshold_for(meta, settings):
-    """Where the cells between membranes are seeded (cells_of): the settings' seed threshold, else
-    the checkpoint's calibrated one, else the threshold; None for networks of other objects."""
+def seeds_for(meta, settings):
+    """Where the cells between membranes are seeded (cells_of): (the settings' seed threshold, else the
+    checkpoint's calibrated one, else the threshold; the checkpoint's least seed size, else 0). None
+    for networks of other objects."""
     if object_method_for(meta) != "cells" or predicted_classes(meta) > 1:
         return None
-    if settings.seed_threshold is not None:
-        return settings.seed_threshold
-    return meta.get("seed_threshold", settings.threshold)
+    threshold = meta.get("seed_threshold", settings.threshold) if settings.seed_threshold is None else \
+        settings.seed_threshold
+    return threshold, meta.get("seed_size", 0)
 
 
 def probability_maps(model, meta, image, settings, source="image"):
@@ -86,11 +87,11 @@ def decide(maps, meta, settings, diameter=None, method=None):
     prob = foreground(maps) if TrainingData.of(meta).instances else maps
     if prob.ndim == 3:
         return Segmentation(prob, prob.argmax(axis=2).astype(np.uint8), None, diameter)
-    seed_threshold = seed_threshold_for(meta, settings)
-    mask = np.where(mask_of(prob, settings.threshold, seed_threshold), 255, 0).astype(np.uint8)
+    seeds = seeds_for(meta, settings)
+    mask = np.where(mask_of(prob, settings.threshold, seeds), 255, 0).astype(np.uint8)
     objects = None
     if method:
         objects = objects_of(maps, settings.threshold, method,
                              *in_diameters(diameter, settings.min_size, settings.min_distance),
-                             seed_threshold=seed_threshold)
+                             seeds=seeds)
     return Segmentation(prob, mask, objects, diameter)

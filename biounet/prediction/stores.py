@@ -71,7 +71,7 @@ def settings_of(job):
     return dict(input=os.path.abspath(job["volume"]), shape=list(job["shape"]),
                 checkpoint=_file_hash(job["checkpoint"]),
                 outputs={kind: os.path.abspath(path) for kind, path in job["stores"].items()},
-                **{k: job[k] for k in ("threshold", "seed_threshold", "tta", "amp", "block", "halo", "prob_bits", "objects", "levels")})
+                **{k: job[k] for k in ("threshold", "seeds", "tta", "amp", "block", "halo", "prob_bits", "objects", "levels")})
 
 
 def setting_that_differs(written, settings):

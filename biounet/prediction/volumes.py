@@ -34,7 +34,7 @@ from biounet.model import backend
 from biounet.model.checkpoint import CheckpointError, build_model, input_mapping, map_input, predicted_classes
 from biounet.model.meta import TrainingData
 from biounet.prediction.inference import predict_sample, probability_values
-from biounet.prediction.segment import PredictionSettings, object_method_for, seed_threshold_for
+from biounet.prediction.segment import PredictionSettings, object_method_for, seeds_for
 from biounet.prediction.stores import (objects_dir, open_store, prepare_stores, progress_dir, pyramid_levels, read_json,
                                        write_file, write_region)
 
@@ -123,7 +123,7 @@ def predict_block(job, key):
     if prob.ndim == 3:
         mask = prob.argmax(axis=2)
     else:
-        mask = np.where(mask_of(prob, job["threshold"], job["seed_threshold"]), 255, 0)
+        mask = np.where(mask_of(prob, job["threshold"], job["seeds"]), 255, 0)
     mask, region = mask[inside].astype(np.uint8), _region(job, key, core)
     counts = dict(pixels=int(mask.size), cell=int(np.count_nonzero(mask)), objects=0)
     write_region(job["stores"]["masks"], region, mask, name)
@@ -151,7 +151,7 @@ def _block_objects(job, maps, inside):
     """(numbered objects of a block's crop, their count): those in the block 1..n, the rest of the crop 0."""
     settings = job["objects"]
     crop = objects_of(maps, job["threshold"], settings["method"], min_size=settings["min_size"],
-                      min_distance=settings["min_distance"], seed_threshold=job["seed_threshold"])
+                      min_distance=settings["min_distance"], seeds=job["seeds"])
     kept = np.unique(crop[inside])
     kept = kept[kept > 0]
     numbers = np.zeros(int(crop.max()) + 1, np.uint16)
@@ -319,7 +319,7 @@ def predict_volume(path, checkpoint, outputs, *, settings=PredictionSettings(), 
     checkpoint = tuple(map(os.path.abspath, checkpoint)) if isinstance(checkpoint, tuple) else os.path.abspath(checkpoint)
     job = dict(volume=os.path.abspath(path), checkpoint=checkpoint, device=settings.device,
                amp=settings.amp, tta=settings.tta, threshold=settings.threshold,
-               seed_threshold=seed_threshold_for(meta, settings), block=block, halo=halo, shape=volume.shape,
+               seeds=seeds_for(meta, settings), block=block, halo=halo, shape=volume.shape,
                levels=pyramid_levels(volume.shape[1:], block) if levels is None else levels, has_z=volume.has_z,
                stores={kind: os.path.abspath(store) for kind, store in stores.items()},
                prob_bits=outputs.get("prob_bits", 16) if "prob" in stores else None, object_network=data.instances,
