@@ -46,7 +46,7 @@ from skimage.measure import regionprops_table
 from skimage.morphology import remove_small_objects
 from skimage.segmentation import watershed
 
-from biounet.data.labels import cells, renumber
+from biounet.data.labels import FOUR_CONNECTED, cells, renumber
 
 THRESHOLDS = np.round(np.arange(0.5, 1.0, 0.05), 2)
 METHODS = ("interior", "watershed", "cells")
@@ -202,7 +202,10 @@ def seeded_cells(prob, seed_threshold, seed_size=0):
         seeds = without_small(seeds, seed_size)
     if seeds.max() == 0:
         return seeds
-    return watershed(1.0 - prob, seeds, connectivity=1, watershed_line=True)
+    # Only the pixels between seeds and the seed pixels next to them can change: flood that band (faster).
+    band = ndimage.binary_dilation(seeds == 0, FOUR_CONNECTED)
+    flooded = watershed(1.0 - prob, np.where(band, seeds, 0), mask=band, connectivity=1, watershed_line=True)
+    return np.where(band, flooded, seeds)
 
 
 def cells_of(prob, threshold=0.5, seeds=None):

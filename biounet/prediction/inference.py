@@ -176,7 +176,7 @@ def probability_values(prob, bits):
 
 
 THRESHOLDS = np.round(np.arange(0.05, 0.96, 0.05), 2)  # the cell-probability thresholds calibration tries
-SEEDS = [(threshold, size) for threshold in THRESHOLDS[1::4] for size in (0, 50, 200, 500)]  # and the seeds of cells
+SEEDS = [(threshold, size) for threshold in (0.3, 0.5, 0.7) for size in (0, 50, 200)]  # and the seeds of cells
 
 
 def threshold_sweeps(model, dataset, device, seeds=False):
