@@ -145,7 +145,7 @@ def load_model(checkpoint: Union[PathLike, Sequence[PathLike], None] = None, *, 
                device: str = "auto") -> Model:
     """A model from one of our checkpoints (.npz) or the original OneFlow example's checkpoint
     folder, or from a list of checkpoints: an ensemble that averages their probabilities (the runs of
-    two seeds, --folds' folds); `pretrained`: the original example's published ISBI checkpoint, downloaded once into
+    two seeds); `pretrained`: the original example's published ISBI checkpoint, downloaded once into
     ~/.cache/biounet. Loads on either backend (the one this environment runs, see biounet-train
     --help); `device`: auto (CUDA when present), cpu, cuda ..."""
     if pretrained == (checkpoint is not None):

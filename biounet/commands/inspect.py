@@ -15,7 +15,8 @@ from biounet.core.cli import ArgumentParser, ranged
 from biounet.core.files import DataError, write_png
 from biounet.core.visualize import grid, overlay, weight_picture
 from biounet.data.augment import DEFAULT_PROBABILITIES, augment
-from biounet.data.datasets import FORMATS, detect_format, find_samples, labels_beside, nnunet_description, read_sample_label
+from biounet.data.datasets import (FORMATS, detect_format, find_samples, labels_beside, nnunet_description,
+                                   read_sample_label)
 from biounet.data.loader import auto_normalization, channels_of, normalize
 from biounet.data.weightmap import weight_map
 

@@ -47,7 +47,7 @@ def input_flags(p):
     """What to predict, with which network."""
     p.add_argument("--checkpoint", nargs="+", default=["checkpoints/best.npz"],
                    help="our .npz checkpoint, or the original example's OneFlow checkpoint folder; several: an "
-                        "ensemble, their probabilities averaged (e.g. the runs of two seeds, or --folds' folds)")
+                        "ensemble, their probabilities averaged (e.g. the runs of two seeds)")
     p.add_argument("--pretrained", action="store_true",
                    help="download (once) and use the original example's published OneFlow checkpoint")
     p.add_argument("--test-data-path", "--Test_Data_path", default="test_image/",

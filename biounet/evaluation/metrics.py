@@ -11,12 +11,11 @@ each remaining border pixel is a segment of its own. V_rand and V_info are F-sco
 and information-theoretic split/merge scores; the best over the thresholds counts.
 """
 import numpy as np
-from scipy import ndimage
 from skimage.metrics import adapted_rand_error as skimage_adapted_rand_error
 from skimage.metrics import variation_of_information
-from skimage.segmentation import watershed
 
-from biounet.data.labels import FOUR_CONNECTED, cells
+from biounet.data.labels import cells
+from biounet.evaluation.instances import seeded_cells
 
 THRESHOLDS = np.round(np.arange(0.0, 1.0, 0.1), 1)
 
@@ -59,14 +58,8 @@ def pixel_scores(pred, truth):
 
 def thinned_segments(prob, threshold):
     """Predicted cells at `threshold`, grown over the borders by a 4-connected watershed on the
-    membrane probability, leaving one-pixel borders (0)."""
-    markers = cells(prob > threshold)
-    if markers.max() == 0:
-        return markers
-    # Only the borders and the cell pixels touching them can change: flood just that band (2.5x faster).
-    band = ndimage.binary_dilation(markers == 0, FOUR_CONNECTED)
-    flooded = watershed(1.0 - prob, np.where(band, markers, 0), mask=band, connectivity=1, watershed_line=True)
-    return np.where(band, flooded, markers)
+    membrane probability, leaving one-pixel borders (0): instances.seeded_cells seeded there."""
+    return seeded_cells(prob, threshold)
 
 
 def _entropy(p):

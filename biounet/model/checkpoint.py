@@ -26,9 +26,9 @@ import numpy as np
 from biounet.core.files import atomic_write
 from biounet.data.loader import apply_normalization, map_onto_levels, normalization_of
 from biounet.model import backend
+from biounet.model.ensemble import Ensemble
 from biounet.model.meta import (FORMAT, MODEL_ADDED_LATER,  # noqa: F401 (CheckpointError: the callers')
                                 CheckpointError, TrainingData, check_meta)
-from biounet.model.ensemble import Ensemble
 from biounet.model.unet import UNet
 
 # ---- encoding nested state (optimizer state dicts) as JSON + arrays -------------------------

@@ -1,5 +1,5 @@
-"""Several trained networks predicting as one (several checkpoints given to prediction, or the folds
-of --folds): their probabilities averaged. The ensemble's outputs are the logits of that average, so
+"""Several trained networks predicting as one (several checkpoints given to prediction): their
+probabilities averaged. The ensemble's outputs are the logits of that average, so
 that everything downstream (tiles, views, thresholds, objects) treats it as one network."""
 from biounet.model.backend import flow, nn
 

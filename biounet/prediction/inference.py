@@ -9,8 +9,8 @@ import sys
 
 import numpy as np
 
-from biounet.data.loader import match_channels, resize, stack_batch
 from biounet.data.labels import cells
+from biounet.data.loader import match_channels, resize, stack_batch
 from biounet.evaluation.instances import (estimate_diameter, foreground, in_diameters, object_method, object_scores,
                                           objects_of, seeded_cells, size_scale)
 from biounet.evaluation.metrics import (confusion_matrix, confusion_scores, isbi_scores, pixel_scores,

@@ -6,7 +6,9 @@ from typing import Optional, Union
 
 import numpy as np
 
-from biounet.evaluation.instances import METHODS, foreground, in_diameters, mask_of, object_method, objects_of
+from biounet.data.labels import renumber
+from biounet.evaluation.instances import (METHODS, cells_of, foreground, in_diameters, object_method, objects_of,
+                                          without_small)
 from biounet.model import backend
 from biounet.model.checkpoint import CheckpointError, predicted_classes
 from biounet.model.meta import TrainingData
@@ -88,10 +90,12 @@ def decide(maps, meta, settings, diameter=None, method=None):
     if prob.ndim == 3:
         return Segmentation(prob, prob.argmax(axis=2).astype(np.uint8), None, diameter)
     seeds = seeds_for(meta, settings)
-    mask = np.where(mask_of(prob, settings.threshold, seeds), 255, 0).astype(np.uint8)
+    min_size, min_distance = in_diameters(diameter, settings.min_size, settings.min_distance)
+    cells = None if seeds is None else cells_of(prob, settings.threshold, seeds)  # one watershed for both
+    mask = np.where(prob > settings.threshold if cells is None else cells > 0, 255, 0).astype(np.uint8)
     objects = None
-    if method:
-        objects = objects_of(maps, settings.threshold, method,
-                             *in_diameters(diameter, settings.min_size, settings.min_distance),
-                             seeds=seeds)
+    if method == "cells" and cells is not None:
+        objects = without_small(renumber(cells), min_size)
+    elif method:
+        objects = objects_of(maps, settings.threshold, method, min_size, min_distance, seeds=seeds)
     return Segmentation(prob, mask, objects, diameter)
